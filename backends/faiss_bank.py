@@ -1,0 +1,255 @@
+"""FAISS backends: ``faiss-flat`` (exact), ``faiss-hnsw`` and ``faiss-ivf``.
+
+Ids live in an ``IndexIDMap2`` so memkit ids are faiss ids. What faiss cannot do natively:
+
+* ``faiss-hnsw`` — HNSW graphs cannot delete. ``remove`` marks ids as tombstones that every
+  search filters with an ``IDSelectorNot`` (no over-fetching, results stay exact-k). When
+  tombstones reach ``rebuild_fraction`` of the index (default 25%), the live vectors are
+  reconstructed and the graph is rebuilt: O(n log n) once per that many removals.
+* ``faiss-ivf`` — IVF needs training. Until ``train_size`` vectors exist the bank searches an
+  exact flat index; at that point it trains ``nlist = sqrt(n)`` centroids on everything
+  stored, moves the vectors over and searches with ``nprobe`` lists from then on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from memkit.bank import BaseBank
+from memkit.errors import ConfigError, CorruptFileError
+
+__all__ = ["FaissFlatBank", "FaissHNSWBank", "FaissIVFBank"]
+
+INDEX_FILE = "index.faiss"
+STATE_FILE = "state.json"
+
+
+def _flat(dim: int, metric: str) -> Any:
+    return faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
+
+
+def _faiss_metric(metric: str) -> int:
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+class _FaissBase(BaseBank):
+    """IndexIDMap2 bookkeeping shared by the three faiss banks."""
+
+    def __init__(self, *, dim: int, metric: str = "ip") -> None:
+        super().__init__(dim=dim, metric=metric)
+        self._ids: set[int] = set()
+        self.index = self._new_index()
+
+    def _new_index(self) -> Any:
+        raise NotImplementedError
+
+    def _to_scores(self, dist: np.ndarray) -> np.ndarray:
+        return -dist if self.metric == "l2" else dist
+
+    def _add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        self.index.add_with_ids(vectors, ids)
+        self._ids.update(ids.tolist())
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        dist, ids = self.index.search(queries, k)
+        return self._to_scores(dist), ids
+
+    def _remove(self, ids: np.ndarray) -> int:
+        n = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+        self._ids.difference_update(ids.tolist())
+        return n
+
+    def _contains(self, ids: np.ndarray) -> np.ndarray:
+        s = self._ids
+        return np.fromiter((int(i) in s for i in ids), bool, count=len(ids))
+
+    def _count(self) -> int:
+        return len(self._ids)
+
+    def _all_ids(self) -> np.ndarray:
+        return np.fromiter(self._ids, np.int64, count=len(self._ids))
+
+    def _get(self, ids: np.ndarray) -> np.ndarray:
+        return np.stack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.empty((0, self.dim))
+
+    def _reset(self) -> None:
+        self.index = self._new_index()
+        self._ids = set()
+
+    def _state(self) -> dict[str, Any]:
+        return {}
+
+    def _save_files(self, directory: Path) -> None:
+        faiss.write_index(self.index, str(directory / INDEX_FILE))
+        (directory / STATE_FILE).write_text(json.dumps(self._state()))
+
+    @classmethod
+    def _load_files(cls, directory: Path, manifest: dict[str, Any]) -> BaseBank:
+        bank = cls(dim=manifest["dim"], metric=manifest["metric"], **manifest["params"])
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        if index.d != bank.dim:
+            raise CorruptFileError(f"index in {directory} has dim {index.d}, manifest says {bank.dim}")
+        bank.index = index  # read_index already returns the concrete class; keep this owner alive
+        bank._restore_state(json.loads((directory / STATE_FILE).read_text()))
+        return bank
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        self._ids = set(faiss.vector_to_array(self.index.id_map).tolist())
+
+
+class FaissFlatBank(_FaissBase):
+    """Exact search over all vectors (``IndexFlatIP``/``IndexFlatL2``); removal is native."""
+
+    name = "faiss-flat"
+    exact = True
+
+    def _new_index(self) -> Any:
+        return faiss.IndexIDMap2(_flat(self.dim, self.metric))
+
+
+class FaissHNSWBank(_FaissBase):
+    """Approximate search on an HNSW graph; removal by filtered tombstones plus periodic rebuild."""
+
+    name = "faiss-hnsw"
+    exact = False
+
+    def __init__(self, *, dim: int, metric: str = "ip", m: int = 32, ef_construction: int = 80,
+                 ef_search: int = 64, rebuild_fraction: float = 0.25) -> None:
+        if m < 2 or ef_construction < 1 or ef_search < 1:
+            raise ConfigError("faiss-hnsw needs m >= 2, ef_construction >= 1 and ef_search >= 1")
+        if not 0 < rebuild_fraction <= 1:
+            raise ConfigError("faiss-hnsw rebuild_fraction must be in (0, 1]")
+        self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
+        self.rebuild_fraction = rebuild_fraction
+        self._tombstones: set[int] = set()
+        self._selector: Any = None
+        super().__init__(dim=dim, metric=metric)
+
+    def params(self) -> dict[str, Any]:
+        return {"m": self.m, "ef_construction": self.ef_construction, "ef_search": self.ef_search,
+                "rebuild_fraction": self.rebuild_fraction}
+
+    def _new_index(self) -> Any:
+        hnsw = faiss.IndexHNSWFlat(self.dim, self.m, _faiss_metric(self.metric))
+        hnsw.hnsw.efConstruction = self.ef_construction
+        hnsw.hnsw.efSearch = self.ef_search
+        return faiss.IndexIDMap2(hnsw)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = max(self.ef_search, k)
+        if self._tombstones:
+            if self._selector is None:
+                batch = faiss.IDSelectorBatch(np.fromiter(self._tombstones, np.int64))
+                self._selector = (batch, faiss.IDSelectorNot(batch))  # keep batch alive
+            params.sel = self._selector[1]
+        dist, ids = self.index.search(queries, k, params=params)
+        return self._to_scores(dist), ids
+
+    def _remove(self, ids: np.ndarray) -> int:
+        self._tombstones.update(ids.tolist())
+        self._ids.difference_update(ids.tolist())
+        self._selector = None
+        if len(self._tombstones) >= self.rebuild_fraction * max(1, self.index.ntotal):
+            self._rebuild()
+        return len(ids)
+
+    def _add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        # An id that was tombstoned and comes back must not stay hidden behind the old vector.
+        revived = [i for i in ids.tolist() if i in self._tombstones]
+        if revived:
+            self._rebuild()
+        super()._add(vectors, ids)
+
+    def _rebuild(self) -> None:
+        live = self._all_ids()
+        vecs = self._get(live) if len(live) else np.empty((0, self.dim), np.float32)
+        self.index = self._new_index()
+        self._tombstones = set()
+        self._selector = None
+        if len(live):
+            self.index.add_with_ids(np.ascontiguousarray(vecs, np.float32), live)
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._tombstones = set()
+        self._selector = None
+
+    def _state(self) -> dict[str, Any]:
+        return {"tombstones": sorted(self._tombstones)}
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        faiss.downcast_index(self.index.index).hnsw.efSearch = self.ef_search
+        self._tombstones = {int(i) for i in state.get("tombstones", [])}
+        all_ids = set(faiss.vector_to_array(self.index.id_map).tolist())
+        self._ids = all_ids - self._tombstones
+
+
+class FaissIVFBank(_FaissBase):
+    """Inverted-file search. Exact until ``train_size`` vectors exist, then trains itself once."""
+
+    name = "faiss-ivf"
+    exact = False
+
+    def __init__(self, *, dim: int, metric: str = "ip", train_size: int = 10_000,
+                 nlist: int | None = None, nprobe: int | None = None) -> None:
+        if train_size < 1:
+            raise ConfigError("faiss-ivf train_size must be >= 1")
+        self.train_size, self.nlist, self.nprobe = train_size, nlist, nprobe
+        self.trained = False
+        super().__init__(dim=dim, metric=metric)
+
+    def params(self) -> dict[str, Any]:
+        return {"train_size": self.train_size, "nlist": self.nlist, "nprobe": self.nprobe}
+
+    def _new_index(self) -> Any:
+        return faiss.IndexIDMap2(_flat(self.dim, self.metric))
+
+    def _add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        super()._add(vectors, ids)
+        if not self.trained and len(self._ids) >= self.train_size:
+            self._train()
+
+    def _train(self) -> None:
+        live = self._all_ids()
+        vecs = np.ascontiguousarray(self._get(live), np.float32)
+        nlist = self.nlist or max(1, int(math.sqrt(len(live))))
+        nlist = min(nlist, max(1, len(live) // 39))  # faiss wants >= 39 points per centroid
+        quantizer = _flat(self.dim, self.metric)
+        ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, _faiss_metric(self.metric))
+        ivf.train(vecs)
+        ivf.nprobe = self.nprobe or max(1, min(nlist, max(8, nlist // 8)))
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct/remove by arbitrary id
+        ivf.add_with_ids(vecs, live)
+        self._quantizer = quantizer  # the IVF index does not own it from Python
+        self.index = ivf
+        self.nlist, self.nprobe, self.trained = nlist, ivf.nprobe, True
+
+    def _remove(self, ids: np.ndarray) -> int:
+        if not self.trained:
+            return super()._remove(ids)
+        # The IVF hashtable direct map only removes through an IDSelectorArray.
+        n = int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
+        self._ids.difference_update(ids.tolist())
+        return n
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.trained = False
+
+    def _state(self) -> dict[str, Any]:
+        return {"trained": self.trained, "ids": sorted(self._ids) if self.trained else None}
+
+    def _restore_state(self, state: dict[str, Any]) -> None:
+        self.trained = bool(state.get("trained"))
+        if self.trained:
+            self._ids = {int(i) for i in state.get("ids") or []}
+            self.index.nprobe = self.nprobe or self.index.nprobe
+        else:
+            super()._restore_state(state)
