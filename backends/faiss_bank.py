@@ -90,13 +90,15 @@ class _FaissBase(BaseBank):
         (directory / STATE_FILE).write_text(json.dumps(self._state()))
 
     @classmethod
-    def _load_files(cls, directory: Path, manifest: dict[str, Any]) -> BaseBank:
+    def _load_files(cls, directory: Path, manifest: dict[str, Any], *, mmap: bool = False) -> BaseBank:
         bank = cls(dim=manifest["dim"], metric=manifest["metric"], **manifest["params"])
-        index = faiss.read_index(str(directory / INDEX_FILE))
+        flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0  # IFC: memory-map flat codes instead of reading them
+        index = faiss.read_index(str(directory / INDEX_FILE), flags)
         if index.d != bank.dim:
             raise CorruptFileError(f"index in {directory} has dim {index.d}, manifest says {bank.dim}")
         bank.index = index  # read_index already returns the concrete class; keep this owner alive
         bank._restore_state(json.loads((directory / STATE_FILE).read_text()))
+        bank.read_only = bool(mmap)
         return bank
 
     def _restore_state(self, state: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from memkit.errors import (
     InvalidInputError,
     MemkitError,
     MissingDependencyError,
+    ReadOnlyError,
     UnknownBackendError,
     UnknownParameterError,
 )
@@ -115,6 +116,7 @@ class BaseBank(ABC):
         self._lock = RWLock()
         self._next_id = 0
         self._id_lock = threading.Lock()
+        self.read_only = False  # set by views (memory-mapped loads): writes raise ReadOnlyError
 
     # ------------------------------------------------------------------ hooks
     @abstractmethod
@@ -138,8 +140,12 @@ class BaseBank(ABC):
         """Write the native files into an empty ``directory``."""
     @classmethod
     @abstractmethod
-    def _load_files(cls, directory: Path, manifest: dict[str, Any]) -> BaseBank:
-        """Rebuild a bank from ``directory`` (checksums already verified)."""
+    def _load_files(cls, directory: Path, manifest: dict[str, Any], *, mmap: bool = False) -> BaseBank:
+        """Rebuild a bank from ``directory`` (checksums already verified).
+
+        With ``mmap=True`` a backend that can memory-map its index returns a read-only view
+        (``read_only = True``); one that cannot loads normally.
+        """
 
     def params(self) -> dict[str, Any]:
         """Constructor parameters (besides dim/metric) that ``load_bank`` passes back."""
@@ -149,8 +155,16 @@ class BaseBank(ABC):
         """Release files or clients. The bank must not be used afterwards."""
 
     # ------------------------------------------------------------------ public API
+    def _check_writable(self, op: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError(
+                f"this {self.name!r} bank is a read-only memory-mapped view; {op} is refused. "
+                "Load it with memkit.load_bank(path) (mmap=False) to modify it"
+            )
+
     def add(self, vectors: Any, ids: Any = None) -> np.ndarray:
         """Add ``(n, dim)`` vectors; returns their ``(n,)`` int64 ids. Re-adding an id replaces it."""
+        self._check_writable("add")
         vecs = self._prepare(vectors, name="vectors")
         n = vecs.shape[0]
         with self._lock.write():
@@ -184,6 +198,7 @@ class BaseBank(ABC):
 
     def remove(self, ids: Any) -> int:
         """Remove ids; returns how many were present. Unknown ids are ignored."""
+        self._check_writable("remove")
         arr = as_ids(ids)
         if arr.size == 0:
             return 0
@@ -220,6 +235,7 @@ class BaseBank(ABC):
 
     def reset(self) -> None:
         """Remove everything (the bank stays usable, with the same dim and parameters)."""
+        self._check_writable("reset")
         with self._lock.write():
             self._reset()
             with self._id_lock:
@@ -522,13 +538,17 @@ def create_bank(spec: str | dict[str, Any] | BankConfig = "faiss-flat", *, dim: 
     return _construct(cls, dim, metric or "ip", cfg_params)
 
 
-def load_bank(path: str | os.PathLike[str]) -> BaseBank:
-    """Restore a bank written by ``bank.save(path)``: the right backend, parameters and ids."""
+def load_bank(path: str | os.PathLike[str], *, mmap: bool = False) -> BaseBank:
+    """Restore a bank written by ``bank.save(path)``: the right backend, parameters and ids.
+
+    ``mmap=True`` memory-maps the index where the backend can (faiss-flat, usearch) and returns a
+    read-only view that refuses writes with :class:`ReadOnlyError`.
+    """
     directory = Path(path)
     manifest = read_manifest(directory)
     cls = get_backend_class(manifest["backend"])
     try:
-        bank = cls._load_files(directory, manifest)
+        bank = cls._load_files(directory, manifest, mmap=mmap)
     except MemkitError:
         raise
     except Exception as exc:

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``memkit bench``: results as JSON, PNG plots and markdown tables."""

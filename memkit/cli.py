@@ -1,0 +1,70 @@
+"""The ``memkit`` command line: ``memkit demo | bench | eval | plan``.
+
+Each subcommand lives in its own module and registers its options through an
+``add_arguments(parser)`` function and runs through ``run(args) -> int``; this file only
+dispatches. Bad input exits non-zero with a one-line reason (a :class:`MemkitError` message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from memkit.errors import MemkitError
+
+# (command, subcommand or None) -> (module, one-line help)
+COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
+    ("demo", None): ("memkit.commands.demo", "wrap SmolLM2, read an 80k-token haystack through memory, find the passkey"),
+    ("plan", None): ("memkit.planner", "print the memory budget of a model + context length + memkit config"),
+    ("bench", "backends"): ("memkit.bench.backends", "MemoryBank backends on real vectors: build, QPS, recall, overhead"),
+    ("bench", "kv"): ("memkit.bench.kv", "tiered K/V store: get latency and hit rate vs budget and dtype"),
+    ("bench", "context"): ("memkit.bench.context", "tokens/s and peak memory vs context length"),
+    ("bench", "all"): ("memkit.bench.all", "the whole benchmark matrix, writing benchmarks/REPORT.md"),
+    ("eval", "ppl"): ("memkit.evaluation.ppl", "sliding-window perplexity with and without memory"),
+    ("eval", "passkey"): ("memkit.evaluation.passkey", "passkey retrieval accuracy over lengths and depths"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memkit", description="Long-term memory for Hugging Face decoders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for (cmd, subcmd), (module, help_text) in COMMANDS.items():
+        if subcmd is None:
+            p = sub.add_parser(cmd, help=help_text, description=help_text)
+        else:
+            if cmd not in groups:
+                g = sub.add_parser(cmd, help=f"{cmd} subcommands")
+                groups[cmd] = g.add_subparsers(dest="subcommand", required=True)
+            p = groups[cmd].add_parser(subcmd, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue  # not built yet or optional deps missing: the command reports it when run
+        add = getattr(mod, "add_arguments", None)
+        if add is not None:
+            add(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        mod = importlib.import_module(args._module)
+        return int(mod.run(args) or 0)
+    except MemkitError as exc:
+        print(f"memkit: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"memkit: error: {exc}; install the extras with: pip install 'memkit[all]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

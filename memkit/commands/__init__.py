@@ -1,0 +1,1 @@
+"""Subcommand implementations of the memkit CLI (one module each)."""

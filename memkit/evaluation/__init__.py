@@ -1,0 +1,1 @@
+"""Evaluations behind ``memkit eval``: perplexity and passkey retrieval."""
