@@ -151,7 +151,7 @@ class BaseBank(ABC):
         """Constructor parameters (besides dim/metric) that ``load_bank`` passes back."""
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most backends hold nothing to release
         """Release files or clients. The bank must not be used afterwards."""
 
     # ------------------------------------------------------------------ public API

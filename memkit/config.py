@@ -11,7 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, TypeVar
 
 from memkit.errors import ConfigError, UnknownParameterError
 
@@ -157,7 +157,7 @@ class KVStoreConfig(_ConfigBase):
             _check_positive(f"KVStoreConfig.{name}", getattr(self, name), allow_zero=True)
 
 
-LayerSpec = Union[str, list[int], None]
+LayerSpec = str | list[int] | None
 
 
 @dataclass
@@ -169,7 +169,7 @@ class MemoryConfig(_ConfigBase):
     bank: BankConfig = field(default_factory=BankConfig)
     kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
     chunk_size: int = 128  # MemLong's chunk; a 5-digit passkey plus its sentence fits in one chunk
-    top_k: int = 8  # chunks retrieved per block: 8 closed ~62% of the perplexity gap in our prototype
+    top_k: int = 8  # chunks retrieved per block: 8 closed ~62% of the perplexity gap in our prototype; 0 = window-only
     window: int = 512  # local window of recent tokens attended exactly
     block_size: int = 512  # tokens processed per forward; larger blocks amortise retrieval
     sink_tokens: int = 4  # first tokens always attended; without them perplexity roughly doubles
@@ -197,8 +197,9 @@ class MemoryConfig(_ConfigBase):
         _check_choice("MemoryConfig.position_scheme", self.position_scheme, POSITION_SCHEMES)
         _check_choice("MemoryConfig.policy", self.policy, POLICIES)
         _check_choice("MemoryConfig.retriever", self.retriever, ("auto", "text", "keys"))
-        for name in ("chunk_size", "top_k", "window", "block_size", "longmem_chunk", "longmem_tokens"):
+        for name in ("chunk_size", "window", "block_size", "longmem_chunk", "longmem_tokens"):
             _check_positive(f"MemoryConfig.{name}", getattr(self, name))
+        _check_positive("MemoryConfig.top_k", self.top_k, allow_zero=True)
         _check_positive("MemoryConfig.sink_tokens", self.sink_tokens, allow_zero=True)
         _check_positive("MemoryConfig.capacity_tokens", self.capacity_tokens, allow_none=True)
         if not 0.0 <= float(self.protect_recent) < 1.0:

@@ -1,0 +1,238 @@
+"""Memory planner: will this model, at this context length, with this memkit config, fit the GPU?
+
+``memkit.plan(model_config, context_tokens, gpu_bytes, config)`` and ``memkit plan`` print the
+budget line by line: weights, local-window K/V, device-tier pages, host tier, disk tier, bank
+vectors and activations at the block size, then whether the accelerator holds it. With
+``config=None`` it plans full attention with a plain K/V cache, for comparison.
+
+The arithmetic is exact for the tensors memkit allocates (K/V per token =
+layers x 2 x kv_heads x head_dim x bytes) and a documented upper bound for activations
+(the attention-score matrix of one block against its whole context is counted in full,
+as an eager implementation would materialise it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from memkit.config import MemoryConfig, load_config, resolve_layers
+from memkit.errors import ConfigError
+
+__all__ = ["ModelShape", "Plan", "plan", "parse_bytes"]
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers of a decoder config that decide its memory."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool = False
+    max_positions: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelShape:
+        def pick(*names: str, default: Any = None) -> Any:
+            for n in names:
+                if cfg.get(n) is not None:
+                    return cfg[n]
+            return default
+
+        hidden = pick("hidden_size", "n_embd", "d_model")
+        layers = pick("num_hidden_layers", "n_layer", "num_layers")
+        heads = pick("num_attention_heads", "n_head")
+        vocab = pick("vocab_size")
+        if cfg.get("text_config"):  # multimodal wrappers (Gemma3) keep the decoder here
+            return cls.from_config({**cfg["text_config"], "vocab_size": vocab or cfg["text_config"].get("vocab_size")})
+        missing = [n for n, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
+                                  ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]
+        if missing:
+            raise ConfigError(f"model config lacks {missing}; pass a decoder's config.json")
+        kv_heads = pick("num_key_value_heads", default=heads)
+        head_dim = pick("head_dim", default=hidden // heads)
+        intermediate = pick("intermediate_size", "n_inner", default=4 * hidden)
+        return cls(hidden=int(hidden), layers=int(layers), heads=int(heads), kv_heads=int(kv_heads),
+                   head_dim=int(head_dim), intermediate=int(intermediate), vocab=int(vocab),
+                   tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                   max_positions=pick("max_position_embeddings", "n_positions"))
+
+    @property
+    def params(self) -> int:
+        """Parameter count of a gated-MLP decoder (Llama family); a close bound for others."""
+        attn = self.hidden * self.heads * self.head_dim * 2 + self.hidden * self.kv_heads * self.head_dim * 2
+        mlp = 3 * self.hidden * self.intermediate
+        per_layer = attn + mlp + 2 * self.hidden
+        embed = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return self.layers * per_layer + embed + self.hidden
+
+    def kv_bytes_per_token(self, layers: int, dtype_bytes: int) -> int:
+        return layers * 2 * self.kv_heads * self.head_dim * dtype_bytes
+
+
+@dataclass
+class Plan:
+    """Result of :func:`plan`: named byte lines per place, and whether the device holds its part."""
+
+    context_tokens: int
+    gpu_bytes: int
+    lines: list[tuple[str, str, int]] = field(default_factory=list)  # (place, what, bytes)
+    notes: list[str] = field(default_factory=list)
+
+    def total(self, place: str) -> int:
+        return sum(b for p, _, b in self.lines if p == place)
+
+    @property
+    def fits(self) -> bool:
+        return self.total("device") <= self.gpu_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"context_tokens": self.context_tokens, "gpu_bytes": self.gpu_bytes, "fits": self.fits,
+                "device_bytes": self.total("device"), "host_bytes": self.total("host"),
+                "disk_bytes": self.total("disk"),
+                "lines": [{"place": p, "what": w, "bytes": b} for p, w, b in self.lines], "notes": self.notes}
+
+    def __str__(self) -> str:
+        rows = [f"{'place':<7} {'what':<66} {'bytes':>12}"]
+        rows += [f"{p:<7} {w:<66} {human(b):>12}" for p, w, b in self.lines]
+        rows.append(f"{'device':<7} {'TOTAL on the accelerator':<66} {human(self.total('device')):>12}")
+        verdict = "FITS" if self.fits else "DOES NOT FIT"
+        rows.append(f"=> {verdict} in {human(self.gpu_bytes)} at {self.context_tokens:,} tokens")
+        rows += [f"   note: {n}" for n in self.notes]
+        return "\n".join(rows)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+def parse_bytes(text: str | int) -> int:
+    """'24GB', '24GiB', '8000MB' or an int -> bytes (GB and GiB both mean 2**30, as GPU specs do)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"cannot read {text!r} as a size; use e.g. 24GB or 24000MB")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+def read_model_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no model config at {str(source)!r}; pass a model folder or its config.json")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def plan(model_config: str | Path | dict[str, Any], context_tokens: int, gpu_bytes: int | str = "24GB",
+         config: MemoryConfig | str | Path | dict[str, Any] | None = None, *, weight_dtype: str = "fp16",
+         batch: int = 1) -> Plan:
+    """Budget of ``context_tokens`` through a model; ``config=None`` plans full attention + plain cache."""
+    shape = ModelShape.from_config(read_model_config(model_config))
+    if context_tokens <= 0:
+        raise ConfigError("context_tokens must be positive")
+    if weight_dtype not in DTYPE_BYTES:
+        raise ConfigError(f"weight_dtype must be one of {sorted(DTYPE_BYTES)}")
+    wb = DTYPE_BYTES[weight_dtype]
+    out = Plan(context_tokens=context_tokens, gpu_bytes=parse_bytes(gpu_bytes))
+    out.lines.append(("device", f"weights ({shape.params / 1e9:.2f}B params, {weight_dtype})", shape.params * wb))
+    if config is None:
+        _plan_full(out, shape, context_tokens, wb, batch)
+    else:
+        cfg = config if isinstance(config, MemoryConfig) else load_config(config)
+        _plan_memkit(out, shape, context_tokens, wb, batch, cfg)
+    return out
+
+
+def _activations(shape: ModelShape, block: int, ctx: int, wb: int, batch: int) -> int:
+    hidden = batch * block * (4 * shape.hidden + 2 * shape.intermediate) * wb  # residual, q/k/v/o, MLP
+    scores = batch * shape.heads * block * ctx * 4  # fp32 attention scores of one layer, upper bound
+    logits = batch * block * shape.vocab * 4  # loss path; generate needs only the last row
+    return hidden + scores + logits
+
+
+def _plan_full(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int) -> None:
+    kv = batch * ctx * shape.kv_bytes_per_token(shape.layers, wb)
+    out.lines.append(("device", f"K/V cache, all {shape.layers} layers x {ctx:,} tokens", kv))
+    block = min(ctx, 2048)
+    out.lines.append(("device", f"activations, prefill in blocks of {block} vs {ctx:,} keys", _activations(shape, block, ctx, wb, batch)))
+    out.notes.append("full attention with a plain cache keeps every layer's K/V for every token on the device")
+    if shape.max_positions and ctx > shape.max_positions:
+        out.notes.append(f"the model was trained on {shape.max_positions:,} positions: quality collapses beyond")
+
+
+def _plan_memkit(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int, cfg: MemoryConfig) -> None:
+    mem_layers = resolve_layers(cfg.memory_layers, shape.layers) if cfg.top_k else []
+    page_b = DTYPE_BYTES[cfg.kvstore.dtype]
+    local = cfg.sink_tokens + cfg.window + cfg.block_size
+    out.lines.append(("device", f"local K/V: {cfg.sink_tokens} sinks + {cfg.window} window + {cfg.block_size} block, "
+                                f"{shape.layers} layers", batch * local * shape.kv_bytes_per_token(shape.layers, wb)))
+    retrieved = cfg.top_k * cfg.chunk_size
+    if mem_layers:
+        working = batch * 2 * retrieved * shape.kv_bytes_per_token(len(mem_layers), wb)  # current + prefetched
+        out.lines.append(("device", f"retrieved memory K/V: {cfg.top_k} x {cfg.chunk_size} tokens, {len(mem_layers)} "
+                                    "layers, double-buffered", working))
+    stored_tokens = max(0, ctx - local) if cfg.capacity_tokens is None else min(cfg.capacity_tokens, max(0, ctx - local))
+    pages = batch * stored_tokens * shape.kv_bytes_per_token(len(mem_layers), page_b)
+    device_pages = min(pages, cfg.kvstore.device_bytes)
+    host_pages = min(pages - device_pages, cfg.kvstore.host_bytes)
+    disk_pages = pages - device_pages - host_pages
+    out.lines.append(("device", f"device-tier page cache (budget {human(cfg.kvstore.device_bytes)}, {cfg.kvstore.dtype})", device_pages))
+    out.lines.append(("host", f"host-tier pages ({stored_tokens:,} tokens x {len(mem_layers)} layers, {cfg.kvstore.dtype})", host_pages))
+    if disk_pages:
+        if cfg.kvstore.disk_dir is None:
+            out.notes.append("pages exceed the host budget and no disk tier is set: set kvstore.disk_dir")
+        out.lines.append(("disk", "disk-tier pages (memory-mapped)", disk_pages))
+    chunks = math.ceil(stored_tokens / cfg.chunk_size) * batch
+    dim = cfg.bank.dim or 384
+    out.lines.append(("host", f"bank vectors: {chunks:,} chunks x {dim}-d float32", chunks * dim * 4))
+    out.lines.append(("device", f"activations, block of {cfg.block_size} vs {local + retrieved:,} keys",
+                      _activations(shape, cfg.block_size, local + retrieved, wb, batch)))
+    out.notes.append(f"positions stay below {cfg.sink_tokens + retrieved + cfg.window + cfg.block_size:,} whatever the length")
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder or config.json (only the config is read)")
+    p.add_argument("--context", type=int, required=True, help="context length in tokens, e.g. 80000")
+    p.add_argument("--gpu-memory", default="24GB", help="accelerator memory, e.g. 24GB (default) or 80GB")
+    p.add_argument("--config", default=None, help="memkit YAML/JSON config; default: MemoryConfig() defaults")
+    p.add_argument("--full-attention", action="store_true", help="plan full attention with a plain K/V cache instead")
+    p.add_argument("--dtype", default="fp16", choices=sorted(DTYPE_BYTES), help="weight and local K/V dtype")
+    p.add_argument("--batch", type=int, default=1, help="batch size (rows each with their own memory)")
+    p.add_argument("--json", default=None, help="also write the plan as JSON to this path")
+    p.add_argument("--check", action="store_true", help="exit with status 1 when the plan does not fit")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = None if args.full_attention else load_config(args.config)
+    result = plan(args.model, args.context, args.gpu_memory, cfg, weight_dtype=args.dtype, batch=args.batch)
+    label = "full attention, plain cache" if args.full_attention else f"memkit {cfg.style if cfg else ''}"
+    print(f"# {args.model} at {args.context:,} tokens ({label})")
+    print(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+    return 1 if (args.check and not result.fits) else 0

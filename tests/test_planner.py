@@ -1,0 +1,84 @@
+"""memkit.plan: byte arithmetic checked against real tensors, the README's OpenLLaMA-3B verdicts, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import memkit
+from memkit.config import MemoryConfig
+from memkit.errors import ConfigError
+from memkit.planner import ModelShape, parse_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+OPENLLAMA = ROOT / "examples" / "configs" / "openllama-3b.json"
+
+
+def test_param_count_matches_a_real_llama() -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    real = sum(p.numel() for p in model.parameters())
+    assert ModelShape.from_config(cfg.to_dict()).params == real
+
+
+def test_kv_bytes_match_a_real_cache() -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, 100, (1, 37)), use_cache=True)
+    cache = out.past_key_values
+    real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert ModelShape.from_config(cfg.to_dict()).kv_bytes_per_token(2, 4) * 37 == real
+
+
+def test_openllama_3b_at_80k_fits_with_memkit_not_with_full_attention() -> None:
+    with_memkit = memkit.plan(OPENLLAMA, 80_000, "24GB", MemoryConfig())
+    full = memkit.plan(OPENLLAMA, 80_000, "24GB", None)
+    assert with_memkit.fits and not full.fits
+    assert 3.3e9 < ModelShape.from_config(json.loads(OPENLLAMA.read_text())).params < 3.6e9
+    full_kv = next(b for _, w, b in full.lines if w.startswith("K/V cache"))
+    assert full_kv == 80_000 * 26 * 2 * 32 * 100 * 2  # tokens x layers x K,V x heads x head_dim x fp16
+    assert with_memkit.total("host") > 9 * 2**30  # the pages moved off the device live on the host
+    assert "FITS" in str(with_memkit) and "DOES NOT FIT" in str(full)
+
+
+def test_memkit_device_total_flat_in_context_length() -> None:
+    small = memkit.plan(OPENLLAMA, 8_000, "24GB", MemoryConfig())
+    big = memkit.plan(OPENLLAMA, 800_000, "24GB", MemoryConfig(kvstore={"disk_dir": "/tmp/x"}))
+    assert big.total("device") == small.total("device") or big.total("device") - small.total("device") <= 2 << 30
+    assert big.total("disk") > 0
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(ConfigError):
+        memkit.plan({"hidden_size": 8}, 1000)
+    with pytest.raises(ConfigError):
+        memkit.plan(OPENLLAMA, 0)
+    with pytest.raises(ConfigError):
+        parse_bytes("lots")
+    assert parse_bytes("24GB") == 24 << 30 and parse_bytes("512MiB") == 512 << 20
+
+
+def test_cli(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    run = subprocess.run([sys.executable, "-m", "memkit.cli", "plan", "--model", str(OPENLLAMA), "--context", "80000",
+                          "--json", str(out)], capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and "FITS" in run.stdout
+    assert json.loads(out.read_text())["fits"] is True
+    run = subprocess.run([sys.executable, "-m", "memkit.cli", "plan", "--model", str(OPENLLAMA), "--context", "80000",
+                          "--full-attention", "--check"], capture_output=True, text=True, check=False)
+    assert run.returncode == 1 and "DOES NOT FIT" in run.stdout
+    run = subprocess.run([sys.executable, "-m", "memkit.cli", "plan", "--model", str(tmp_path / "none"), "--context", "5"],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "no model config" in run.stderr
