@@ -1,0 +1,195 @@
+"""Page encoding and tier containers behind :mod:`memkit.kvstore` (split out to keep files small).
+
+* :class:`PageCodec` — (n, *page_shape) float pages <-> (n, page_bytes) uint8 buffers in fp32, fp16,
+  bf16 or int8 with a per-page or per-channel scale (error bounds in the kvstore docstring).
+* ``_MemTier`` / ``_DiskTier`` — LRU-ordered containers with a byte budget; the disk tier keeps pages in
+  fixed-size slots of memory-mapped segment files (InfLLM-style offloading, Xiao et al. 2024, plus disk).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memkit.errors import ConfigError, CorruptFileError
+
+FORMAT, FORMAT_VERSION = "memkit-kvstore", 1
+META_FILE = "kvstore.json"
+SEGMENT_BYTES = 64 << 20  # disk-tier spill file size
+STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+_ALIGN = 16
+
+
+class PageCodec:
+    """Encodes (n, *page_shape) float pages to (n, page_bytes) uint8 buffers and back.
+
+    Buffer layout: the data in the storage dtype, zero-padded to 16 bytes, then (int8 only) float32
+    scales: one per page, or one per channel = per (..., D) reduced over the token axis (-2).
+    """
+
+    def __init__(self, page_shape: tuple[int, ...], dtype: str = "fp16", int8_scale: str = "channel") -> None:
+        if dtype not in STORAGE:
+            raise ConfigError(f"storage dtype {dtype!r} is not valid; choose one of {list(STORAGE)}")
+        self.page_shape, self.dtype, self.int8_scale = tuple(int(s) for s in page_shape), dtype, int8_scale
+        self.storage = STORAGE[dtype]
+        self.numel = math.prod(self.page_shape)
+        self.data_bytes = self.numel * self.storage.itemsize
+        self.data_padded = -(-self.data_bytes // _ALIGN) * _ALIGN
+        if dtype != "int8":
+            self.scale_shape: tuple[int, ...] = ()
+        elif int8_scale == "channel" and len(self.page_shape) >= 2:
+            self.scale_shape = (*self.page_shape[:-2], 1, self.page_shape[-1])  # (L, 2, H, 1, D)
+        else:
+            self.scale_shape = (1,) * len(self.page_shape)
+        self.scale_bytes = 4 * math.prod(self.scale_shape) if self.scale_shape else 0
+        self.page_bytes = self.data_padded + -(-self.scale_bytes // _ALIGN) * _ALIGN
+
+    def encode(self, pages: torch.Tensor) -> torch.Tensor:
+        """(n, *page_shape) float -> (n, page_bytes) uint8 on the same device."""
+        n = pages.shape[0]
+        out = torch.zeros((n, self.page_bytes), dtype=torch.uint8, device=pages.device)
+        if self.dtype == "int8":
+            x = pages.float()
+            dims = tuple(range(1, x.ndim))
+            if self.int8_scale == "channel" and len(self.page_shape) >= 2:
+                amax = x.abs().amax(dim=-2, keepdim=True)  # (n, L, 2, H, 1, D)
+            else:
+                amax = x.abs().amax(dim=dims, keepdim=True)  # (n, 1, 1, 1, 1, 1)
+            scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+            data = torch.round(x / scale).clamp_(-127, 127).to(torch.int8)
+            out[:, self.data_padded : self.data_padded + self.scale_bytes] = scale.reshape(n, -1).view(torch.uint8)
+        else:
+            data = pages.to(self.storage)
+        out[:, : self.data_bytes] = data.reshape(n, -1).contiguous().view(torch.uint8)
+        return out
+
+    def decode(self, buf: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(n, page_bytes) uint8 -> (n, *page_shape) in ``dtype`` on the same device."""
+        n = buf.shape[0]
+        data = buf[:, : self.data_bytes].view(self.storage).reshape(n, *self.page_shape)
+        if self.dtype != "int8":
+            return data.to(dtype)
+        scale = buf[:, self.data_padded : self.data_padded + self.scale_bytes].view(torch.float32)
+        return (data.float() * scale.reshape(n, *self.scale_shape)).to(dtype)
+
+
+@dataclass
+class _Entry:
+    buf: torch.Tensor  # (page_bytes,) uint8 on this tier's memory
+    event: Any = None  # CUDA event of the copy that fills `buf`, or None when ready
+
+
+class _MemTier:
+    def __init__(self, name: str, budget: int, page_bytes: int) -> None:
+        self.name, self.budget, self.page_bytes = name, int(budget), page_bytes
+        self.slots = self.budget // page_bytes
+        self.entries: OrderedDict[int, Any] = OrderedDict()  # LRU first
+        self.peak = 0
+        self.hits = self.misses = 0
+
+    @property
+    def resident(self) -> int:
+        return len(self.entries) * self.page_bytes
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.entries)
+
+    def added(self) -> None:
+        assert self.resident <= self.budget, f"{self.name} tier over budget"  # invariant, never user-facing
+        self.peak = max(self.peak, self.resident)
+
+
+class _DiskTier(_MemTier):
+    """Pages in fixed-size slots of memory-mapped segment files; entries map id -> slot."""
+
+    def __init__(self, root: str | None, budget: int, page_bytes: int) -> None:
+        super().__init__("disk", budget if root else 0, page_bytes)
+        self.root, self.dir = root, None
+        self.seg_slots = max(1, min(self.slots, SEGMENT_BYTES // page_bytes))
+        self.maps: list[np.memmap] = []
+        self.free_slots: list[int] = []
+        self.allocated = 0
+
+    def _alloc(self) -> int:
+        if not self.free_slots:
+            if self.dir is None:
+                assert self.root is not None
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+                self.dir = tempfile.mkdtemp(prefix="memkit-kv-", dir=self.root)
+                weakref.finalize(self, shutil.rmtree, self.dir, True)
+            k = min(self.seg_slots, self.slots - self.allocated)
+            path = os.path.join(self.dir, f"seg-{len(self.maps):05d}.bin")
+            self.maps.append(np.memmap(path, dtype=np.uint8, mode="w+", shape=(k, self.page_bytes)))
+            self.free_slots = list(range(self.allocated + k - 1, self.allocated - 1, -1))
+            self.allocated += k
+        return self.free_slots.pop()
+
+    def _locate(self, slot: int) -> tuple[np.memmap, int]:
+        return self.maps[min(slot // self.seg_slots, len(self.maps) - 1)], slot % self.seg_slots
+
+    def write(self, page_id: int, data: np.ndarray) -> None:
+        slot = self._alloc()
+        mm, row = self._locate(slot)
+        mm[row] = data
+        self.entries[page_id] = slot
+
+    def read_into(self, page_id: int, out: torch.Tensor) -> None:
+        mm, row = self._locate(self.entries[page_id])
+        out.numpy()[:] = mm[row]
+
+    def pop(self, page_id: int) -> None:
+        self.free_slots.append(self.entries.pop(page_id))
+
+    def close(self) -> None:
+        self.maps, self.free_slots, self.allocated = [], [], 0
+        self.entries.clear()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    @property
+    def file_bytes(self) -> int:
+        return self.allocated * self.page_bytes
+
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    from memkit.bank import _sha256
+
+    mpath = directory / META_FILE
+    if not mpath.is_file():
+        raise CorruptFileError(f"{str(directory)!r} has no {META_FILE}; was it written by KVStore.save()?")
+    try:
+        meta = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{mpath} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        raise CorruptFileError(f"{mpath} is not a version-{FORMAT_VERSION} memkit K/V store; re-save it")
+    ok = (isinstance(meta.get("page_shape"), list) and all(isinstance(s, int) and s > 0 for s in meta["page_shape"])
+          and meta.get("dtype") in STORAGE and meta.get("int8_scale", "channel") in ("page", "channel")
+          and isinstance(meta.get("count"), int) and isinstance(meta.get("page_bytes"), int)
+          and isinstance(meta.get("shards"), list) and isinstance(meta.get("files"), dict)
+          and all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in meta["shards"]))
+    if not ok:
+        raise CorruptFileError(f"{mpath} has missing or mistyped fields; the save is corrupted")
+    for rel, info in meta["files"].items():
+        p = directory / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not p.is_file():
+            raise CorruptFileError(f"{p} is missing or outside the store directory; the save is incomplete")
+        if not isinstance(info, dict) or p.stat().st_size != info.get("size") or _sha256(p) != info.get("sha256"):
+            raise CorruptFileError(f"{p} fails its size/checksum check (truncated or edited); the save is corrupted")
+    if {s["file"] for s in meta["shards"]} - set(meta["files"]):
+        raise CorruptFileError(f"{mpath} lists a shard without a checksum; the save is corrupted")
+    return meta

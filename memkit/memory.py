@@ -1,0 +1,528 @@
+"""MemoryManager: chunk-level long-term memory = a MemoryBank per namespace + one shared KVStore + a policy.
+
+This is the memory of MemLong (Liu et al. 2024, "MemLong: Memory-Augmented Retrieval for Long Text
+Modeling"): K/V of past text are kept per chunk; each chunk's retrieval embedding goes to a vector bank
+and its K/V pages to the tiered :class:`~memkit.kvstore.KVStore` under the same globally unique id;
+before a block runs, the top-k chunks are retrieved and returned **in time order** (by span start) for
+the retrieval attention. When a namespace holds more than ``capacity_tokens`` tokens, its eviction
+policy (:mod:`memkit.policy`; MemLong's recency+frequency update by default) picks chunks to drop from
+bank, store and policy together. The K/V paging follows InfLLM (Xiao et al. 2024).
+
+Namespaces isolate batch rows / sessions: each has its own bank, policy and metadata, so a query in one
+namespace can never return another's chunk; pages share one store (one set of byte budgets).
+``capacity_tokens`` applies per namespace.
+
+Shapes: pages are ``(L, 2, H, C, D)`` = (stored layers, key/value, kv heads, chunk_size, head_dim).
+
+Saved layout (``save(dir)``; loading never executes code — JSON, safetensors and the bank's native
+index only; every file is checksummed in ``manifest.json``)::
+
+    manifest.json          format, version, config, dims, next id, namespaces, file checksums
+    pages/                 KVStore.save: safetensors shards + kvstore.json
+    ns-00000/bank/         bank.save (native index + its own manifest)
+    ns-00000/meta.safetensors   ids (n,) int64, spans (n, 2) int64
+    ns-00000/meta.json     name, texts, policy state, last trace
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memkit._arrays import as_vectors, check_k
+from memkit.bank import BaseBank, _replace_dir, _sha256, create_bank, file_digests, load_bank
+from memkit.config import BankConfig, MemoryConfig
+from memkit.errors import (
+    ConfigError,
+    CorruptFileError,
+    DimensionMismatchError,
+    IncompatibleMemoryError,
+    InvalidInputError,
+    MemkitError,
+)
+from memkit.kvstore import KVStore
+from memkit.policy import EvictionPolicy, RecencyFrequencyPolicy, make_policy
+
+__all__ = ["MemoryManager", "Retrieved"]
+
+FORMAT, FORMAT_VERSION = "memkit-memory", 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class Retrieved:
+    """Chunks returned by one retrieval, in time order (span start ascending); k' <= k rows.
+
+    ``ids``/``scores``/``spans`` are CPU tensors; ``keys``/``values`` are on the requested device in the
+    requested dtype (views into one page tensor, not contiguous).
+    """
+
+    ids: torch.Tensor  # (k',) int64
+    scores: torch.Tensor  # (k',) float32, higher = closer
+    spans: torch.Tensor  # (k', 2) int64 token [start, end) in the input
+    keys: torch.Tensor  # (k', L, H, C, D)
+    values: torch.Tensor  # (k', L, H, C, D)
+    namespace: str = "default"
+    texts: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class _Namespace:
+    def __init__(self, name: str, bank: BaseBank, policy: EvictionPolicy) -> None:
+        self.name, self.bank, self.policy = name, bank, policy
+        self.spans: dict[int, tuple[int, int]] = {}  # id -> (start, end), insertion order
+        self.texts: dict[int, str | None] = {}
+        self.tokens = 0
+        self.trace: list[dict[str, Any]] = []
+
+
+class _ClassOrInstance:
+    """``MemoryManager.load(dir)`` builds a new manager; ``mm.load(dir)`` loads in place."""
+
+    def __init__(self, on_class: Any, on_instance: Any) -> None:
+        self.on_class, self.on_instance = on_class, on_instance
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return types.MethodType(self.on_class, objtype)
+        return types.MethodType(self.on_instance, obj)
+
+
+class MemoryManager:
+    """Chunk memory with namespaces; see the module docstring. Thread-safe."""
+
+    def __init__(self, config: MemoryConfig | None = None, *, num_layers: int, kv_heads: int, head_dim: int,
+                 embed_dim: int, device: str | torch.device = "cpu", retriever: Any = None) -> None:
+        self.config = config if config is not None else MemoryConfig()
+        if not isinstance(self.config, MemoryConfig):
+            raise ConfigError(f"MemoryManager needs a MemoryConfig, got {type(self.config).__name__}")
+        for name, v in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                        ("embed_dim", embed_dim)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ConfigError(f"MemoryManager {name} must be a positive integer, got {v!r}")
+        self.num_layers, self.kv_heads, self.head_dim = int(num_layers), int(kv_heads), int(head_dim)
+        self.embed_dim = int(embed_dim)
+        if self.config.bank.dim is not None and self.config.bank.dim != self.embed_dim:
+            raise ConfigError(f"config.bank.dim={self.config.bank.dim} differs from embed_dim={self.embed_dim}; "
+                              "leave bank.dim None or set it to the retriever's dimension")
+        self.chunk_size = self.config.chunk_size
+        self.page_shape = (self.num_layers, 2, self.kv_heads, self.chunk_size, self.head_dim)  # (L, 2, H, C, D)
+        self.device = torch.device(self.config.kvstore.device or device)
+        self.retriever = retriever
+        self.store = KVStore(self.config.kvstore, page_shape=self.page_shape, device=self.device)
+        self._ns: dict[str, _Namespace] = {}
+        self._next_id = 0
+        self._bank_serial = 0  # makes per-namespace bank paths/collections unique
+        self._lock = threading.RLock()
+        self._counters = {"added": 0, "evicted": 0, "retrievals": 0}
+
+    # ------------------------------------------------------------------ namespaces
+    def _bank_config(self, name: str) -> BankConfig:
+        params = dict(self.config.bank.params)
+        self._bank_serial += 1
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64] + f"-{self._bank_serial}"
+        if isinstance(params.get("path"), str) and params["path"] != ":memory:":
+            params["path"] = os.path.join(params["path"], f"ns-{safe}")  # one directory per namespace
+        if isinstance(params.get("collection"), str):
+            params["collection"] = f"{params['collection']}-{safe}"  # one collection per namespace
+        return BankConfig(backend=self.config.bank.backend, dim=self.embed_dim, metric=self.config.bank.metric,
+                          params=params)
+
+    def _policy(self) -> EvictionPolicy:
+        kw = {"protect_recent": self.config.protect_recent} if self.config.policy == "recency_frequency" else {}
+        return make_policy(self.config.policy, **kw)
+
+    def _namespace(self, name: str, create: bool) -> _Namespace | None:
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError(f"namespace must be a non-empty string, got {name!r}")
+        ns = self._ns.get(name)
+        if ns is None and create:
+            ns = _Namespace(name, create_bank(self._bank_config(name)), self._policy())
+            self._ns[name] = ns
+        return ns
+
+    def namespaces(self) -> list[str]:
+        with self._lock:
+            return list(self._ns)
+
+    # ------------------------------------------------------------------ writing
+    def _check_kv(self, x: Any, name: str) -> torch.Tensor:
+        if not torch.is_tensor(x):
+            try:
+                x = torch.as_tensor(np.asarray(x))
+            except Exception as exc:
+                raise InvalidInputError(f"{name} must be a tensor of shape (n, L, H, C, D) ({exc})") from exc
+        want = (self.num_layers, self.kv_heads, self.chunk_size, self.head_dim)
+        if x.ndim != 5 or tuple(x.shape[1:]) != want:
+            raise DimensionMismatchError(
+                f"{name} have shape {tuple(x.shape)}, expected (n, L={want[0]}, H={want[1]}, C={want[2]}, "
+                f"D={want[3]}); pad the last partial chunk to chunk_size or keep it in the local window"
+            )
+        if not x.is_floating_point():
+            raise InvalidInputError(f"{name} must be floating point, got {x.dtype}")
+        return x
+
+    def add_chunks(self, keys: Any, values: Any, embeddings: Any, spans: Any, *, namespace: str = "default",
+                   texts: Sequence[str | None] | None = None) -> torch.Tensor:
+        """Store n chunks; returns their (n,) int64 ids. Then enforces capacity_tokens with the policy.
+
+        keys/values: (n, L, H, C, D); embeddings: (n, embed_dim); spans: (n, 2) token [start, end).
+        Chunks evicted by this call's capacity check (possibly some of these) are gone from memory.
+        """
+        keys, values = self._check_kv(keys, "keys"), self._check_kv(values, "values")
+        n = keys.shape[0]
+        if values.shape[0] != n:
+            raise InvalidInputError(f"got {n} key chunks but {values.shape[0]} value chunks")
+        emb = as_vectors(embeddings, self.embed_dim, name="embeddings")
+        if emb.shape[0] != n:
+            raise InvalidInputError(f"got {emb.shape[0]} embeddings for {n} chunks; pass one per chunk")
+        sp = np.asarray(spans.cpu() if torch.is_tensor(spans) else spans)
+        if sp.shape != (n, 2) or (n and not np.issubdtype(sp.dtype, np.integer)):
+            raise InvalidInputError(f"spans must be an (n, 2) integer array of token [start, end), got "
+                                    f"shape {sp.shape} dtype {sp.dtype}")
+        sp = sp.astype(np.int64)
+        if n and ((sp[:, 0] < 0).any() or (sp[:, 1] <= sp[:, 0]).any()):
+            raise InvalidInputError("spans need 0 <= start < end for every chunk")
+        if texts is not None:
+            texts = list(texts)
+            if len(texts) != n or not all(t is None or isinstance(t, str) for t in texts):
+                raise InvalidInputError(f"texts must be a list of {n} strings (or None), one per chunk")
+        pages = torch.stack([keys, values], dim=2)  # (n, L, 2, H, C, D)
+        with self._lock:
+            ns = self._namespace(namespace, create=True)
+            assert ns is not None
+            ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+            if n == 0:
+                return torch.from_numpy(ids)
+            self.store.put(ids, pages)  # CapacityError here leaves everything unchanged
+            try:
+                ns.bank.add(emb, ids=ids)
+            except BaseException:
+                self.store.remove(ids)
+                raise
+            self._next_id += n
+            for j, cid in enumerate(ids.tolist()):
+                ns.spans[cid] = (int(sp[j, 0]), int(sp[j, 1]))
+                ns.texts[cid] = texts[j] if texts is not None else None
+            ns.tokens += int((sp[:, 1] - sp[:, 0]).sum())
+            ns.policy.on_add(ids)
+            self._counters["added"] += n
+            self._enforce_capacity(ns)
+            return torch.from_numpy(ids)
+
+    def _enforce_capacity(self, ns: _Namespace) -> None:
+        cap = self.config.capacity_tokens
+        while cap is not None and ns.tokens > cap and len(ns.policy):
+            need = ns.tokens - cap
+            victims, freed = [], 0
+            for cid in ns.policy.evict(max(1, math.ceil(need / self.chunk_size))).tolist():
+                victims.append(cid)
+                freed += ns.spans[cid][1] - ns.spans[cid][0]
+                if freed >= need:
+                    break
+            self._drop(ns, victims)
+            self._counters["evicted"] += len(victims)
+
+    def _drop(self, ns: _Namespace, ids: list[int]) -> None:
+        if not ids:
+            return
+        arr = np.asarray(ids, np.int64)
+        ns.bank.remove(arr)
+        self.store.remove(arr)
+        ns.policy.on_remove(arr)
+        for cid in ids:
+            s, e = ns.spans.pop(cid)
+            ns.texts.pop(cid, None)
+            ns.tokens -= e - s
+
+    def remove_chunks(self, ids: Any, *, namespace: str = "default") -> int:
+        """Remove chunks of a namespace by id (ids of other namespaces are ignored). Returns the count."""
+        arr = np.asarray(ids.cpu() if torch.is_tensor(ids) else ids, dtype=np.int64).reshape(-1)
+        with self._lock:
+            ns = self._namespace(namespace, create=False)
+            if ns is None:
+                return 0
+            mine = [int(i) for i in dict.fromkeys(arr.tolist()) if int(i) in ns.spans]
+            self._drop(ns, mine)
+            return len(mine)
+
+    # ------------------------------------------------------------------ reading
+    def _empty(self, namespace: str, device: torch.device, dtype: torch.dtype) -> Retrieved:
+        kv = torch.empty((0, self.num_layers, self.kv_heads, self.chunk_size, self.head_dim), dtype=dtype,
+                         device=device)
+        return Retrieved(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.float32),
+                         torch.empty((0, 2), dtype=torch.int64), kv, kv.clone(), namespace, [])
+
+    def retrieve(self, query: Any, k: int | None = None, *, namespace: str = "default",
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Retrieved:
+        """Top-k chunks of ``namespace`` for one query (embed_dim,) or (1, embed_dim), in time order."""
+        q = query.detach().cpu() if torch.is_tensor(query) else np.asarray(query)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[0] != 1:
+            raise InvalidInputError(f"retrieve takes one query of shape (embed_dim,) or (1, embed_dim), got "
+                                    f"{tuple(q.shape)}; use retrieve_batch for several")
+        return self.retrieve_batch(q, [namespace], k, device=device, dtype=dtype)[0]
+
+    def retrieve_batch(self, queries: Any, namespaces: Sequence[str], k: int | None = None,
+                       device: str | torch.device | None = None, *, dtype: torch.dtype = torch.float32
+                       ) -> list[Retrieved]:
+        """One retrieval per row: queries (B, embed_dim), namespaces (B,) -> B Retrieved, each in time order.
+
+        Rows of the same namespace are searched in one batched bank call; pages are fetched once for all.
+        """
+        k = check_k(self.config.top_k if k is None else k)
+        q = as_vectors(queries, self.embed_dim, name="queries")  # (B, E)
+        names = list(namespaces) if not isinstance(namespaces, str) else [namespaces]
+        if len(names) != q.shape[0]:
+            raise InvalidInputError(f"got {q.shape[0]} queries but {len(names)} namespaces; pass one per row")
+        target = torch.device(device) if device is not None else self.device
+        with self._lock:
+            rows: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(names)
+            groups: dict[str, list[int]] = {}
+            for b, name in enumerate(names):
+                if self._namespace(name, create=False) is not None:
+                    groups.setdefault(name, []).append(b)
+            for name, idx in groups.items():
+                ns = self._ns[name]
+                scores, ids = ns.bank.search(q[idx], k)  # (m, k), (m, k)
+                for j, b in enumerate(idx):
+                    ok = ids[j] >= 0
+                    s, i = scores[j][ok], ids[j][ok]
+                    order = sorted(range(len(i)), key=lambda t: (ns.spans[int(i[t])][0], int(i[t])))
+                    rows[b] = (i[order], s[order])
+            wanted = list(dict.fromkeys(int(c) for r in rows if r is not None for c in r[0]))
+            pages = self.store.get(wanted, target, dtype=dtype) if wanted else None  # (u, L, 2, H, C, D)
+            pos = {c: j for j, c in enumerate(wanted)}
+            out: list[Retrieved] = []
+            for b, name in enumerate(names):
+                r = rows[b]
+                if r is None or not len(r[0]):
+                    out.append(self._empty(name, target, dtype))
+                    if name in self._ns:
+                        self._ns[name].trace = []
+                    continue
+                ns = self._ns[name]
+                ids_b, scores_b = r
+                assert pages is not None
+                sel = pages[torch.as_tensor([pos[int(c)] for c in ids_b], device=pages.device)]  # (k', L, 2, H, C, D)
+                spans = torch.as_tensor([ns.spans[int(c)] for c in ids_b], dtype=torch.int64).reshape(-1, 2)
+                texts = [ns.texts.get(int(c)) for c in ids_b]
+                out.append(Retrieved(torch.from_numpy(ids_b.copy()), torch.from_numpy(scores_b.astype(np.float32)),
+                                     spans, sel[:, :, 0], sel[:, :, 1], name, texts))
+                ns.policy.on_retrieve(ids_b)
+                rank = {int(c): t for t, c in enumerate(ids_b[np.argsort(-scores_b, kind="stable")])}
+                ns.trace = [{"id": int(c), "score": float(s), "span": list(ns.spans[int(c)]), "text": t,
+                             "rank": rank[int(c)]} for c, s, t in zip(ids_b, scores_b, texts)]
+            self._counters["retrievals"] += len(names)
+            return out
+
+    def trace(self, namespace: str = "default") -> list[dict[str, Any]]:
+        """The last retrieval of ``namespace``: [{id, score, span, text, rank}] in time order ([] if none)."""
+        with self._lock:
+            ns = self._ns.get(namespace)
+            return [dict(t) for t in ns.trace] if ns is not None else []
+
+    def embed(self, *, texts: Sequence[str] | None = None, keys: Any = None) -> np.ndarray:
+        """Embed chunks with the retriever: texts (text retriever) or keys (n, H, C, D) (key-mean retriever)."""
+        if self.retriever is None:
+            from memkit.retrievers import KeyMeanRetriever, get_text_retriever
+
+            use_keys = self.config.retriever == "keys" or (texts is None and keys is not None)
+            self.retriever = KeyMeanRetriever(self.embed_dim) if use_keys else get_text_retriever()
+        return np.asarray(self.retriever(list(texts) if texts is not None else keys), np.float32)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def num_chunks(self, namespace: str | None = None) -> int:
+        with self._lock:
+            if namespace is None:
+                return sum(len(ns.spans) for ns in self._ns.values())
+            ns = self._ns.get(namespace)
+            return len(ns.spans) if ns is not None else 0
+
+    def num_tokens(self, namespace: str | None = None) -> int:
+        with self._lock:
+            if namespace is None:
+                return sum(ns.tokens for ns in self._ns.values())
+            ns = self._ns.get(namespace)
+            return ns.tokens if ns is not None else 0
+
+    def chunk_ids(self, namespace: str = "default") -> torch.Tensor:
+        """Ids of a namespace's chunks in insertion order (int64)."""
+        with self._lock:
+            ns = self._ns.get(namespace)
+            return torch.as_tensor(list(ns.spans) if ns is not None else [], dtype=torch.int64)
+
+    def reset(self, namespace: str | None = None) -> None:
+        """Forget one namespace (or everything when None). Ids are never reused."""
+        with self._lock:
+            names = list(self._ns) if namespace is None else [namespace] if namespace in self._ns else []
+            for name in names:
+                ns = self._ns.pop(name)
+                self.store.remove(np.asarray(list(ns.spans), np.int64))
+                ns.bank.reset()
+                if hasattr(ns.bank, "close"):
+                    ns.bank.close()
+            if namespace is None:
+                self.store.reset()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"namespaces": len(self._ns), "chunks": self.num_chunks(), "tokens": self.num_tokens(),
+                    "per_namespace": {n: {"chunks": len(ns.spans), "tokens": ns.tokens} for n, ns in self._ns.items()},
+                    "capacity_tokens": self.config.capacity_tokens, "policy": self.config.policy,
+                    "page_shape": list(self.page_shape), **self._counters, "kvstore": self.store.stats()}
+
+    def _dims(self) -> dict[str, int]:
+        return {"num_layers": self.num_layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "embed_dim": self.embed_dim, "chunk_size": self.chunk_size}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Save everything to directory ``path`` atomically (old save or new, never half)."""
+        from safetensors.numpy import save_file
+
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            try:
+                (tmp / "pages").mkdir()
+                self.store.save_into(tmp / "pages")
+                entries = []
+                for j, ns in enumerate(self._ns.values()):
+                    d = tmp / f"ns-{j:05d}"
+                    d.mkdir()
+                    ns.bank.save(d / "bank")
+                    ids = np.asarray(list(ns.spans), np.int64)
+                    spans = np.asarray([ns.spans[i] for i in ids.tolist()], np.int64).reshape(-1, 2)
+                    save_file({"ids": ids, "spans": spans}, str(d / "meta.safetensors"))
+                    (d / "meta.json").write_text(json.dumps({
+                        "name": ns.name, "texts": [ns.texts.get(i) for i in ids.tolist()],
+                        "policy": ns.policy.state_dict(), "trace": ns.trace, "tokens": ns.tokens}))
+                    entries.append({"name": ns.name, "dir": d.name})
+                manifest = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config.to_dict(),
+                            "dims": self._dims(), "next_id": self._next_id, "namespaces": entries,
+                            "counters": self._counters, "files": file_digests(tmp)}
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+                _replace_dir(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+
+    def _load_new(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
+                  retriever: Any = None) -> MemoryManager:
+        manifest = _read_manifest(Path(path))
+        try:
+            config = MemoryConfig.from_dict(manifest["config"])
+        except MemkitError as exc:
+            raise CorruptFileError(f"{path}: saved config is invalid ({exc})") from exc
+        if device is not None:
+            config.kvstore.device = None
+        d = manifest["dims"]
+        mm = cls(config, num_layers=d["num_layers"], kv_heads=d["kv_heads"], head_dim=d["head_dim"],
+                 embed_dim=d["embed_dim"], device=device or config.kvstore.device or "cpu", retriever=retriever)
+        mm._load_into(path, _manifest=manifest)
+        return mm
+
+    def _load_into(self, path: str | os.PathLike[str], *, _manifest: dict[str, Any] | None = None) -> None:
+        """Replace this manager's memory with a saved one. On any error the current memory is kept."""
+        from safetensors.numpy import load_file
+
+        directory = Path(path)
+        manifest = _manifest or _read_manifest(directory)
+        mine, saved = self._dims(), manifest["dims"]
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if diff:
+            raise IncompatibleMemoryError(
+                "saved memory does not match this model/config: " + ", ".join(
+                    f"{k} saved={a} here={b}" for k, (a, b) in diff.items())
+                + "; load it into a model with the same layers, heads, head_dim, embedder and chunk_size")
+        spaces: dict[str, _Namespace] = {}
+        store = KVStore(self.config.kvstore, page_shape=self.page_shape, device=self.device)
+        try:
+            store.load(directory / "pages")
+            for entry in manifest["namespaces"]:
+                d = directory / str(entry["dir"])
+                meta = json.loads((d / "meta.json").read_text())
+                arrays = load_file(str(d / "meta.safetensors"))
+                ids, spans = arrays["ids"].astype(np.int64), arrays["spans"].astype(np.int64)
+                texts = meta["texts"]
+                if spans.shape != (len(ids), 2) or len(texts) != len(ids) or meta["name"] != entry["name"]:
+                    raise CorruptFileError(f"{d}: ids, spans and texts disagree")
+                bank = load_bank(d / "bank")
+                if bank.dim != self.embed_dim or len(bank) != len(ids) or not all(int(i) in bank for i in ids):
+                    raise CorruptFileError(f"{d}: bank does not hold exactly this namespace's chunks")
+                if not all(int(i) in store for i in ids):
+                    raise CorruptFileError(f"{d}: K/V pages are missing for some chunks")
+                policy = self._policy()
+                if meta["policy"].get("name") == policy.name:
+                    policy.load_state_dict(meta["policy"])
+                    if isinstance(policy, RecencyFrequencyPolicy):  # this config's setting wins
+                        policy.protect_recent = float(self.config.protect_recent)
+                else:  # another policy was saved: replay the insertion order into this config's policy
+                    policy.on_add(ids)
+                ns = _Namespace(str(entry["name"]), bank, policy)
+                ns.spans = {int(i): (int(s), int(e)) for i, (s, e) in zip(ids, spans)}
+                ns.texts = {int(i): t for i, t in zip(ids, texts)}
+                ns.tokens = int((spans[:, 1] - spans[:, 0]).sum()) if len(ids) else 0
+                ns.trace = list(meta.get("trace") or [])
+                spaces[ns.name] = ns
+        except MemkitError:
+            store.close()
+            raise
+        except Exception as exc:
+            store.close()
+            raise CorruptFileError(f"could not load memory from {str(directory)!r}: {exc}") from exc
+        with self._lock:
+            old_store, self.store = self.store, store
+            self._ns = spaces
+            self._next_id = max(int(manifest["next_id"]), self._next_id)
+            saved_counters = manifest.get("counters")
+            if isinstance(saved_counters, dict):
+                self._counters = {k: int(saved_counters.get(k, 0)) for k in self._counters}
+            old_store.close()
+
+    load = _ClassOrInstance(_load_new, _load_into)
+
+    def __repr__(self) -> str:
+        return (f"MemoryManager(page_shape={self.page_shape}, namespaces={len(self._ns)}, "
+                f"chunks={self.num_chunks()}, policy={self.config.policy!r})")
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    mpath = directory / MANIFEST
+    if not mpath.is_file():
+        raise CorruptFileError(f"{str(directory)!r} has no {MANIFEST}; was it written by MemoryManager.save()?")
+    try:
+        m = json.loads(mpath.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{mpath} is not valid JSON ({exc})") from exc
+    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
+        raise CorruptFileError(f"{mpath} is not a version-{FORMAT_VERSION} memkit memory; re-save it")
+    if not (isinstance(m.get("dims"), dict) and isinstance(m.get("config"), dict) and isinstance(m.get("files"), dict)
+            and isinstance(m.get("namespaces"), list) and isinstance(m.get("next_id"), int)
+            and all(isinstance(e, dict) and re.fullmatch(r"ns-\d{5}", str(e.get("dir"))) for e in m["namespaces"])):
+        raise CorruptFileError(f"{mpath} has missing or mistyped fields; the save is corrupted")
+    for rel, info in m["files"].items():
+        p = directory / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute() or not p.is_file():
+            raise CorruptFileError(f"{p} is missing or outside the memory directory; the save is incomplete")
+        if not isinstance(info, dict) or p.stat().st_size != info.get("size") or _sha256(p) != info.get("sha256"):
+            raise CorruptFileError(f"{p} fails its size/checksum check (truncated or edited); the save is corrupted")
+    return m
