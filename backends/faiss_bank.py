@@ -34,6 +34,11 @@ def _flat(dim: int, metric: str) -> Any:
     return faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
 
 
+def _int_in(x: Any, lo: int, hi: int) -> bool:
+    """True for an integer (not bool) in [lo, hi]: values from a manifest reach faiss as size_t."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and lo <= x <= hi
+
+
 def _faiss_metric(metric: str) -> int:
     return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
@@ -123,8 +128,10 @@ class FaissHNSWBank(_FaissBase):
 
     def __init__(self, *, dim: int, metric: str = "ip", m: int = 32, ef_construction: int = 80,
                  ef_search: int = 64, rebuild_fraction: float = 0.25) -> None:
-        if m < 2 or ef_construction < 1 or ef_search < 1:
-            raise ConfigError("faiss-hnsw needs m >= 2, ef_construction >= 1 and ef_search >= 1")
+        if not (_int_in(m, 2, 512) and _int_in(ef_construction, 1, 1 << 16) and _int_in(ef_search, 1, 1 << 16)):
+            raise ConfigError("faiss-hnsw needs integers 2 <= m <= 512, 1 <= ef_construction <= 65536 and "
+                              f"1 <= ef_search <= 65536; got m={m!r}, ef_construction={ef_construction!r}, "
+                              f"ef_search={ef_search!r}")
         if not 0 < rebuild_fraction <= 1:
             raise ConfigError("faiss-hnsw rebuild_fraction must be in (0, 1]")
         self.m, self.ef_construction, self.ef_search = m, ef_construction, ef_search
@@ -201,8 +208,11 @@ class FaissIVFBank(_FaissBase):
 
     def __init__(self, *, dim: int, metric: str = "ip", train_size: int = 10_000,
                  nlist: int | None = None, nprobe: int | None = None) -> None:
-        if train_size < 1:
-            raise ConfigError("faiss-ivf train_size must be >= 1")
+        if not _int_in(train_size, 1, 2**62):
+            raise ConfigError(f"faiss-ivf train_size must be an integer >= 1, got {train_size!r}")
+        if (nlist is not None and not _int_in(nlist, 1, 1 << 20)) or (nprobe is not None and not _int_in(nprobe, 1, 1 << 20)):
+            raise ConfigError(f"faiss-ivf nlist and nprobe must be None or integers in [1, 2**20], got nlist={nlist!r}, "
+                              f"nprobe={nprobe!r}")
         self.train_size, self.nlist, self.nprobe = train_size, nlist, nprobe
         self.trained = False
         super().__init__(dim=dim, metric=metric)

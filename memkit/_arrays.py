@@ -30,6 +30,17 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def as_vectors(x: Any, dim: int | None, *, name: str = "vectors") -> np.ndarray:
     """(n, dim) float array-like -> C-contiguous float32 numpy array, validated."""
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous:
+        # Fast path for the common input (already float32, 2-d, contiguous): same checks, fewer calls.
+        if dim is not None and x.shape[1] != dim:
+            raise DimensionMismatchError(
+                f"{name} have dimension {x.shape[1]} but the bank was created with dim={dim}; "
+                "embed with the same retriever, or create a bank with the matching dim"
+            )
+        if not np.isfinite(x).all():
+            bad = int((~np.isfinite(x)).any(axis=1).sum())
+            raise InvalidInputError(f"{name} contain NaN or inf in {bad} row(s); clean or drop those rows first")
+        return x
     arr = _to_numpy(x)
     if arr.dtype == object or not np.issubdtype(arr.dtype, np.floating):
         raise InvalidInputError(

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -164,17 +163,14 @@ class _DiskTier(_MemTier):
         return self.allocated * self.page_bytes
 
 
-
 def _read_meta(directory: Path) -> dict[str, Any]:
-    from memkit.bank import _sha256
+    from memkit.bank import read_json, recover_dir, verify_files
 
+    recover_dir(directory)
     mpath = directory / META_FILE
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise CorruptFileError(f"{str(directory)!r} has no {META_FILE}; was it written by KVStore.save()?")
-    try:
-        meta = json.loads(mpath.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{mpath} is not valid JSON ({exc})") from exc
+    meta = read_json(mpath, "K/V store index")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
         raise CorruptFileError(f"{mpath} is not a version-{FORMAT_VERSION} memkit K/V store; re-save it")
     ok = (isinstance(meta.get("page_shape"), list) and all(isinstance(s, int) and s > 0 for s in meta["page_shape"])
@@ -184,12 +180,7 @@ def _read_meta(directory: Path) -> dict[str, Any]:
           and all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in meta["shards"]))
     if not ok:
         raise CorruptFileError(f"{mpath} has missing or mistyped fields; the save is corrupted")
-    for rel, info in meta["files"].items():
-        p = directory / rel
-        if ".." in Path(rel).parts or Path(rel).is_absolute() or not p.is_file():
-            raise CorruptFileError(f"{p} is missing or outside the store directory; the save is incomplete")
-        if not isinstance(info, dict) or p.stat().st_size != info.get("size") or _sha256(p) != info.get("sha256"):
-            raise CorruptFileError(f"{p} fails its size/checksum check (truncated or edited); the save is corrupted")
+    verify_files(directory, meta["files"], mpath, skip=(META_FILE,))
     if {s["file"] for s in meta["shards"]} - set(meta["files"]):
         raise CorruptFileError(f"{mpath} lists a shard without a checksum; the save is corrupted")
     return meta

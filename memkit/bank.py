@@ -13,12 +13,17 @@ The registry is lazy in the style of fsspec's ``known_implementations``: a name 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import importlib
 import inspect
 import json
 import os
 import shutil
+import socket
+import stat
+import sys
 import tempfile
 import threading
 from abc import ABC, abstractmethod
@@ -59,6 +64,12 @@ MANIFEST = "manifest.json"
 FORMAT = "memkit-bank"
 FORMAT_VERSION = 1
 ENTRY_POINT_GROUP = "memkit.backends"
+MAX_DIM = 1 << 16  # 65,536: well above any embedding (LLM hidden sizes reach 16,384); bounds what a file can ask for
+MAX_JSON_BYTES = 64 << 20  # a manifest larger than this is refused before it is parsed
+# Constructor parameters that say *where* a bank lives or connects. A saved manifest never contains them
+# (backends leave them out of params()), so one that does was crafted: loading it must not open a
+# server connection or write to a directory chosen by the file.
+LOCATION_PARAMS = frozenset({"path", "url", "host", "port", "location", "uri", "api_key", "https", "prefer_grpc"})
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,8 @@ class BaseBank(ABC):
     def __init__(self, *, dim: int, metric: str = "ip") -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
             raise ConfigError(f"dim must be a positive integer, got {dim!r}")
+        if dim > MAX_DIM:
+            raise ConfigError(f"dim={dim} is larger than memkit's limit of {MAX_DIM}; reduce the embedding size")
         if metric not in METRICS:
             raise ConfigError(f"metric={metric!r} is not valid; choose one of {list(METRICS)}")
         self.dim = int(dim)
@@ -246,7 +259,7 @@ class BaseBank(ABC):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         with self._lock.read():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            tmp = make_tmp_dir(target)
             try:
                 self._save_files(tmp)
                 _write_manifest(tmp, self._manifest())
@@ -282,6 +295,9 @@ class BaseBank(ABC):
 
 
 def _pad(scores: np.ndarray, ids: np.ndarray, m: int, k: int) -> SearchResult:
+    if ids.shape == (m, k) and scores.shape == (m, k) and (ids.size == 0 or ids.min() >= 0):
+        # Fast path (the common case: k hits per query): nothing to pad or mask, just fresh copies.
+        return SearchResult(np.array(scores, np.float32, order="C"), np.array(ids, np.int64, order="C"))
     out_s = np.full((m, k), -np.inf, np.float32)
     out_i = np.full((m, k), -1, np.int64)
     kk = min(k, ids.shape[1]) if ids.ndim == 2 else 0
@@ -323,16 +339,110 @@ def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
-    """Swap ``tmp`` into ``target`` so a crash leaves either the old or the new directory."""
+    """Swap ``tmp`` into ``target`` so a crash at any instant leaves either the old or the new directory.
+
+    On Linux the two directories are exchanged in one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere
+    the old directory is renamed aside first, and :func:`recover_dir` puts it back if a crash lands
+    between the two renames.
+    """
     _fsync_tree(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}-{threading.get_ident()}")
+    if os.path.lexists(target):
+        if _exchange(tmp, target):  # tmp now holds the old save
+            _fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = target.with_name(f".{target.name}.old-{_owner_tag()}-{threading.get_ident()}")
         os.replace(target, old)
         os.replace(tmp, target)
+        _fsync_dir(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
     _fsync_dir(target.parent)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2: Any = None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2``); False where that is unsupported."""
+    global _renameat2
+    if not sys.platform.startswith("linux"):
+        return False
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (OSError, AttributeError):  # pragma: no cover - old libc
+            _renameat2 = False
+    if _renameat2 is False:  # pragma: no cover
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # pragma: no cover - fs without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _owner_tag() -> str:
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def make_tmp_dir(target: Path) -> Path:
+    """A fresh hidden sibling of ``target`` to write a save into, after tidying up crashed saves.
+
+    Its name carries this host and pid, so leftovers of a killed save (``.name.tmp-host-pid-*`` and
+    ``.name.old-host-pid-*``) are removed by the next save once that process is gone.
+    """
+    recover_dir(target)
+    _remove_stale(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner_tag()}-", dir=target.parent))
+
+
+def _stale_siblings(target: Path, kind: str) -> list[Path]:
+    """Leftovers of saves into ``target`` by processes of this host that no longer run."""
+    host = _owner_tag().rsplit("-", 1)[0]
+    out = []
+    try:
+        siblings = list(target.parent.glob(f".{target.name}.{kind}-{host}-*"))
+    except OSError:  # pragma: no cover
+        return []
+    for p in siblings:
+        pid = p.name[len(f".{target.name}.{kind}-{host}-"):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            out.append(p)
+        except OSError:  # exists but not ours to signal: alive
+            pass
+    return out
+
+
+def _remove_stale(target: Path) -> None:
+    for kind in ("tmp", "old"):
+        for p in _stale_siblings(target, kind):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def recover_dir(target: Path) -> None:
+    """If a crash between the two renames of a non-atomic swap left ``target`` missing, restore it."""
+    if os.path.lexists(target):
+        return
+    olds = [p for p in _stale_siblings(target, "old") if (p / MANIFEST).is_file() or (p / "kvstore.json").is_file()]
+    if olds:
+        newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
+        try:
+            os.replace(newest, target)
+        except OSError:  # pragma: no cover - another process recovered it first
+            pass
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -343,6 +453,8 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        elif p.is_dir():  # a subdirectory's entries must be durable too (power loss, not only a kill)
+            _fsync_dir(p)
     _fsync_dir(directory)
 
 
@@ -357,18 +469,75 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def read_json(path: Path, what: str) -> Any:
+    """Parse a small JSON file written by memkit, refusing links, special files, huge or deeply nested input."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError as exc:
+        raise CorruptFileError(f"{path} is missing; was this {what} written by memkit?") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptFileError(f"{path} is a link or special file, not a regular file; refusing to read this {what}")
+    if st.st_size > MAX_JSON_BYTES:
+        raise CorruptFileError(f"{path} is {st.st_size} bytes, more than any {what} memkit writes "
+                               f"({MAX_JSON_BYTES}); the file is corrupted or crafted")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CorruptFileError(f"{path} is not valid JSON ({str(exc)[:200]}); the {what} is corrupted") from exc
+
+
+def verify_files(directory: Path, files: Any, where: Path, *, skip: tuple[str, ...] = (MANIFEST,)) -> None:
+    """Check that ``files`` ({relative path: {size, sha256}}) is exactly what ``directory`` holds.
+
+    Every listed file must be a regular file inside ``directory`` (no ``..``, absolute paths or symbolic
+    links on the way) with the recorded size and sha256, and no file or link may be present that the
+    manifest does not list: nothing reaches a native loader unverified.
+    """
+    if not isinstance(files, dict):
+        raise CorruptFileError(f"{where} field 'files' is missing or has the wrong type")
+    root = Path(directory)
+    listed: set[str] = set()
+    for rel, info in files.items():
+        parts = Path(rel).parts if isinstance(rel, str) else ()
+        if not parts or ".." in parts or Path(rel).is_absolute() or "\0" in rel or rel in skip:
+            raise CorruptFileError(f"{where} names a file outside the directory or a reserved name: {rel!r}")
+        p = root
+        for part in parts:
+            p = p / part
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError as exc:
+                raise CorruptFileError(f"{p} is missing; the save is incomplete") from exc
+            if stat.S_ISLNK(st.st_mode):
+                raise CorruptFileError(f"{p} is a symbolic link; a memkit save holds only regular files")
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptFileError(f"{p} is not a regular file; the save is corrupted")
+        if not isinstance(info, dict) or st.st_size != info.get("size"):
+            raise CorruptFileError(f"{p} has the wrong size (truncated?); the save is corrupted")
+        if _sha256(p) != info.get("sha256"):
+            raise CorruptFileError(f"{p} fails its checksum (bit flip or edit); the save is corrupted")
+        listed.add(Path(rel).as_posix())
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            if full.is_symlink():
+                raise CorruptFileError(f"{full} is a symbolic link; a memkit save holds only regular files")
+            if name in filenames and rel not in listed and rel not in skip:
+                raise CorruptFileError(f"{full} is not listed in {where.name}; the directory was modified after "
+                                       "it was saved, so it is refused")
+
+
 def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
     """Read and validate a bank manifest; with ``verify``, check every file's size and sha256."""
     directory = Path(path)
+    recover_dir(directory)
     mpath = directory / MANIFEST
     if not directory.is_dir():
         raise CorruptFileError(f"{str(directory)!r} is not a saved bank directory (it does not exist)")
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise CorruptFileError(f"{str(directory)!r} has no {MANIFEST}; was it written by bank.save()?")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{mpath} is not valid JSON ({exc}); the save is corrupted") from exc
+    manifest = read_json(mpath, "bank manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CorruptFileError(f"{mpath} is not a memkit bank manifest")
     if manifest.get("version") != FORMAT_VERSION:
@@ -377,21 +546,20 @@ def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[
             f"{FORMAT_VERSION}. Re-save the bank with a matching memkit version"
         )
     for key, kind in (("backend", str), ("dim", int), ("metric", str), ("params", dict), ("files", dict)):
-        if not isinstance(manifest.get(key), kind):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
             raise CorruptFileError(f"{mpath} field {key!r} is missing or has the wrong type")
-    if manifest["metric"] not in METRICS or manifest["dim"] <= 0:
-        raise CorruptFileError(f"{mpath} has an invalid dim or metric")
+    if manifest["metric"] not in METRICS or not 0 < manifest["dim"] <= MAX_DIM:
+        raise CorruptFileError(f"{mpath} has an invalid dim or metric (dim must be 1..{MAX_DIM})")
+    for key in ("count", "next_id"):
+        v = manifest.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**62:
+            raise CorruptFileError(f"{mpath} field {key!r} must be an integer in [0, 2**62), got {v!r}")
+    where = sorted(set(manifest["params"]) & LOCATION_PARAMS)
+    if where:
+        raise CorruptFileError(f"{mpath} sets {where}, which a saved bank never does (a crafted file could "
+                               "otherwise make loading connect or write elsewhere); refusing it")
     if verify:
-        for rel, info in manifest["files"].items():
-            p = directory / rel
-            if ".." in Path(rel).parts or Path(rel).is_absolute():
-                raise CorruptFileError(f"{mpath} names a file outside the bank directory: {rel!r}")
-            if not p.is_file():
-                raise CorruptFileError(f"{p} is missing; the saved bank is incomplete")
-            if not isinstance(info, dict) or p.stat().st_size != info.get("size"):
-                raise CorruptFileError(f"{p} has the wrong size (truncated?); the saved bank is corrupted")
-            if _sha256(p) != info.get("sha256"):
-                raise CorruptFileError(f"{p} fails its checksum (bit flip or edit); the saved bank is corrupted")
+        verify_files(directory, manifest["files"], mpath)
     return manifest
 
 
@@ -553,9 +721,11 @@ def load_bank(path: str | os.PathLike[str], *, mmap: bool = False) -> BaseBank:
         raise
     except Exception as exc:
         raise CorruptFileError(f"could not load bank from {str(directory)!r}: {exc}") from exc
-    if len(bank) != manifest.get("count", len(bank)):
-        raise CorruptFileError(
-            f"bank at {str(directory)!r} holds {len(bank)} vectors but its manifest says {manifest['count']}"
-        )
-    bank._next_id = int(manifest.get("next_id", 0))
+    n = len(bank)
+    if n != manifest.get("count", n):
+        bank.close()
+        raise CorruptFileError(f"bank at {str(directory)!r} holds {n} vectors but its manifest says {manifest['count']}")
+    ids = bank.ids()
+    # never below the largest stored id: an automatic id must not silently replace a stored vector
+    bank._next_id = max(int(manifest.get("next_id", 0)), int(ids[-1]) + 1 if len(ids) else 0)
     return bank

@@ -53,7 +53,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -416,11 +415,11 @@ class KVStore:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write every page (encoded) to directory ``path`` atomically: safetensors shards + kvstore.json."""
-        from memkit.bank import _replace_dir
+        from memkit.bank import _replace_dir, make_tmp_dir
 
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp = make_tmp_dir(target)
         try:
             self.save_into(tmp)
             _replace_dir(tmp, target)
@@ -479,7 +478,12 @@ class KVStore:
         try:
             for shard in meta["shards"]:
                 with safe_open(str(directory / shard["file"]), framework="np") as f:
-                    ids_all.append(np.asarray(f.get_tensor("ids"), np.int64))
+                    shard_ids = f.get_tensor("ids")
+                if shard_ids.dtype != np.int64 or shard_ids.ndim != 1:
+                    raise CorruptFileError(f"{shard['file']} holds ids that are not a 1-d int64 array")
+                ids_all.append(shard_ids)
+        except CorruptFileError:
+            raise
         except Exception as exc:
             raise CorruptFileError(f"could not read K/V pages in {directory}: {exc}") from exc
         order = np.concatenate(ids_all) if ids_all else np.empty(0, np.int64)

@@ -31,7 +31,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import threading
 import types
 from collections.abc import Sequence
@@ -43,7 +42,17 @@ import numpy as np
 import torch
 
 from memkit._arrays import as_vectors, check_k
-from memkit.bank import BaseBank, _replace_dir, _sha256, create_bank, file_digests, load_bank
+from memkit.bank import (
+    BaseBank,
+    _replace_dir,
+    create_bank,
+    file_digests,
+    load_bank,
+    make_tmp_dir,
+    read_json,
+    recover_dir,
+    verify_files,
+)
 from memkit.config import BankConfig, MemoryConfig
 from memkit.errors import (
     ConfigError,
@@ -400,7 +409,7 @@ class MemoryManager:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            tmp = make_tmp_dir(target)
             try:
                 (tmp / "pages").mkdir()
                 self.store.save_into(tmp / "pages")
@@ -455,13 +464,16 @@ class MemoryManager:
                 + "; load it into a model with the same layers, heads, head_dim, embedder and chunk_size")
         spaces: dict[str, _Namespace] = {}
         store = KVStore(self.config.kvstore, page_shape=self.page_shape, device=self.device)
+        seen: set[int] = set()  # chunk ids across namespaces: each belongs to exactly one
         try:
             store.load(directory / "pages")
             for entry in manifest["namespaces"]:
                 d = directory / str(entry["dir"])
                 meta = json.loads((d / "meta.json").read_text())
                 arrays = load_file(str(d / "meta.safetensors"))
-                ids, spans = arrays["ids"].astype(np.int64), arrays["spans"].astype(np.int64)
+                if set(arrays) != {"ids", "spans"} or any(a.dtype != np.int64 for a in arrays.values()):
+                    raise CorruptFileError(f"{d}/meta.safetensors must hold int64 'ids' and 'spans' only")
+                ids, spans = arrays["ids"].reshape(-1), arrays["spans"]
                 texts = meta["texts"]
                 if spans.shape != (len(ids), 2) or len(texts) != len(ids) or meta["name"] != entry["name"]:
                     raise CorruptFileError(f"{d}: ids, spans and texts disagree")
@@ -470,11 +482,16 @@ class MemoryManager:
                     raise CorruptFileError(f"{d}: bank does not hold exactly this namespace's chunks")
                 if not all(int(i) in store for i in ids):
                     raise CorruptFileError(f"{d}: K/V pages are missing for some chunks")
+                if seen.intersection(ids.tolist()) or len(np.unique(ids)) != len(ids):
+                    raise CorruptFileError(f"{d}: chunk ids repeat or are shared with another namespace")
+                seen.update(ids.tolist())
                 policy = self._policy()
                 if meta["policy"].get("name") == policy.name:
                     policy.load_state_dict(meta["policy"])
                     if isinstance(policy, RecencyFrequencyPolicy):  # this config's setting wins
                         policy.protect_recent = float(self.config.protect_recent)
+                    if set(policy.ids().tolist()) != set(ids.tolist()):
+                        raise CorruptFileError(f"{d}: the policy tracks other chunks than the namespace holds")
                 else:  # another policy was saved: replay the insertion order into this config's policy
                     policy.on_add(ids)
                 ns = _Namespace(str(entry["name"]), bank, policy)
@@ -483,6 +500,8 @@ class MemoryManager:
                 ns.tokens = int((spans[:, 1] - spans[:, 0]).sum()) if len(ids) else 0
                 ns.trace = list(meta.get("trace") or [])
                 spaces[ns.name] = ns
+            if len(store) != len(seen):
+                raise CorruptFileError(f"{directory}: the K/V store holds pages of no namespace")
         except MemkitError:
             store.close()
             raise
@@ -492,7 +511,8 @@ class MemoryManager:
         with self._lock:
             old_store, self.store = self.store, store
             self._ns = spaces
-            self._next_id = max(int(manifest["next_id"]), self._next_id)
+            # never below a stored id: a new chunk must not take over another chunk's pages
+            self._next_id = max(int(manifest["next_id"]), self._next_id, max(seen) + 1 if seen else 0)
             saved_counters = manifest.get("counters")
             if isinstance(saved_counters, dict):
                 self._counters = {k: int(saved_counters.get(k, 0)) for k in self._counters}
@@ -506,23 +526,27 @@ class MemoryManager:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
+    recover_dir(directory)
     mpath = directory / MANIFEST
-    if not mpath.is_file():
+    if not os.path.lexists(mpath):
         raise CorruptFileError(f"{str(directory)!r} has no {MANIFEST}; was it written by MemoryManager.save()?")
-    try:
-        m = json.loads(mpath.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{mpath} is not valid JSON ({exc})") from exc
+    m = read_json(mpath, "memory manifest")
     if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
         raise CorruptFileError(f"{mpath} is not a version-{FORMAT_VERSION} memkit memory; re-save it")
     if not (isinstance(m.get("dims"), dict) and isinstance(m.get("config"), dict) and isinstance(m.get("files"), dict)
-            and isinstance(m.get("namespaces"), list) and isinstance(m.get("next_id"), int)
-            and all(isinstance(e, dict) and re.fullmatch(r"ns-\d{5}", str(e.get("dir"))) for e in m["namespaces"])):
+            and isinstance(m.get("namespaces"), list) and _is_count(m.get("next_id"))
+            and all(_is_count(m["dims"].get(k), positive=True)
+                    for k in ("num_layers", "kv_heads", "head_dim", "embed_dim", "chunk_size"))
+            and all(isinstance(e, dict) and re.fullmatch(r"ns-\d{5}", str(e.get("dir"))) and isinstance(e.get("name"), str)
+                    for e in m["namespaces"])):
         raise CorruptFileError(f"{mpath} has missing or mistyped fields; the save is corrupted")
-    for rel, info in m["files"].items():
-        p = directory / rel
-        if ".." in Path(rel).parts or Path(rel).is_absolute() or not p.is_file():
-            raise CorruptFileError(f"{p} is missing or outside the memory directory; the save is incomplete")
-        if not isinstance(info, dict) or p.stat().st_size != info.get("size") or _sha256(p) != info.get("sha256"):
-            raise CorruptFileError(f"{p} fails its size/checksum check (truncated or edited); the save is corrupted")
+    names = [e["name"] for e in m["namespaces"]]
+    dirs = [e["dir"] for e in m["namespaces"]]
+    if len(set(names)) != len(names) or len(set(dirs)) != len(dirs):
+        raise CorruptFileError(f"{mpath} lists a namespace twice; the save is corrupted")
+    verify_files(directory, m["files"], mpath)
     return m
+
+
+def _is_count(v: Any, positive: bool = False) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and (1 if positive else 0) <= v < 2**62

@@ -142,9 +142,10 @@ class EvictionPolicy(ABC):
         with self._lock:
             backup, backup_params = self._state(), {p: getattr(self, p) for p in self.params}
             try:
-                for p, v in dict(state.get("params") or {}).items():
-                    if p in self.params:
-                        setattr(self, p, v)
+                saved = {p: v for p, v in dict(state.get("params") or {}).items() if p in self.params}
+                checked = type(self)(**saved) if saved else None  # validates the values (ConfigError if bad)
+                for p in saved:
+                    setattr(self, p, getattr(checked, p))
                 self._load_state(state)
             except (KeyError, TypeError, ValueError) as exc:
                 self._load_state(backup)
