@@ -129,6 +129,7 @@ class HnswlibBank(BaseBank):
             self._deleted.discard(label)
         if revive.any():
             self.index.add_items(vectors[revive], ids[revive], num_threads=self._threads())
+            self._ids.update(ids[revive].tolist())  # revived slots are live: not free for the capacity check
         fresh = ~revive
         if fresh.any():
             self._ensure_capacity(int(fresh.sum()))

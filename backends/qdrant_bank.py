@@ -202,6 +202,13 @@ class QdrantBank(BaseBank):
     # ------------------------------------------------------------------ save / load
     def _save_files(self, directory: Path) -> None:
         n = self._count()
+        if n == 0:  # numpy cannot memory-map an empty array: write the empty snapshot directly
+            np.save(directory / IDS_FILE, np.empty((0,), np.int64))
+            np.save(directory / VEC_FILE, np.empty((0, self.dim), np.float32))
+            info = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "count": 0,
+                    "distance": _distance(self.metric).value, "collection": self.collection}
+            (directory / INFO_FILE).write_text(json.dumps(info, indent=2))
+            return
         ids = np.lib.format.open_memmap(directory / IDS_FILE, mode="w+", dtype=np.int64, shape=(n,))
         vecs = np.lib.format.open_memmap(directory / VEC_FILE, mode="w+", dtype=np.float32, shape=(n, self.dim))
         at = 0

@@ -39,12 +39,7 @@ COUNTS: dict[str, list[int]] = {}  # backend -> [examples, steps]
 # Shrinking a failure can take minutes; set MEMKIT_FUZZ_SHRINK=1 to get the minimal failing sequence.
 PHASES = tuple(Phase) if os.environ.get("MEMKIT_FUZZ_SHRINK") else (Phase.explicit, Phase.reuse, Phase.generate)
 # Bugs this fuzzer found in backends being finished by their owners (reported; remove when fixed).
-KNOWN_BUGS = {
-    "hnswlib": "re-adding a live id together with a new id when the index is exactly full (e.g. right after "
-               "load_bank) raises RuntimeError 'exceeds the specified limit': _ensure_capacity counts the "
-               "revived slot as free",
-    "qdrant": "saving an empty qdrant bank raises ValueError (could not broadcast (0,) into (0, dim))",
-}
+KNOWN_BUGS: dict[str, str] = {}  # backend -> reason; empty: the hnswlib and qdrant bugs found here are fixed
 
 
 def _vectors(seed: int, n: int) -> np.ndarray:
