@@ -97,8 +97,18 @@ class _FaissBase(BaseBank):
     @classmethod
     def _load_files(cls, directory: Path, manifest: dict[str, Any], *, mmap: bool = False) -> BaseBank:
         bank = cls(dim=manifest["dim"], metric=manifest["metric"], **manifest["params"])
+        path = str(directory / INDEX_FILE)
+        if not mmap:
+            # Structural pre-pass: a memory-mapped read checks every declared size against the file's
+            # length, so a crafted size field fails here in milliseconds instead of making faiss
+            # allocate gigabytes in the real read below.
+            try:
+                probe = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
+            except RuntimeError as exc:
+                raise CorruptFileError(f"{path} is not a valid faiss index: {str(exc).splitlines()[0]}") from exc
+            del probe
         flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0  # IFC: memory-map flat codes instead of reading them
-        index = faiss.read_index(str(directory / INDEX_FILE), flags)
+        index = faiss.read_index(path, flags)
         if index.d != bank.dim:
             raise CorruptFileError(f"index in {directory} has dim {index.d}, manifest says {bank.dim}")
         bank.index = index  # read_index already returns the concrete class; keep this owner alive
