@@ -27,7 +27,7 @@ from typing import Any
 
 from memkit.errors import InvalidInputError, MissingDependencyError
 
-__all__ = ["load_smollm2", "load_model", "converted_dir", "WEIGHT_PATTERNS"]
+__all__ = ["load_smollm2", "load_model", "resolve_model_path", "converted_dir", "WEIGHT_PATTERNS"]
 
 # File patterns that count as model weights in a local HF folder.
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
@@ -123,6 +123,35 @@ def load_smollm2(dtype: Any = "float32", device: str = "cpu") -> tuple[Any, Any]
     return _load_hf_folder(_convert_gguf(smollm2_gguf()), dtype, device)
 
 
+def resolve_model_path(path: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
+    """Check a ``--model`` argument without loading anything: ("smollm2", None), ("hf", folder) or
+    ("gguf", file). Raises :class:`InvalidInputError` saying what is missing."""
+    if path is None or str(path) == "":
+        return "smollm2", None
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InvalidInputError(f"model path {str(p)!r} does not exist; pass a local HF model folder or a .gguf file")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise InvalidInputError(f"model file {str(p)!r} is not a .gguf file; pass a folder or a .gguf file")
+        return "gguf", p
+    has_config = (p / "config.json").is_file()
+    hf_weights = [f for pat in WEIGHT_PATTERNS[:2] for f in p.glob(pat)]
+    ggufs = sorted(p.glob("*.gguf"))
+    if has_config and hf_weights:
+        return "hf", p
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    if len(ggufs) > 1:
+        names = ", ".join(g.name for g in ggufs)
+        raise InvalidInputError(f"model folder {str(p)!r} holds several GGUF files ({names}); pass one file")
+    if hf_weights and not has_config:
+        raise InvalidInputError(f"model folder {str(p)!r} has weights but no config.json")
+    raise InvalidInputError(
+        f"model folder {str(p)!r} has no model weights (no *.safetensors, pytorch_model.bin or *.gguf file)"
+    )
+
+
 def load_model(path: str | os.PathLike[str] | None = None, *, dtype: Any = "float32",
                device: str = "cpu") -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a local path, for ``--model`` arguments.
@@ -132,27 +161,10 @@ def load_model(path: str | os.PathLike[str] | None = None, *, dtype: Any = "floa
     ``.gguf`` file. GGUF files are converted once and cached like SmolLM2. A path that does not
     exist, or a folder without weights, raises :class:`InvalidInputError` saying what is missing.
     """
-    if path is None or str(path) == "":
+    kind, p = resolve_model_path(path)
+    if kind == "smollm2":
         return load_smollm2(dtype=dtype, device=device)
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise InvalidInputError(f"model path {str(p)!r} does not exist; pass a local HF model folder or a .gguf file")
-    if p.is_file():
-        if p.suffix != ".gguf":
-            raise InvalidInputError(f"model file {str(p)!r} is not a .gguf file; pass a folder or a .gguf file")
+    assert p is not None
+    if kind == "gguf":
         return _load_hf_folder(_convert_gguf(p), dtype, device)
-    has_config = (p / "config.json").is_file()
-    hf_weights = [f for pat in WEIGHT_PATTERNS[:2] for f in p.glob(pat)]
-    ggufs = sorted(p.glob("*.gguf"))
-    if has_config and hf_weights:
-        return _load_hf_folder(p, dtype, device)
-    if len(ggufs) == 1:
-        return _load_hf_folder(_convert_gguf(ggufs[0]), dtype, device)
-    if len(ggufs) > 1:
-        names = ", ".join(g.name for g in ggufs)
-        raise InvalidInputError(f"model folder {str(p)!r} holds several GGUF files ({names}); pass one file")
-    if hf_weights and not has_config:
-        raise InvalidInputError(f"model folder {str(p)!r} has weights but no config.json")
-    raise InvalidInputError(
-        f"model folder {str(p)!r} has no model weights (no *.safetensors, pytorch_model.bin or *.gguf file)"
-    )
+    return _load_hf_folder(p, dtype, device)

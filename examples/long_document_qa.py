@@ -1,0 +1,43 @@
+"""Ask a question about a long document: a whole Shakespeare play read into memory.
+
+The play (tens of thousands of tokens, several times the model's 8k positions) is ingested into
+memkit's chunk memory; then a question is asked. Retrieval finds the passage that holds the answer
+(the trace shows which chunks came back) and the model answers from it.
+
+    python examples/long_document_qa.py
+    python examples/long_document_qa.py --play othello --question "Who is Iago?" --prefix "Iago is"
+"""
+
+import argparse
+import time
+
+import torch
+
+import memkit
+from memkit.corpora import play_text
+from memkit.models import load_smollm2
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+parser.add_argument("--play", default="hamlet", help="play name from the shakespeare package (default: hamlet)")
+parser.add_argument("--question", default="In the list of persons represented, who is Polonius?",
+                    help="the question")
+parser.add_argument("--prefix", default="Polonius is the", help="start of the answer the model continues")
+parser.add_argument("--max-tokens", type=int, default=None, help="read only the first N tokens of the play")
+args = parser.parse_args()
+
+hf_model, tok = load_smollm2()
+model = memkit.wrap(hf_model, tokenizer=tok)
+
+ids = tok(play_text(args.play), add_special_tokens=False)["input_ids"][: args.max_tokens]
+t0 = time.perf_counter()
+info = model.memory.ingest(ids)                      # progress bar; the whole play becomes chunk memory
+print(f"read {info['tokens']} tokens of {args.play} into {info['chunks_added']} chunks "
+      f"in {time.perf_counter() - t0:.0f}s")
+
+prompt = f"\n\nQuestion: {args.question}\nAnswer: {args.prefix}"
+q = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+out = model.generate(q, attention_mask=torch.ones_like(q), max_new_tokens=16, do_sample=False)
+print(f"Q: {args.question}\nA: {args.prefix}{tok.decode(out[0, q.shape[1]:], skip_special_tokens=True)}")
+print("\nretrieved passages:")
+for t in model.memory.trace():
+    print(f"  tokens {t['span'][0]:>6}-{t['span'][1]:<6} score {t['score']:.3f}  {' '.join(t['text'].split())[:80]}")

