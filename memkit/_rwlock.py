@@ -36,7 +36,7 @@ class RWLock:
         finally:
             with self._cond:
                 self._readers -= 1
-                if self._readers == 0:
+                if self._readers == 0 and self._writers_waiting:  # only a waiting writer cares
                     self._cond.notify_all()
 
     @contextmanager

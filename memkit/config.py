@@ -172,7 +172,9 @@ class MemoryConfig(_ConfigBase):
     top_k: int = 8  # chunks retrieved per block: 8 closed ~62% of the perplexity gap in our prototype; 0 = window-only
     window: int = 512  # local window of recent tokens attended exactly
     block_size: int = 512  # tokens processed per forward; larger blocks amortise retrieval
-    sink_tokens: int = 4  # first tokens always attended; without them perplexity roughly doubles
+    sink_tokens: int = 128  # first tokens always attended (as InfLLM's 128 initial tokens): 4 keep perplexity
+    # calibrated (without any it doubles), 128 also keep a prompt's opening instruction visible; with 4 the
+    # passkey failed at 4k, with 128 it passed (integrations measurements). Must be <= chunk_size.
     memory_layers: LayerSpec = "upper_half"  # layers whose K/V are stored: ~75% of all-layer benefit
     retrieval_layers: LayerSpec = None  # layers attending memory; None = the memory layers
     position_scheme: str = "contiguous"  # memory placed just before the window: keeps distances < 8k
@@ -181,7 +183,8 @@ class MemoryConfig(_ConfigBase):
     policy: str = "recency_frequency"  # MemLong's dynamic update, run for real
     capacity_tokens: int | None = None  # None = unbounded (bounded by the K/V store budgets)
     protect_recent: float = 0.5  # recency_frequency: newest fraction never evicted
-    gate_init: float = 0.0  # longmem: gate logit; sigmoid(0)=0.5 mix of memory and local attention
+    gate_init: float = -8.0  # longmem: gate logit; sigmoid(-8)=3e-4, so untrained memory changes ~nothing
+    longmem_positions: str = "none"  # longmem: "none" = memory keys un-rotated (LongMem); "scheme" = position_scheme
     sidenet: bool = False  # longmem: add the trainable residual SideNet
     longmem_layer: int | None = None  # longmem: memory-augmented layer; None = about 2/3 of depth
     longmem_chunk: int = 4  # longmem: tokens per memory chunk (the paper's value)
@@ -197,6 +200,7 @@ class MemoryConfig(_ConfigBase):
         _check_choice("MemoryConfig.position_scheme", self.position_scheme, POSITION_SCHEMES)
         _check_choice("MemoryConfig.policy", self.policy, POLICIES)
         _check_choice("MemoryConfig.retriever", self.retriever, ("auto", "text", "keys"))
+        _check_choice("MemoryConfig.longmem_positions", self.longmem_positions, ("none", "scheme"))
         for name in ("chunk_size", "window", "block_size", "longmem_chunk", "longmem_tokens"):
             _check_positive(f"MemoryConfig.{name}", getattr(self, name))
         _check_positive("MemoryConfig.top_k", self.top_k, allow_zero=True)

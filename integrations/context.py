@@ -1,0 +1,307 @@
+"""Per-call attention context: sinks, retrieved memory, local window, and the block being processed.
+
+For every block (or decode step) the attended context of a row is, in this order,
+
+    [ sinks (first S tokens) | retrieved chunks (retrieval layers only) | window (recent tokens) | block ]
+
+and nothing else. Sinks are StreamingLLM's attention sinks (Xiao et al. 2023): the first few tokens stay
+visible forever, which keeps the softmax calibrated (our prototype: perplexity doubles without them).
+Retrieved chunks follow MemLong (Liu et al. 2024): chunk-level K/V, put back in time order. The window holds
+the most recent ``window`` to ``window + chunk_size - 1`` tokens: tokens leave it one whole chunk at a time,
+and each chunk that leaves goes to memory (InfLLM-style offloading, Xiao et al. 2024).
+
+All stored keys are position-free (see :mod:`positions`). Buffers are right-aligned per row (the newest
+token of every row is in the last column; a row with fewer tokens has invalid leading columns), so left
+padding and rows of different lengths need no special case. Shapes: B rows, H K/V heads, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Layout", "CallState", "Evicted"]
+
+
+@dataclass
+class Layout:
+    """Positions and masks of one step, shared by all layers."""
+
+    T: int
+    blk_valid: torch.Tensor  # (B, T) bool
+    blk_pos: torch.Tensor  # (B, T) long, the position_ids given to the model
+    sink_pos: torch.Tensor  # (B, S) long
+    mem_pos: torch.Tensor  # (B, M) long
+    win_pos: torch.Tensor  # (B, Wb) long
+    mask_local: torch.Tensor  # (B, 1, T, S + Wb + T) bool, True = attend
+    mask_mem: torch.Tensor  # (B, 1, T, S + M + Wb + T) bool
+    pos_local: torch.Tensor  # (B, S + Wb + T) key positions, for sliding-window layers
+    pos_mem: torch.Tensor  # (B, S + M + Wb + T)
+    _sliding: dict[tuple[bool, int], torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, with_memory: bool, sliding_window: int | None) -> torch.Tensor:
+        base = self.mask_mem if with_memory else self.mask_local
+        if not sliding_window:
+            return base
+        key = (with_memory, int(sliding_window))
+        if key not in self._sliding:
+            kpos = self.pos_mem if with_memory else self.pos_local  # (B, K)
+            near = (self.blk_pos[:, :, None] - kpos[:, None, :]) < int(sliding_window)  # (B, T, K)
+            self._sliding[key] = base & near[:, None]
+        return self._sliding[key]
+
+
+@dataclass
+class Evicted:
+    """Chunks that left the window in one commit, for one row."""
+
+    row: int
+    keys: torch.Tensor  # (n, L_mem, H, C, D) position-free
+    values: torch.Tensor  # (n, L_mem, H, C, D)
+    ids: torch.Tensor  # (n, C) token ids
+    spans: torch.Tensor  # (n, 2) token [start, end) in the row's real-token numbering
+    retr_keys: torch.Tensor | None  # (n, H, C, D) keys of the retriever layer ("keys" retriever)
+
+
+def _right_align(valid: torch.Tensor) -> torch.Tensor | None:
+    """Column order (B, N) that moves each row's valid entries to the right, stable; None if already so."""
+    # Already right-aligned iff valid is non-decreasing along each row.
+    if valid.shape[1] < 2 or bool((valid[:, 1:] >= valid[:, :-1]).all()):
+        return None
+    return torch.sort(valid.to(torch.int8), dim=1, stable=True).indices
+
+
+def _gather_cols(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """x (B, ..., N, D?) reordered along its time axis by order (B, N)."""
+    if x.dim() == 2:  # (B, N)
+        return torch.gather(x, 1, order)
+    b, h, n, d = x.shape  # (B, H, N, D)
+    idx = order[:, None, :, None].expand(b, h, n, d)
+    return torch.gather(x, 2, idx)
+
+
+class CallState:
+    """Buffers of one call (forward, generate or ingest): window, sinks, retrieved memory, pending K/V."""
+
+    def __init__(self, *, batch: int, num_layers: int, sink_tokens: int, window: int, chunk_size: int,
+                 memory_layers: list[int], retriever_layer: int | None, device: torch.device) -> None:
+        self.B, self.L, self.S, self.W, self.C = batch, num_layers, sink_tokens, window, chunk_size
+        self.memory_layers = memory_layers
+        self.retriever_layer = retriever_layer
+        self.device = device
+        self.n_real = torch.zeros(batch, dtype=torch.long)  # real tokens committed per row (CPU)
+        self.win_valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # (B, Wb)
+        self.win_ids = torch.zeros(batch, 0, dtype=torch.long, device=device)  # (B, Wb)
+        self.win_k: list[torch.Tensor | None] = [None] * num_layers  # (B, H, Wb, D) position-free
+        self.win_v: list[torch.Tensor | None] = [None] * num_layers
+        self.sink_valid = torch.zeros(batch, sink_tokens, dtype=torch.bool, device=device)  # (B, S)
+        self.sink_k: list[torch.Tensor | None] = [None] * num_layers  # (B, H, S, D)
+        self.sink_v: list[torch.Tensor | None] = [None] * num_layers
+        # Retrieved memory of the current step, per stored (memory) layer index: (B, H, M, D) position-free.
+        self.mem_k: dict[int, torch.Tensor] = {}
+        self.mem_v: dict[int, torch.Tensor] = {}
+        self.mem_valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # (B, M)
+        self.mem_true_pos = torch.zeros(batch, 0, dtype=torch.long, device=device)  # (B, M) original positions
+        self.mem_ids: list[list[int]] = [[] for _ in range(batch)]
+        # Group-averaged position-free queries of the last C tokens at the retriever layer ("keys" retriever).
+        self.q_tail: torch.Tensor | None = None  # (B, H, C', D)
+        self.q_tail_valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.pending_k: dict[int, torch.Tensor] = {}  # this step's keys (B, H, T, D), position-free
+        self.pending_v: dict[int, torch.Tensor] = {}
+        self.pending_q: torch.Tensor | None = None  # (B, H, T, D) at the retriever layer
+        self.layout: Layout | None = None
+        self.blk_ids: torch.Tensor | None = None  # (B, T)
+        self.cols = 0  # columns (tokens incl. padding) processed so far in this call
+        self.last_retrieval_col = -(10**12)
+
+    # ----------------------------------------------------------------- layout of one step
+    def counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(s, M, w): valid sinks, retrieved memory tokens and window tokens per row, each (B,) long."""
+        return (self.sink_valid.sum(1), self.mem_valid.sum(1), self.win_valid.sum(1))
+
+    def build_layout(self, blk_valid: torch.Tensor, scheme: str, *, include_memory_in_positions: bool) -> Layout:
+        """Assign positions to sinks, memory, window and block (B, T) and build the step's masks."""
+        dev = self.device
+        B, T = blk_valid.shape
+        S, Wb, M = self.S, self.win_valid.shape[1], self.mem_valid.shape[1]
+        s, m, w = self.counts()
+        if not include_memory_in_positions:
+            m = torch.zeros_like(m)
+        ar_s = torch.arange(S, device=dev).expand(B, S)
+        ar_m = torch.arange(M, device=dev).expand(B, M)
+        win_off = torch.arange(Wb, device=dev)[None, :] - (Wb - w)[:, None]  # (B, Wb) index inside the window
+        blk_off = blk_valid.long().cumsum(1) - 1  # (B, T)
+        if scheme == "original":
+            n = self.n_real.to(dev)
+            sink_pos = ar_s
+            mem_pos = self.mem_true_pos
+            win_pos = (n - w)[:, None] + win_off
+            blk_pos = n[:, None] + blk_off
+        else:
+            sink_pos = ar_s
+            if scheme == "zero":
+                mem_pos = torch.zeros(B, M, dtype=torch.long, device=dev)
+                start = s
+            else:  # contiguous
+                mem_pos = s[:, None] + ar_m
+                start = s + m
+            win_pos = start[:, None] + win_off
+            blk_pos = (start + w)[:, None] + blk_off
+        win_pos = win_pos.clamp_min(0)
+        blk_pos = blk_pos.clamp_min(0)
+        ctx_local = torch.cat([self.sink_valid, self.win_valid], 1)  # (B, S + Wb)
+        ctx_mem = torch.cat([self.sink_valid, self.mem_valid, self.win_valid], 1)  # (B, S + M + Wb)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        eye = torch.eye(T, dtype=torch.bool, device=dev)
+        blk = (causal[None] & blk_valid[:, None, :]) | eye[None]  # (B, T, T): pad queries see themselves
+        mask_local = torch.cat([ctx_local[:, None, :].expand(B, T, -1), blk], 2)[:, None]  # (B, 1, T, K)
+        mask_mem = torch.cat([ctx_mem[:, None, :].expand(B, T, -1), blk], 2)[:, None]
+        return Layout(
+            T=T, blk_valid=blk_valid, blk_pos=blk_pos, sink_pos=sink_pos, mem_pos=mem_pos, win_pos=win_pos,
+            mask_local=mask_local, mask_mem=mask_mem,
+            pos_local=torch.cat([sink_pos, win_pos, blk_pos], 1),
+            pos_mem=torch.cat([sink_pos, mem_pos, win_pos, blk_pos], 1),
+        )
+
+    # ----------------------------------------------------------------- memory of the step
+    def set_memory(self, mem_k: dict[int, torch.Tensor], mem_v: dict[int, torch.Tensor], valid: torch.Tensor,
+                   true_pos: torch.Tensor, ids: list[list[int]]) -> None:
+        self.mem_k, self.mem_v, self.mem_valid, self.mem_true_pos, self.mem_ids = mem_k, mem_v, valid, true_pos, ids
+
+    # ----------------------------------------------------------------- retrieval queries
+    def query_ids(self, n: int, include_block: bool) -> list[list[int]]:
+        """Token ids of the last ``n`` tokens each row may use as its retrieval query."""
+        ids, valid = self.win_ids, self.win_valid
+        if include_block and self.blk_ids is not None and self.layout is not None:
+            ids = torch.cat([ids, self.blk_ids.to(ids.device)], 1)
+            valid = torch.cat([valid, self.layout.blk_valid], 1)
+        out = []
+        for r in range(self.B):
+            row = ids[r][valid[r]]
+            out.append(row[-n:].tolist())
+        return out
+
+    def query_vectors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mean position-free query (B, H*D) over the last C tokens at the retriever layer, and row validity."""
+        if self.q_tail is None:
+            return None
+        valid = self.q_tail_valid  # (B, C')
+        cnt = valid.sum(1)  # (B,)
+        wsum = (self.q_tail.float() * valid[:, None, :, None]).sum(2)  # (B, H, D)
+        mean = wsum / cnt.clamp_min(1)[:, None, None]
+        return mean.reshape(self.B, -1), cnt > 0
+
+    # ----------------------------------------------------------------- commit after a step
+    def commit(self, blk_ids: torch.Tensor) -> list[Evicted]:
+        """Append the step's pending K/V to the window, evict whole chunks beyond ``window``; return them."""
+        layout = self.layout
+        assert layout is not None
+        blk_valid = layout.blk_valid
+        valid = torch.cat([self.win_valid, blk_valid], 1)  # (B, Wb + T)
+        ids = torch.cat([self.win_ids, torch.where(blk_valid, blk_ids.to(self.device), -1)], 1)
+        order = _right_align(valid)
+        if order is not None:
+            valid, ids = _gather_cols(valid, order), _gather_cols(ids, order)
+        for layer in range(self.L):
+            k_new, v_new = self.pending_k.pop(layer), self.pending_v.pop(layer)  # (B, H, T, D)
+            k_old, v_old = self.win_k[layer], self.win_v[layer]
+            k = k_new if k_old is None else torch.cat([k_old, k_new], 2)
+            v = v_new if v_old is None else torch.cat([v_old, v_new], 2)
+            if order is not None:
+                k, v = _gather_cols(k, order), _gather_cols(v, order)
+            self.win_k[layer], self.win_v[layer] = k, v
+        if self.pending_q is not None:
+            self._update_q_tail(self.pending_q, blk_valid)
+            self.pending_q = None
+        self.win_valid, self.win_ids = valid, ids
+        self.n_real += blk_valid.sum(1).cpu()
+        self.cols += blk_valid.shape[1]
+        return self._evict(self.W)
+
+    def flush(self) -> list[Evicted]:
+        """Put everything left in the window into memory: whole chunks, plus the last ``chunk_size`` tokens.
+
+        Used by ``ingest`` so the whole document ends up in memory. When the window length is not a multiple
+        of ``chunk_size`` the final chunk overlaps the one before it. A row with fewer than ``chunk_size``
+        tokens in total stores nothing (pages have a fixed size); the caller warns.
+        """
+        w = self.win_valid.sum(1)
+        Wb = self.win_valid.shape[1]
+        tails = [self._chunk_from_cols(r, Wb - self.C, 1) for r in range(self.B)
+                 if int(w[r]) >= self.C and int(w[r]) % self.C]
+        return self._evict(0) + tails
+
+    def _update_q_tail(self, q: torch.Tensor, blk_valid: torch.Tensor) -> None:
+        q_all = q if self.q_tail is None else torch.cat([self.q_tail, q], 2)
+        v_all = torch.cat([self.q_tail_valid, blk_valid], 1)
+        order = _right_align(v_all)
+        if order is not None:
+            q_all, v_all = _gather_cols(q_all, order), _gather_cols(v_all, order)
+        self.q_tail, self.q_tail_valid = q_all[:, :, -self.C:], v_all[:, -self.C:]
+
+    def _chunk_from_cols(self, r: int, start: int, n: int) -> Evicted:
+        """Row r's ``n`` chunks starting at window column ``start`` (columns must be valid)."""
+        C = self.C
+        stop = start + n * C
+        ks = torch.stack([self.win_k[l][r, :, start:stop] for l in self.memory_layers], 0)  # (L_mem, H, nC, D)
+        vs = torch.stack([self.win_v[l][r, :, start:stop] for l in self.memory_layers], 0)
+        Lm, H, _, D = ks.shape
+        ks = ks.reshape(Lm, H, n, C, D).permute(2, 0, 1, 3, 4)  # (n, L_mem, H, C, D)
+        vs = vs.reshape(Lm, H, n, C, D).permute(2, 0, 1, 3, 4)
+        rk = None
+        if self.retriever_layer is not None:
+            rk = self.win_k[self.retriever_layer][r, :, start:stop]  # (H, nC, D)
+            rk = rk.reshape(H, n, C, D).permute(1, 0, 2, 3)  # (n, H, C, D)
+        ids = self.win_ids[r, start:stop].reshape(n, C).clone()
+        w_r = int(self.win_valid[r].sum())
+        first = int(self.n_real[r]) - w_r + (start - (self.win_valid.shape[1] - w_r))  # token index of column start
+        spans = torch.stack([torch.arange(n) * C + first, torch.arange(n) * C + first + C], 1)
+        return Evicted(row=r, keys=ks, values=vs, ids=ids, spans=spans, retr_keys=rk)
+
+    def _copy_sinks(self, r: int, start_col: int, first_tok: int, count: int) -> None:
+        """Copy window columns holding tokens [first_tok, first_tok+count) ∩ [0, S) into the sink buffers."""
+        lo, hi = first_tok, min(first_tok + count, self.S)
+        if lo >= hi:
+            return
+        c0 = start_col + (lo - first_tok)
+        for layer in range(self.L):
+            k, v = self.win_k[layer], self.win_v[layer]
+            if self.sink_k[layer] is None:
+                b, h, _, d = k.shape
+                self.sink_k[layer] = k.new_zeros(b, h, self.S, d)
+                self.sink_v[layer] = v.new_zeros(b, h, self.S, d)
+            self.sink_k[layer][r, :, lo:hi] = k[r, :, c0:c0 + hi - lo]
+            self.sink_v[layer][r, :, lo:hi] = v[r, :, c0:c0 + hi - lo]
+        self.sink_valid[r, lo:hi] = True
+
+    def _evict(self, keep: int) -> list[Evicted]:
+        w = self.win_valid.sum(1)  # (B,)
+        n_ev = ((w - keep) // self.C).clamp_min(0)
+        if not bool((n_ev > 0).any()):
+            return []
+        Wb = self.win_valid.shape[1]
+        out = []
+        for r in range(self.B):
+            n = int(n_ev[r])
+            if n == 0:
+                continue
+            start = Wb - int(w[r])
+            ev = self._chunk_from_cols(r, start, n)
+            self._copy_sinks(r, start, int(ev.spans[0, 0]), n * self.C)
+            out.append(ev)
+            self.win_valid[r, start:start + n * self.C] = False
+            self.win_ids[r, start:start + n * self.C] = -1
+        keep_cols = int(self.win_valid.sum(1).max())
+        self.win_valid = self.win_valid[:, Wb - keep_cols:]
+        self.win_ids = self.win_ids[:, Wb - keep_cols:]
+        for layer in range(self.L):
+            self.win_k[layer] = self.win_k[layer][:, :, Wb - keep_cols:]
+            self.win_v[layer] = self.win_v[layer][:, :, Wb - keep_cols:]
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        s, m, w = self.counts()
+        return {"sinks": s.tolist(), "memory_tokens": m.tolist(), "window": w.tolist(),
+                "tokens": self.n_real.tolist()}
