@@ -29,7 +29,8 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
-	$(PY) -m memkit.cli demo
+	# 16k tokens: twice the model's 8k positions, a few minutes on 2 cores; `memkit demo --tokens 80k` for the long run
+	$(PY) -m memkit.cli demo --tokens 16k
 
 bench: setup
 	$(PY) -m memkit.cli bench all

@@ -491,13 +491,18 @@ class DiskBank(BaseBank):
     @classmethod
     def _load_files(cls, directory: Path, manifest: dict[str, Any], *, mmap: bool = False) -> BaseBank:
         dim, metric, params = manifest["dim"], manifest["metric"], dict(manifest["params"])
+        unknown = sorted(set(params) - {"block_rows"})
+        block_rows = params.get("block_rows", 16384)
+        if unknown or isinstance(block_rows, bool) or not isinstance(block_rows, int) or not 1 <= block_rows <= 1 << 22:
+            raise CorruptFileError(f"{directory} manifest has invalid disk parameters {params!r}")
         for name in (DB_FILE, VEC_FILE, IDS_FILE):
             if not (directory / name).is_file():
                 raise CorruptFileError(f"{directory / name} is missing; the saved disk bank is incomplete")
         if mmap:  # read-only view of the saved directory itself, nothing copied or written
             bank = cls.__new__(cls)
             BaseBank.__init__(bank, dim=dim, metric=metric)
-            bank._setup(directory, int(params.get("block_rows", 16384)), read_only=True)
+            bank._setup(directory, int(block_rows), read_only=True)
+            bank._verify_saved(directory)
             return bank
         tmp = tempfile.mkdtemp(prefix="memkit-disk-")
         try:
@@ -508,4 +513,33 @@ class DiskBank(BaseBank):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         bank._h.tmpdir = tmp  # a private copy: removed on close()
+        bank._verify_saved(directory)
         return bank
+
+    def _verify_saved(self, directory: Path) -> None:
+        """A loaded save must agree with itself: every id's row in range, the row file naming that id,
+        and every live vector finite. O(n) once per load, streamed in blocks (like the sha256 check)."""
+        try:
+            with self._db_lock:
+                pairs = np.asarray(self._h.conn.execute("SELECT id, row FROM rows").fetchall(), np.int64).reshape(-1, 2)
+            n_rows = self._n_rows
+            saved_ids = directory / IDS_FILE  # the save itself, not the copy that opening may have repaired
+            if saved_ids.stat().st_size < n_rows * 8:
+                raise CorruptFileError(f"{saved_ids} is shorter than the {n_rows} committed rows")
+            ids_file = np.memmap(saved_ids, dtype=np.int64, mode="r", shape=(n_rows,)) if n_rows else np.empty(0)
+            if len(pairs):
+                rows = pairs[:, 1]
+                if rows.min() < 0 or rows.max() >= n_rows or len(np.unique(rows)) != len(rows):
+                    raise CorruptFileError(f"{directory}: the database maps ids to rows outside the vector file")
+                if not np.array_equal(np.asarray(ids_file[rows]), pairs[:, 0]):
+                    raise CorruptFileError(f"{directory}: the row-id file disagrees with the database")
+                vecs = np.memmap(self.path / VEC_FILE, dtype=np.float32, mode="r", shape=(n_rows, self.dim))
+                order = np.sort(rows)
+                for start in range(0, len(order), self.block_rows):
+                    if not np.isfinite(vecs[order[start:start + self.block_rows]]).all():
+                        raise CorruptFileError(f"{directory}: stored vectors contain NaN or inf")
+                del vecs
+            del ids_file
+        except BaseException:
+            self.close()
+            raise
