@@ -1,0 +1,131 @@
+"""memkit.train for both styles: only memkit's parameters change, loss falls, save/load, HF Trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import memkit
+from memkit.testing.tiny_models import one_thread, tiny_model
+
+LONGMEM = dict(style="longmem", window=32, chunk_size=8, block_size=16, sink_tokens=2, longmem_chunk=4,
+               longmem_tokens=8, progress=False)
+MEMLONG = dict(style="memlong", window=32, chunk_size=8, block_size=16, sink_tokens=2, top_k=2, memory_layers=[1],
+               retrieval_layers=[2, 3], retriever="keys", progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # type: ignore[no-untyped-def]
+    with one_thread():
+        yield
+
+
+def _doc(n: int = 160, seed: int = 0) -> torch.Tensor:
+    # a repetitive document: what was read earlier predicts what comes later, so memory can help
+    base = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(seed))
+    return base.repeat(n // 40 + 1)[:n]
+
+
+def _backbone(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def test_longmem_sidenet_trains_only_memkit_parameters(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    before = _backbone(model)
+    wrapped = memkit.wrap(model, **LONGMEM, sidenet=True)
+    doc = _doc()
+    with torch.no_grad():
+        loss0 = float(wrapped(doc[None], labels=doc[None]).loss)
+    wrapped.memory.reset()
+    res = memkit.train(wrapped, [doc], steps=12, segment_len=80, lr=3e-3, gate_lr=0.5)
+    assert res.steps == 12 and res.trainable > 0 and len(res.losses) == 12
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # the backbone is frozen
+    assert float(wrapped.memkit_modules["sidenet"].scales.detach().abs().sum()) > 0
+    assert not torch.allclose(wrapped.memkit_modules["gate"].logits.detach(), torch.full((4,), -8.0))
+    with torch.no_grad():
+        loss1 = float(wrapped(doc[None], labels=doc[None]).loss)
+    assert loss1 < loss0
+
+    # save_pretrained writes only memkit's config + weights; from_pretrained restores the same model
+    wrapped.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["memkit_config.json", "memkit_training.json", "memkit_weights.safetensors"]
+    side = sum(p.numel() for p in wrapped.memkit_modules.parameters())
+    assert (tmp_path / "memkit_weights.safetensors").stat().st_size < 4 * side + 65536
+    wrapped.memory.reset()
+    with torch.no_grad():
+        ref = wrapped(doc[None], all_logits=True).logits
+    memkit.unwrap(wrapped)
+    again = memkit.from_pretrained(tiny_model("llama"), tmp_path)
+    with torch.no_grad():
+        out = again(doc[None], all_logits=True).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_memlong_lora_on_retrieval_layers(tmp_path: Path) -> None:
+    model = tiny_model("qwen2")
+    before = _backbone(model)
+    wrapped = memkit.wrap(model, **MEMLONG)
+    doc = _doc(seed=1)
+    with torch.no_grad():
+        loss0 = float(wrapped(doc[None], labels=doc[None]).loss)
+    wrapped.memory.reset()
+    res = memkit.train(wrapped, [doc], steps=10, segment_len=80, lr=5e-3, lora={"r": 4, "alpha": 8})
+    lora = {n for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(".layers.2." in n or ".layers.3." in n for n in lora)  # retrieval layers only
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, before[n.replace(".base_layer", "")]), n
+    assert res.trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    with torch.no_grad():
+        loss1 = float(wrapped(doc[None], labels=doc[None]).loss)
+    assert loss1 < loss0
+    wrapped.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "memkit_training.json").read_text())
+    assert meta["lora"]["r"] == 4
+    wrapped.memory.reset()
+    with torch.no_grad():
+        ref = wrapped(doc[None], all_logits=True).logits
+    memkit.unwrap(wrapped)
+    again = memkit.from_pretrained(tiny_model("qwen2"), tmp_path)
+    with torch.no_grad():
+        out = again(doc[None], all_logits=True).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_trainer_runs_on_a_wrapped_model(tmp_path: Path) -> None:
+    from memkit.integrations.training import prepare_for_training
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("llama")
+    wrapped = memkit.wrap(model, **LONGMEM)
+    params = prepare_for_training(wrapped)
+    assert [p for p in wrapped.parameters() if p.requires_grad] == params
+    doc = _doc(64)
+    data = [{"input_ids": doc, "labels": doc} for _ in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=1, max_steps=2,
+                             learning_rate=0.5, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    gate0 = wrapped.memkit_modules["gate"].logits.detach().clone()
+    Trainer(model=wrapped, args=args, train_dataset=data).train()
+    assert not torch.equal(wrapped.memkit_modules["gate"].logits, gate0)
+
+
+def test_training_errors_are_typed(tmp_path: Path) -> None:
+    wrapped = memkit.wrap(tiny_model("llama"), **LONGMEM)
+    with pytest.raises(memkit.MemkitError):
+        memkit.train(wrapped, [_doc()], steps=1, gradient_checkpointing=True)
+    with pytest.raises(memkit.MemkitError):
+        memkit.train(wrapped, [_doc()], steps=1, lora=True)  # LoRA is for the MemLong style
+    with pytest.raises(memkit.MemkitError):
+        memkit.train(wrapped, ["text"], steps=1)  # no tokenizer
+    plain = memkit.wrap(tiny_model("gpt2"), **{**MEMLONG, "memory_layers": [1], "retrieval_layers": [2]})
+    with pytest.raises(memkit.MemkitError):
+        memkit.train(plain, [_doc()], steps=1)  # memlong without LoRA: nothing to train
+    wrapped.save_pretrained(tmp_path)
+    with pytest.raises(memkit.MemkitError):  # weights of a 4-layer model do not fit a 2-layer one
+        memkit.from_pretrained(tiny_model("llama", layers=2), tmp_path, longmem_layer=1, sidenet=True)
