@@ -21,7 +21,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from memkit.bank import BaseBank
+from memkit.bank import BaseBank, IdSetMixin
 from memkit.errors import ConfigError, CorruptFileError
 
 __all__ = ["FaissFlatBank", "FaissHNSWBank", "FaissIVFBank"]
@@ -43,7 +43,7 @@ def _faiss_metric(metric: str) -> int:
     return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
 
-class _FaissBase(BaseBank):
+class _FaissBase(IdSetMixin, BaseBank):
     """IndexIDMap2 bookkeeping shared by the three faiss banks."""
 
     def __init__(self, *, dim: int, metric: str = "ip") -> None:
@@ -69,16 +69,6 @@ class _FaissBase(BaseBank):
         n = int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
         self._ids.difference_update(ids.tolist())
         return n
-
-    def _contains(self, ids: np.ndarray) -> np.ndarray:
-        s = self._ids
-        return np.fromiter((int(i) in s for i in ids), bool, count=len(ids))
-
-    def _count(self) -> int:
-        return len(self._ids)
-
-    def _all_ids(self) -> np.ndarray:
-        return np.fromiter(self._ids, np.int64, count=len(self._ids))
 
     def _get(self, ids: np.ndarray) -> np.ndarray:
         return np.stack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.empty((0, self.dim))

@@ -46,7 +46,7 @@ from typing import Any
 import hnswlib
 import numpy as np
 
-from memkit.bank import BaseBank
+from memkit.bank import BaseBank, IdSetMixin
 from memkit.errors import ConfigError, CorruptFileError
 
 __all__ = ["HnswlibBank"]
@@ -59,7 +59,7 @@ _HEADER = struct.Struct("<6QiI3QdQ")
 _U32 = struct.Struct("<I")
 
 
-class HnswlibBank(BaseBank):
+class HnswlibBank(IdSetMixin, BaseBank):
     """HNSW graph from hnswlib with self-growing capacity, tombstone removal and slot reuse."""
 
     name = "hnswlib"
@@ -175,16 +175,6 @@ class HnswlibBank(BaseBank):
         self._ids.difference_update(ids.tolist())
         self._deleted.update(ids.tolist())
         return len(ids)
-
-    def _contains(self, ids: np.ndarray) -> np.ndarray:
-        s = self._ids
-        return np.fromiter((int(i) in s for i in ids), bool, count=len(ids))
-
-    def _count(self) -> int:
-        return len(self._ids)
-
-    def _all_ids(self) -> np.ndarray:
-        return np.fromiter(self._ids, np.int64, count=len(self._ids))
 
     def _get(self, ids: np.ndarray) -> np.ndarray:
         if not len(ids):

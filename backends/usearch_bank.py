@@ -43,7 +43,7 @@ import numpy as np
 import usearch  # noqa: F401  (imported first so a missing package fails here, naming the extra)
 from usearch.index import BatchMatches, Index
 
-from memkit.bank import BaseBank
+from memkit.bank import BaseBank, IdSetMixin
 from memkit.errors import ConfigError, CorruptFileError, ReadOnlyError
 
 __all__ = ["UsearchBank"]
@@ -58,7 +58,7 @@ _GRAPH = struct.Struct("<5Q")  # size, connectivity, connectivity_base, max_leve
 _CHUNK = 16_384  # nodes per numpy gather while validating links
 
 
-class UsearchBank(BaseBank):
+class UsearchBank(IdSetMixin, BaseBank):
     """usearch HNSW index with explicit storage dtype and memory-mapped read-only views."""
 
     name = "usearch"
@@ -149,16 +149,6 @@ class UsearchBank(BaseBank):
         self.index.remove(ids.astype(np.uint64))
         self._ids.difference_update(ids.tolist())
         return len(ids)
-
-    def _contains(self, ids: np.ndarray) -> np.ndarray:
-        s = self._ids
-        return np.fromiter((int(i) in s for i in ids), bool, count=len(ids))
-
-    def _count(self) -> int:
-        return len(self._ids)
-
-    def _all_ids(self) -> np.ndarray:
-        return np.fromiter(self._ids, np.int64, count=len(self._ids))
 
     def _get(self, ids: np.ndarray) -> np.ndarray:
         if not len(ids):

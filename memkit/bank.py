@@ -294,6 +294,23 @@ class BaseBank(ABC):
         return vecs
 
 
+class IdSetMixin:
+    """``_contains``/``_count``/``_all_ids`` for backends that track their live ids in a Python set
+    ``self._ids`` (faiss, hnswlib, usearch: their native indexes cannot answer membership cheaply)."""
+
+    _ids: set[int]
+
+    def _contains(self, ids: np.ndarray) -> np.ndarray:
+        s = self._ids
+        return np.fromiter((int(i) in s for i in ids), bool, count=len(ids))
+
+    def _count(self) -> int:
+        return len(self._ids)
+
+    def _all_ids(self) -> np.ndarray:
+        return np.fromiter(self._ids, np.int64, count=len(self._ids))
+
+
 def _pad(scores: np.ndarray, ids: np.ndarray, m: int, k: int) -> SearchResult:
     if ids.shape == (m, k) and scores.shape == (m, k) and (ids.size == 0 or ids.min() >= 0):
         # Fast path (the common case: k hits per query): nothing to pad or mask, just fresh copies.
