@@ -263,6 +263,8 @@ def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int
                          mixed_precision=mp)
     t0 = time.perf_counter()
     model.train()
+    grad_was_enabled = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)  # training works even if the caller disabled gradients globally
     try:
         for step, (ids, start) in enumerate(_schedule(docs, segment_len, segments_per_doc, steps)):
             if start == 0:
@@ -298,6 +300,7 @@ def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int
             if log_every and (step + 1) % log_every == 0:
                 print(f"memkit train step {step + 1}/{steps} loss {value:.4f}", flush=True)
     finally:
+        torch.set_grad_enabled(grad_was_enabled)
         model.eval()
         model.memory.reset("default")
     result.seconds = time.perf_counter() - t0

@@ -19,8 +19,10 @@ def smollm2():
 
     from memkit.models import load_smollm2
 
-    torch.set_grad_enabled(False)
-    return load_smollm2()
+    previous = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # inference only; restored so later test modules can train
+    yield load_smollm2()
+    torch.set_grad_enabled(previous)
 
 
 def test_plain_model_answers_passkey_at_4k(smollm2):
