@@ -164,15 +164,11 @@ class _DiskTier(_MemTier):
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
-    from memkit.bank import read_json, recover_dir, verify_files
+    from memkit.bank import read_versioned_json, verify_files
 
-    recover_dir(directory)
     mpath = directory / META_FILE
-    if not os.path.lexists(mpath):
-        raise CorruptFileError(f"{str(directory)!r} has no {META_FILE}; was it written by KVStore.save()?")
-    meta = read_json(mpath, "K/V store index")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise CorruptFileError(f"{mpath} is not a version-{FORMAT_VERSION} memkit K/V store; re-save it")
+    meta = read_versioned_json(directory, META_FILE, fmt=FORMAT, version=FORMAT_VERSION,
+                               what="memkit K/V store index", writer="KVStore.save()")
     ok = (isinstance(meta.get("page_shape"), list) and all(isinstance(s, int) and s > 0 for s in meta["page_shape"])
           and meta.get("dtype") in STORAGE and meta.get("int8_scale", "channel") in ("page", "channel")
           and isinstance(meta.get("count"), int) and isinstance(meta.get("page_bytes"), int)

@@ -545,6 +545,19 @@ def verify_files(directory: Path, files: Any, where: Path, *, skip: tuple[str, .
                                        "it was saved, so it is refused")
 
 
+def read_versioned_json(directory: Path, name: str, *, fmt: str, version: int, what: str, writer: str) -> dict[str, Any]:
+    """Recover ``directory`` after a crashed swap, then read ``name`` in it: a JSON object of format ``fmt``
+    at ``version`` (the K/V store's and the memory manager's save indexes share this first step)."""
+    recover_dir(directory)
+    path = directory / name
+    if not os.path.lexists(path):
+        raise CorruptFileError(f"{str(directory)!r} has no {name}; was it written by {writer}?")
+    data = read_json(path, what)
+    if not isinstance(data, dict) or data.get("format") != fmt or data.get("version") != version:
+        raise CorruptFileError(f"{path} is not a version-{version} {what.rsplit(' ', 1)[0]}; re-save it")
+    return data
+
+
 def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
     """Read and validate a bank manifest; with ``verify``, check every file's size and sha256."""
     directory = Path(path)

@@ -49,8 +49,7 @@ from memkit.bank import (
     file_digests,
     load_bank,
     make_tmp_dir,
-    read_json,
-    recover_dir,
+    read_versioned_json,
     verify_files,
 )
 from memkit.config import BankConfig, MemoryConfig
@@ -526,13 +525,9 @@ class MemoryManager:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    recover_dir(directory)
     mpath = directory / MANIFEST
-    if not os.path.lexists(mpath):
-        raise CorruptFileError(f"{str(directory)!r} has no {MANIFEST}; was it written by MemoryManager.save()?")
-    m = read_json(mpath, "memory manifest")
-    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != FORMAT_VERSION:
-        raise CorruptFileError(f"{mpath} is not a version-{FORMAT_VERSION} memkit memory; re-save it")
+    m = read_versioned_json(directory, MANIFEST, fmt=FORMAT, version=FORMAT_VERSION,
+                            what="memkit memory manifest", writer="MemoryManager.save()")
     if not (isinstance(m.get("dims"), dict) and isinstance(m.get("config"), dict) and isinstance(m.get("files"), dict)
             and isinstance(m.get("namespaces"), list) and _is_count(m.get("next_id"))
             and all(_is_count(m["dims"].get(k), positive=True)
