@@ -116,6 +116,7 @@ def test_view_write_sequence_survives_in_a_subprocess(tmp_path: Path) -> None:
         bank = memkit.create_bank("usearch", dim=16)
         bank.add(data)
         bank.remove(np.arange(100))
+        before = bank.search(data[100:110], 1).ids
         bank.save({str(tmp_path / "b")!r})
         view = memkit.load_bank({str(tmp_path / "b")!r}, mmap=True)
         refused = 0
@@ -127,7 +128,11 @@ def test_view_write_sequence_survives_in_a_subprocess(tmp_path: Path) -> None:
                     op()
                 except ReadOnlyError:
                     refused += 1
-        assert view.search(data[100:110], 1).ids[:, 0].tolist() == list(range(100, 110))
+        # HNSW may miss one of 300 at top-1 (the threaded build is not deterministic), so the view is held
+        # to the graph it was saved from, and to never answering with a removed or invented id.
+        after = view.search(data[100:110], 1).ids
+        assert (after == before).all(), (after, before)
+        assert ((after >= 100) & (after < 400)).all() and (after[:, 0] == np.arange(100, 110)).sum() >= 8
         print("survived", refused)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
