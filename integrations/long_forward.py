@@ -6,7 +6,9 @@ sees sinks + retrieved chunks + window + the block (MemLong, Liu et al. 2024; St
 token), so logits are never held for the whole input: ``.logits`` of the result holds the logits of the
 **last block** only, shape (B, T_last, V) — for inputs of at most ``block_size`` tokens that is every
 position, exactly what the plain model returns. Pass ``all_logits=True`` to get (B, N, V) for all tokens
-(tests and short inputs).
+(tests and short inputs). Pass ``token_losses=True`` (with ``labels``) to also get ``.token_losses`` (B, N):
+the loss of predicting token i at column i, NaN where no label applies (column 0, ignored labels); the
+perplexity of any token range is then one mean away (``memkit eval ppl --ranges``).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def _progress(rt: Any, total: int, desc: str, blocks: int, force: bool | None) -
 
 def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: Any = None, *,
                  all_logits: bool = False, namespaces: list[str] | None = None, progress: bool | None = None,
-                 **kwargs: Any) -> Any:
+                 token_losses: bool = False, **kwargs: Any) -> Any:
     """Blockwise forward of the wrapped model; see the module docstring."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -97,6 +99,11 @@ def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: An
     loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
     count = 0
     pieces: list[torch.Tensor] = []
+    per_token = None
+    if token_losses:
+        if labels is None:
+            raise InvalidInputError("token_losses=True needs labels: pass labels=input_ids")
+        per_token = torch.full((B, N), float("nan"), dtype=torch.float32, device=rt.device)  # (B, N)
     last = None
     rt.begin_call(B, namespaces, mode="forward", prompt_cols=N,
                   progress=_progress(rt, N, "memkit forward", len(starts), progress))
@@ -116,9 +123,13 @@ def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: An
             if labels is not None:
                 target = labels[:, s + 1:e + 1]  # (B, T') with T' = T or T - 1 on the last block
                 lg = logits[:, :target.shape[1]].float()
-                loss_sum = loss_sum + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1),
-                                                      ignore_index=-100, reduction="sum")
+                each = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), ignore_index=-100,
+                                       reduction="none").reshape(target.shape)  # (B, T'); 0 where ignored
+                loss_sum = loss_sum + each.sum()
                 count += int((target != -100).sum())
+                if per_token is not None:
+                    per_token[:, s + 1:s + 1 + target.shape[1]] = each.detach().masked_fill(target == -100,
+                                                                                           float("nan"))
             if all_logits:
                 pieces.append(logits)
             last = logits
@@ -128,7 +139,10 @@ def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: An
     loss = None
     if labels is not None:
         loss = loss_sum / count if count else loss_sum * float("nan")
-    return CausalLMOutputWithPast(loss=loss, logits=torch.cat(pieces, 1) if all_logits else last)
+    result = CausalLMOutputWithPast(loss=loss, logits=torch.cat(pieces, 1) if all_logits else last)
+    if per_token is not None:
+        result.token_losses = per_token
+    return result
 
 
 def ingest(rt: Any, input_ids: torch.Tensor, namespace: str, *, progress: bool | None = None) -> dict[str, Any]:

@@ -12,7 +12,11 @@ Three set-ups read the same tokens (``--modes``):
 ``gap_closed`` = (ppl_window - ppl_memkit) / (ppl_window - ppl_full): the share of what full attention
 gains over the window that memory recovers (MemLong, Liu et al. 2024, report the same comparison).
 
+``--ranges`` scores several ranges from one read of each text (per-token losses, then one mean per
+range); full attention reads only as far as the last range inside the model's positions.
+
     memkit eval ppl --text hamlet.txt --start 4096 --end 8192
+    memkit eval ppl --text *.txt --ranges 4k-8k,16k-20k
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from memkit.evaluation.common import (
     write_json,
 )
 
-__all__ = ["add_arguments", "run", "range_loss", "full_attention_loss"]
+__all__ = ["add_arguments", "run", "range_loss", "full_attention_loss", "token_losses", "full_attention_token_losses",
+           "parse_ranges"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="first scored token; earlier tokens are context only, e.g. 4096 or 4k (default: 0)")
     p.add_argument("--end", default=None, metavar="TOK",
                    help="end of the scored range (exclusive), e.g. 8192 or 8k (default: end of the text)")
+    p.add_argument("--ranges", default=None, metavar="LIST",
+                   help="several scored ranges from one read, e.g. 4k-8k,16k-20k (k = 1024; end exclusive); "
+                        "replaces --start/--end")
     p.add_argument("--out", default="memkit-ppl.json", metavar="FILE",
                    help="where to write the JSON result; '-' prints it to stdout (default: memkit-ppl.json)")
 
@@ -96,6 +104,100 @@ def full_attention_loss(model: Any, ids: Any, start: int, *, block: int = 512, p
     return total / max(count, 1)
 
 
+def token_losses(model: Any, ids: Any, *, progress: bool = True) -> Any:
+    """Per-token losses (N,) of ``ids`` (1, N) through a memkit-wrapped model; entry i scores token i (NaN at 0)."""
+    model.memory.reset()
+    out = model(ids, labels=ids, token_losses=True, progress=progress)
+    return out.token_losses[0].cpu()
+
+
+def full_attention_token_losses(model: Any, ids: Any, *, block: int = 512, progress: bool = True) -> Any:
+    """The same per-token losses (N,) with the plain model and full attention (block by block, exact)."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    N = ids.shape[1]
+    out_losses = torch.full((N,), float("nan"))
+    cache = DynamicCache()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=N, desc="full attention", unit="tok", leave=False)
+    with torch.no_grad():
+        for s in range(0, N, block):
+            e = min(N, s + block)
+            out = model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            t1 = min(e + 1, N)  # logits at column i predict token i + 1
+            if t1 > s + 1:
+                lg = out.logits[0, : t1 - 1 - s].float()
+                out_losses[s + 1:t1] = F.cross_entropy(lg, ids[0, s + 1:t1], reduction="none").cpu()
+            if bar is not None:
+                bar.update(e - s)
+    if bar is not None:
+        bar.close()
+    return out_losses
+
+
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    """'4k-8k,16k-20k' -> [(4096, 8192), (16384, 20480)]; each start < end - 1, start >= 0."""
+    from memkit.evaluation.haystack import parse_length
+
+    out = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        a, sep, b = part.partition("-")
+        if not sep:
+            raise InvalidInputError(f"--ranges: {part!r} is not START-END (e.g. 4k-8k)")
+        lo = 0 if a.strip() in ("0", "") else parse_length(a)
+        hi = parse_length(b)
+        if hi <= lo + 1:
+            raise InvalidInputError(f"--ranges: {part!r} ends before it starts; write START-END, e.g. 4k-8k")
+        out.append((lo, hi))
+    if not out:
+        raise InvalidInputError("--ranges is empty; e.g. --ranges 4k-8k,16k-20k")
+    return out
+
+
+def _score_ranges(m: Any, mode: str, name: str, ids: Any, ranges: list[tuple[int, int]], npos: int, config: Any,
+                  progress: bool) -> list[dict[str, Any]]:
+    """One read of one text through one set-up, scored on each range (``--ranges``)."""
+    import torch
+
+    recs = [{"text": name, "mode": mode, "start": lo, "end": hi, "scored_tokens": hi - max(lo, 1)}
+            for lo, hi in ranges]
+    N = ids.shape[1]
+    for r in recs:
+        if r["end"] > N:
+            r["skipped"] = f"the text has only {N} tokens"
+        elif mode == "full" and npos and r["end"] > npos:
+            r["skipped"] = f"range ends at {r['end']} > the model's {npos} positions"
+    inside = [r for r in recs if "skipped" not in r]
+    if not inside:
+        print(f"[{mode}] {name}: skipped ({recs[0]['skipped']})", flush=True)
+        return recs
+    stop = max(r["end"] for r in inside)
+    t0 = time.perf_counter()
+    with RssSampler() as rss:
+        if mode == "full":
+            block = config.block_size if config is not None else 512
+            losses = full_attention_token_losses(m, ids[:, :stop], block=block, progress=progress)
+        else:
+            losses = token_losses(m, ids[:, :stop], progress=progress)
+    sec = time.perf_counter() - t0
+    for r in inside:
+        seg = losses[max(r["start"], 1):r["end"]]
+        loss = float(torch.nanmean(seg))
+        r.update(loss=round(loss, 5), ppl=round(math.exp(loss), 4), seconds=round(sec, 2), read_tokens=stop,
+                 tokens_per_s=round(stop / sec, 1), peak_rss_bytes=rss.peak)
+        print(f"[{mode}] {name}: ppl {r['ppl']:.3f} over tokens {r['start']}-{r['end'] - 1} "
+              f"(read {stop} tokens in {sec:.1f}s, {stop / sec:.0f} tok/s)", flush=True)
+    return recs
+
+
 def _tokens(tokenizer: Any, path: Path) -> list[int]:
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
@@ -139,6 +241,11 @@ def run(args: argparse.Namespace) -> int:
     modes = parse_modes(args.modes)
     start = parse_length(args.start) if str(args.start).strip() not in ("0", "") else 0
     end = parse_length(args.end) if args.end else None
+    ranges = parse_ranges(args.ranges) if args.ranges else None
+    if ranges is not None and (args.end or start):
+        raise InvalidInputError("use either --ranges or --start/--end, not both")
+    if ranges is not None:
+        start, end = min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
     if end is not None and end <= start + 1:
         raise InvalidInputError(f"--end ({end}) must be greater than --start ({start}) + 1")
     overrides = {"window": args.window} if args.window is not None else {}
@@ -158,6 +265,11 @@ def run(args: argparse.Namespace) -> int:
         assert path is not None
         ids = _tokens(tok, path)
         stop = len(ids) if end is None else end
+        if ranges is not None:  # ranges beyond a text's end are skipped for that text, not an error
+            stop = min(stop, len(ids))
+            if all(hi > stop for _, hi in ranges):
+                raise InvalidInputError(f"{path.name} has {len(ids)} tokens, fewer than the end of every range in "
+                                        "--ranges; use a longer text or shorter ranges")
         if stop > len(ids):
             raise InvalidInputError(f"{path.name} has {len(ids)} tokens, fewer than --end {stop}; "
                                     "lower --end or use a longer text")
@@ -167,22 +279,28 @@ def run(args: argparse.Namespace) -> int:
     for mode in modes:
         with make_runner(model, tok, mode, config, progress=progress) as m:
             for path, ids in docs:
-                results.append(_score(m, mode, path.name, ids, start, npos, config, progress))
+                if ranges is None:
+                    results.append(_score(m, mode, path.name, ids, start, npos, config, progress))
+                else:
+                    results.extend(_score_ranges(m, mode, path.name, ids, ranges, npos, config, progress))
     rows, gaps = [], []
     for path, _ids in docs:
-        by = {r["mode"]: r for r in results if r["text"] == path.name and "ppl" in r}
-        gap = None
-        if {"window", "memkit", "full"} <= set(by) and by["window"]["ppl"] != by["full"]["ppl"]:
-            gap = (by["window"]["ppl"] - by["memkit"]["ppl"]) / (by["window"]["ppl"] - by["full"]["ppl"])
-            gaps.append(gap)
-        rows.append([path.name, *[f"{by[m]['ppl']:.3f}" if m in by else "skip" for m in modes],
-                     "-" if gap is None else f"{gap:.0%}"])
+        for lo, hi in ranges or [(start, None)]:
+            by = {r["mode"]: r for r in results if r["text"] == path.name and "ppl" in r and r["start"] == lo}
+            gap = None
+            if {"window", "memkit", "full"} <= set(by) and by["window"]["ppl"] != by["full"]["ppl"]:
+                gap = (by["window"]["ppl"] - by["memkit"]["ppl"]) / (by["window"]["ppl"] - by["full"]["ppl"])
+                gaps.append(gap)
+            where = path.name if ranges is None else f"{path.name} [{lo}, {hi})"
+            rows.append([where, *[f"{by[m]['ppl']:.3f}" if m in by else "skip" for m in modes],
+                         "-" if gap is None else f"{gap:.0%}"])
     table = format_table(["text", *[f"ppl {m}" for m in modes], "gap closed"], rows)
     print()
     print(table)
     cfg = config.to_dict() if config is not None else None
     where = write_json({"command": "eval ppl", "model": args.model or "bundled SmolLM2-135M-Instruct",
                         "model_max_positions": npos, "modes": modes, "start": start, "end": end,
+                        "ranges": [list(r) for r in ranges] if ranges else None,
                         "config": cfg, "results": results,
                         "gap_closed": gaps, "mean_gap_closed": sum(gaps) / len(gaps) if gaps else None,
                         "table": table}, args.out)
