@@ -1,32 +1,49 @@
-"""``memkit bench context``: tokens/s and peak memory against context length, memkit vs window vs full.
+"""``memkit bench context``: reading speed, decode latency and peak memory against context length.
 
-Each set-up reads the same real text (Shakespeare's longest plays, concatenated) from token 0 to the
-longest length asked, block by block, in its own worker process (so peak RSS belongs to that set-up
-alone):
+Each set-up reads the same real text (Shakespeare's longest plays, concatenated) from token 0 up to the
+longest length asked, in its own worker process (so peak RSS belongs to that set-up alone):
 
-* ``memkit`` - the model wrapped with the memkit config (retrieval of ``top_k`` chunks per block);
-* ``window`` - the same wrap with ``top_k=0`` (attention sinks + local window, no memory);
-* ``full``   - the plain model with full attention and a growing K/V cache (``DynamicCache``), only up
+* ``memkit``  - the model wrapped with the memkit config (MemLong-style retrieval of ``top_k`` chunks);
+* ``longmem`` - the same config with ``style="longmem"`` (with ``--styles memlong,longmem``);
+* ``window``  - the memlong wrap with ``top_k=0`` (attention sinks + local window, no retrieval);
+* ``full``    - the plain model with full attention and a growing K/V cache (``DynamicCache``), only up
   to the model's trained positions (8k for SmolLM2).
 
-A forward hook on the decoder times every block and samples RSS, so one run gives, for every length
-L: the throughput of reading the first L tokens (``tok/s`` = L / time to reach L), the throughput of
-the blocks just before L (``tok/s @L``, median of the last four blocks: the steady-state speed at that
-context), and the peak RSS up to L. The set-ups run interleaved, ``--repeats`` times in a shuffled
-order, and each figure is the median over repeats; ratios (memkit / window, memkit / full) are taken
-between set-ups of the same run.
+Wrapped set-ups read the text with ``model.memory.ingest`` in segments that end at each reported length
+L, so at every L the memory holds the chunks of all L tokens (the way a user reads a document, then asks).
+The full set-up reads it block by block into its cache. A forward hook on the decoder times every block
+and samples RSS, so one run gives for every L:
 
-    memkit bench context --quick          # 2k..8k, three set-ups, 3 repeats
-    memkit bench context                  # 4k..80k
+* ``tok/s`` - L / seconds to read the first L tokens, and ``tok/s @L`` (median of the last four blocks);
+* ``decode ms/token`` - after L tokens were read, ``generate`` gets the next ``sinks + window + chunk``
+  tokens of the text as its prompt (enough to fill the local context, so each decode step attends what
+  it would deep inside a long call: sinks, the retrieved memory and a full window) and produces
+  ``--decode-tokens`` tokens greedily; a logits processor stamps every step, and the figure is the
+  median time between consecutive steps (each step = one decoder forward of one token + ``generate``'s
+  own per-token work). ``first ms`` is the prompt's prefill + retrieval + the first token. The decode
+  ratio divides ms/token at L by ms/token at 1k (or the shortest length). The full set-up decodes the
+  same prompt from its cache of L tokens (``generate`` with ``past_key_values``), then drops it again;
+* a byte breakdown: model weights, local K/V (sinks + window + block, all layers, in the model's dtype),
+  the retrieved K/V a block attends, the memory's K/V pages (from the K/V store's stats, every tier) and
+  the bank's vectors (chunks x dim x 4 bytes) at L, next to the peak RSS up to L. ``RSS - memory`` is
+  peak RSS minus pages and vectors: flat in L when memory is the only thing that grows.
 
-Results: ``benchmarks/results/context.json``, ``context.md`` and ``context_speed.png`` /
-``context_memory.png``.
+The set-ups run interleaved, ``--repeats`` times in a shuffled order, and each figure is the median over
+repeats; ratios (memkit / window, memkit / full) are taken between set-ups of the same run.
+
+    memkit bench context --quick                        # 1k..8k, three set-ups, 3 repeats
+    memkit bench context                                # 1k..80k
+    memkit bench context --styles memlong,longmem       # LongMem-style memory as a fourth set-up
+
+Results: ``benchmarks/results/context.json``, ``context.md`` and ``context_speed.png``,
+``context_decode.png``, ``context_memory.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import subprocess
@@ -36,23 +53,35 @@ from typing import Any
 
 from memkit.bench import report
 
-__all__ = ["add_arguments", "run", "main", "worker", "summarize_run"]
+__all__ = ["add_arguments", "run", "main", "worker", "summarize_run", "setups_for", "STYLES"]
 
-DEFAULT_LENGTHS = "4k,8k,16k,32k,64k,80k"
-QUICK_LENGTHS = "2k,4k,8k"
+DEFAULT_LENGTHS = "1k,4k,8k,16k,32k,64k,80k"
+QUICK_LENGTHS = "1k,2k,4k,8k"
+STYLES = ("memlong", "longmem")
+WRAPPED = ("memkit", "longmem", "window")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="local HF model folder, folder with a .gguf file, or a .gguf file (default: bundled SmolLM2)")
     p.add_argument("--config", default=None, metavar="FILE",
-                   help="memkit config (YAML/JSON) for the memkit and window set-ups (default: memkit's defaults)")
+                   help="memkit config (YAML/JSON) for the memkit, longmem and window set-ups (default: memkit's "
+                        "defaults)")
     p.add_argument("--lengths", default=None, metavar="LIST",
                    help=f"context lengths to report, k = 1024 tokens (default: {DEFAULT_LENGTHS}; "
                         f"--quick: {QUICK_LENGTHS})")
     p.add_argument("--modes", default="memkit,window,full", metavar="LIST",
-                   help="set-ups: memkit, window (top_k=0), full (plain model, only within its positions) "
-                        "(default: memkit,window,full)")
+                   help="set-ups: memkit (memory, one per --styles), window (top_k=0), full (plain model, only "
+                        "within its positions) (default: memkit,window,full)")
+    p.add_argument("--styles", default="memlong", metavar="LIST",
+                   help="memory styles the memkit set-up runs in: memlong (set-up 'memkit') and/or longmem "
+                        "(set-up 'longmem', LongMem-style gated memory, untrained) (default: memlong)")
+    p.add_argument("--caps", default=None, metavar="LIST",
+                   help="longest length per set-up, e.g. window=16k,longmem=16k, to save time on set-ups whose cost "
+                        "per token does not depend on length (default: none; full is always capped at the model's "
+                        "positions)")
+    p.add_argument("--decode-tokens", type=int, default=16, metavar="N",
+                   help="tokens generated after each length to time decoding; 0 skips decoding (default: 16)")
     p.add_argument("--repeats", type=int, default=None, metavar="N",
                    help="runs of each set-up, interleaved; figures are medians (default: 1; --quick: 3)")
     p.add_argument("--quick", action="store_true", help=f"short run: lengths {QUICK_LENGTHS}, 3 repeats")
@@ -80,13 +109,18 @@ def _text_ids(tokenizer: Any, n: int) -> list[int]:
 
 
 class _BlockClock:
-    """Forward hooks on the decoder: per-block seconds and peak RSS (a sampling thread catches in-block peaks)."""
+    """Forward hooks on the decoder: per-block seconds and peak RSS (a sampling thread catches in-block peaks).
 
-    def __init__(self, module: Any) -> None:
+    ``active`` False (while decoding) leaves steps unrecorded; the RSS sampler keeps running.
+    """
+
+    def __init__(self, module: Any, bar: Any = None) -> None:
         import threading
 
         self.records: list[dict[str, float]] = []
         self.tokens = 0
+        self.active = True
+        self.bar = bar
         self._peak = report.rss_bytes()
         self._stop = threading.Event()
         self._t0 = 0.0
@@ -99,26 +133,89 @@ class _BlockClock:
         while not self._stop.wait(0.05):
             self._peak = max(self._peak, report.rss_bytes())
 
+    def peak(self) -> int:
+        """Peak RSS since the last recorded block (or since the clock started)."""
+        return max(self._peak, report.rss_bytes())
+
     def _pre(self, module: Any, args: Any, kwargs: Any) -> None:
         self._t0 = time.perf_counter()
 
     def _post(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        if not self.active:
+            return
         ids = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]
-        self.tokens += int(ids.shape[-1])
+        n = int(ids.shape[-1])
+        self.tokens += n
         rss = report.rss_bytes()
         self.records.append({"end": self.tokens, "seconds": time.perf_counter() - self._t0,
                              "rss": max(self._peak, rss)})
         self._peak = rss
+        if self.bar is not None:
+            self.bar.update(n)
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
         for h in self._handles:
             h.remove()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _decode(model: Any, prompt: Any, n_new: int, pad: int | None, **kwargs: Any) -> dict[str, float]:
+    """Greedy ``generate`` of ``n_new`` tokens after ``prompt``; per-step times from a logits processor."""
+    import numpy as np
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamps(LogitsProcessor):
+        def __init__(self) -> None:
+            self.t: list[float] = []
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            self.t.append(time.perf_counter())
+            return scores
+
+    stamps = Stamps()
+    t0 = time.perf_counter()
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, min_new_tokens=n_new,
+                   do_sample=False, logits_processor=LogitsProcessorList([stamps]), pad_token_id=pad, **kwargs)
+    steps = np.diff(stamps.t)
+    return {"first_token_ms": (stamps.t[0] - t0) * 1e3 if stamps.t else math.nan,
+            "decode_ms": float(np.median(steps)) * 1e3 if len(steps) else math.nan, "decode_steps": len(steps)}
+
+
+def _truncate_cache(cache: Any, n: int) -> None:
+    """Drop every cached position from ``n`` on (what a decode added), in place."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None:
+            layer.keys = layer.keys[..., :n, :]
+            layer.values = layer.values[..., :n, :]
+
+
+def _kv_geometry(model: Any) -> tuple[int, int, int, int]:
+    """(layers, kv heads, head dim, bytes per element) of the model's attention."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0))
+    heads = int(getattr(cfg, "num_attention_heads", 0) or getattr(cfg, "n_head", 0))
+    kv = int(getattr(cfg, "num_key_value_heads", 0) or heads)
+    hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))
+    hd = int(getattr(cfg, "head_dim", 0) or hidden // max(heads, 1))
+    elem = next(model.parameters()).element_size()
+    return layers, kv, hd, elem
+
+
+def setup_config(cfg: Any, setup: str) -> Any:
+    """The memkit config of a wrapped set-up: memkit as given, window with top_k=0, longmem with its style."""
+    if setup == "window":
+        return cfg.replace(top_k=0, style="memlong")
+    if setup == "longmem":
+        return cfg.replace(style="longmem")
+    return cfg.replace(style="memlong")
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Read ``spec['tokens']`` tokens in set-up ``spec['mode']``; per-block timings and RSS."""
+    """Read up to ``max(spec['lengths'])`` tokens in set-up ``spec['mode']``; decode after each length."""
     import torch
 
     from memkit.evaluation.common import max_positions, memory_bytes
@@ -128,60 +225,97 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(spec["threads"]))
     torch.set_grad_enabled(False)
     model, tok = load_model(spec.get("model"))
-    n = int(spec["tokens"])
-    ids = torch.tensor([_text_ids(tok, n)])
+    lengths = sorted(int(x) for x in spec["lengths"])
+    n = lengths[-1]
     mode = spec["mode"]
-    out: dict[str, Any] = {"mode": mode, "tokens": n, "max_positions": max_positions(model),
-                           "threads": torch.get_num_threads()}
+    n_dec = int(spec.get("decode_tokens", 16))
+    progress = bool(spec.get("progress", True))
     from memkit.config import load_config
 
-    cfg = load_config(spec.get("config") or None, progress=bool(spec.get("progress", True)))
-    if mode == "window":
-        cfg = cfg.replace(top_k=0)
+    cfg = setup_config(load_config(spec.get("config") or None, progress=False), mode) if mode != "full" \
+        else load_config(spec.get("config") or None, progress=False)
     block = cfg.block_size
+    prompt_len = cfg.sink_tokens + cfg.window + cfg.chunk_size
+    all_ids = torch.tensor([_text_ids(tok, n + prompt_len)])
+    ids = all_ids[:, :n]
+    pad = getattr(tok, "eos_token_id", None)
+    pad = 0 if pad is None else pad
+    layers, kvh, hd, elem = _kv_geometry(model)
+    per_token = 2 * kvh * hd * elem  # K and V of one token in one layer
+    out: dict[str, Any] = {"mode": mode, "tokens": n, "lengths": lengths, "max_positions": max_positions(model),
+                           "threads": torch.get_num_threads(), "block_size": block, "prompt_tokens": prompt_len,
+                           "decode_tokens": n_dec, "style": None if mode == "full" else cfg.style,
+                           "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())
+                           + sum(b.numel() * b.element_size() for b in model.buffers())}
     target = model
     if mode != "full":
         import memkit
 
         target = memkit.wrap(model, cfg, tokenizer=tok)
-        # Warm-up (untimed): loads the retriever and fills lazy state, so block 1 is not an outlier.
-        target(ids[:, : min(n, 2 * block)])
+        # Warm-up (untimed): loads the retriever, fills lazy state and runs generate once.
+        target.memory.ingest(ids[:, : min(n, block)], progress=False)
+        if n_dec:
+            _decode(target, all_ids[:, :min(64, n)], 2, pad)
         target.memory.reset()
+        mem_layers = target.memory.stats().get("memory_layers") or []
+        out["local_kv_bytes"] = (cfg.sink_tokens + cfg.window + block) * layers * per_token
+        out["retrieved_kv_bytes"] = cfg.top_k * cfg.chunk_size * len(mem_layers) * per_token \
+            if cfg.style == "memlong" else None
     base_rss = report.rss_bytes()
-    clock = _BlockClock(model.base_model)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=f"{mode} reading", unit="tok", leave=False)
+    clock = _BlockClock(model.base_model, bar)
+    checkpoints: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     try:
+        cache = None
         if mode == "full":
             from transformers import DynamicCache
 
             cache = DynamicCache()
-            bar = None
-            if spec.get("progress", True):
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=n, desc="full attention", unit="tok", leave=False)
-            for s in range(0, n, block):
-                res = model(input_ids=ids[:, s:s + block], past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = res.past_key_values
-                if bar is not None:
-                    bar.update(min(block, n - s))
-            if bar is not None:
-                bar.close()
-            out["kv_cache_bytes"] = sum(int(t.numel() * t.element_size()) for layer in cache.layers
-                                        for t in (layer.keys, layer.values) if t is not None)
-        else:
-            target(ids, progress=bool(spec.get("progress", True)))
-            out.update(memory_bytes(target))
+        pos = 0
+        for L in lengths:
+            if mode == "full":
+                for s in range(pos, L, block):
+                    e = min(L, s + block)
+                    model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            else:
+                target.memory.ingest(ids[:, pos:L], progress=False)
+            pos = L
+            cp: dict[str, Any] = {"length": L, "peak_rss": clock.peak()}
+            if mode == "full":
+                cp["kv_cache_bytes"] = sum(int(t.numel() * t.element_size()) for layer in cache.layers
+                                           for t in (layer.keys, layer.values) if t is not None)
+            else:
+                cp.update(memory_bytes(target))
+            if n_dec:
+                clock.active = False
+                try:
+                    if mode == "full":
+                        cp.update(_decode(model, all_ids[:, :L + prompt_len], n_dec, pad, past_key_values=cache))
+                        _truncate_cache(cache, L)
+                    else:
+                        cp.update(_decode(target, all_ids[:, L:L + prompt_len], n_dec, pad))
+                finally:
+                    clock.active = True
+            cp["peak_rss"] = max(cp["peak_rss"], clock.peak())  # the decode at L counts towards L's peak
+            cp["rss_after"] = report.rss_bytes()
+            checkpoints.append(cp)
     finally:
         clock.close()
-    out.update(seconds=time.perf_counter() - t0, base_rss=base_rss, blocks=clock.records, block_size=block)
+    out.update(seconds=time.perf_counter() - t0, base_rss=base_rss, blocks=clock.records, checkpoints=checkpoints)
     return out
 
 
 # ---------------------------------------------------------------------- parent: plan, run, summarise
 def summarize_run(run: dict[str, Any], lengths: list[int]) -> dict[int, dict[str, float]]:
-    """Per length L: tok/s to reach L, steady tok/s at L (median of the last 4 blocks), peak RSS up to L."""
+    """Per length L: tok/s to reach L, steady tok/s at L (median of the last 4 blocks), peak RSS up to L,
+    and what the worker measured at L (decode ms/token, pages, vectors...)."""
     blocks = run["blocks"]
+    cps = {int(c["length"]): c for c in run.get("checkpoints", [])}
     out: dict[int, dict[str, float]] = {}
     for L in lengths:
         upto = [b for b in blocks if b["end"] <= L]
@@ -191,8 +325,14 @@ def summarize_run(run: dict[str, Any], lengths: list[int]) -> dict[int, dict[str
         tail = upto[-4:]
         prev = [upto[i - 1]["end"] if i > 0 else 0 for i in range(len(upto))][-4:]
         rates = [(b["end"] - p) / b["seconds"] for b, p in zip(tail, prev) if b["seconds"] > 0]
-        out[L] = {"tps": L / secs, "tps_at": statistics.median(rates), "peak_rss": max(b["rss"] for b in upto),
-                  "seconds": secs}
+        rec = {"tps": L / secs, "tps_at": statistics.median(rates), "peak_rss": max(b["rss"] for b in upto),
+               "seconds": secs}
+        cp = cps.get(L, {})
+        rec["peak_rss"] = max(rec["peak_rss"], cp.get("peak_rss", 0))
+        for key in ("decode_ms", "first_token_ms", "pages_bytes", "vectors_bytes", "chunks", "kv_cache_bytes"):
+            if cp.get(key) is not None:
+                rec[key] = cp[key]
+        out[L] = rec
     return out
 
 
@@ -204,39 +344,113 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _plots(rows: list[dict[str, Any]], modes: list[str]) -> dict[str, Any]:
-    def speed(plt: Any) -> Any:
+def _median(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.median(vals) if vals else None
+
+
+def _plots(rows: list[dict[str, Any]], setups: list[str], weights: float | None) -> dict[str, Any]:
+    def line(plt: Any, key: str, ylabel: str, title: str, scale: float = 1.0) -> Any:
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        for m in modes:
-            pts = [(r["length"], r.get(f"tps_{m}")) for r in rows if r.get(f"tps_{m}")]
+        for m in setups:
+            pts = [(r["length"], r[f"{key}_{m}"] / scale) for r in rows if r.get(f"{key}_{m}")]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m)
         ax.set_xscale("log", base=2)
+        ticks = [r["length"] for r in rows]
+        ax.set_xticks(ticks, [f"{t // 1024}k" if t % 1024 == 0 else str(t) for t in ticks])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("tokens/s (reading the first L tokens)")
-        ax.set_title("Throughput vs context length")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
+        return fig, ax
+
+    def speed(plt: Any) -> Any:
+        fig, ax = line(plt, "tps", "tokens/s (reading the first L tokens)", "Reading throughput vs context length")
+        ax.legend()
+        return fig
+
+    def decode(plt: Any) -> Any:
+        if not any(r.get(f"decode_{m}") for r in rows for m in setups):
+            return None
+        fig, ax = line(plt, "decode", "ms per generated token (median)", "Decode latency vs context length")
+        ax.set_ylim(bottom=0)
         ax.legend()
         return fig
 
     def memory(plt: Any) -> Any:
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        for m in modes:
-            pts = [(r["length"], r[f"rss_{m}"] / 2**20) for r in rows if r.get(f"rss_{m}")]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{m} peak RSS")
-        pts = [(r["length"], r["pages_memkit"] / 2**20) for r in rows if r.get("pages_memkit")]
-        if pts:
-            ax.plot(*zip(*pts), marker="x", linestyle="--", label="memkit K/V pages")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("MiB")
-        ax.set_title("Peak memory vs context length")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        fig, ax = line(plt, "rss", "MiB", "Peak memory vs context length", 2**20)
+        for ln in ax.get_lines():
+            ln.set_label(f"{ln.get_label()} peak RSS")
+        for m in setups:
+            pts = [(r["length"], (r[f"pages_{m}"] + (r.get(f"vectors_{m}") or 0)) / 2**20) for r in rows
+                   if r.get(f"pages_{m}") is not None]
+            if pts and m != "window":
+                ax.plot(*zip(*pts), marker="x", linestyle="--", label=f"{m} pages + vectors")
+        if weights:
+            ax.axhline(weights / 2**20, color="grey", linestyle=":", label="model weights")
+        ax.legend(fontsize=8)
         return fig
 
-    return {"speed": speed, "memory": memory}
+    return {"speed": speed, "decode": decode, "memory": memory}
+
+
+def setups_for(modes: list[str], styles: list[str]) -> list[str]:
+    """Set-up names for ``--modes`` x ``--styles``: memkit (memlong), longmem, window, full."""
+    out: list[str] = []
+    for m in modes:
+        if m == "memkit":
+            out += [{"memlong": "memkit", "longmem": "longmem"}[s] for s in styles]
+        else:
+            out.append(m)
+    return list(dict.fromkeys(out))
+
+
+def parse_styles(text: str) -> list[str]:
+    from memkit.errors import InvalidInputError
+
+    styles = [s.strip() for s in str(text).split(",") if s.strip()]
+    bad = [s for s in styles if s not in STYLES]
+    if bad or not styles:
+        raise InvalidInputError(f"--styles {text!r}: unknown style(s) {bad}; choose from {list(STYLES)}")
+    return styles
+
+
+def parse_caps(text: str | None) -> dict[str, int]:
+    """``window=16k,longmem=16k`` -> {'window': 16384, 'longmem': 16384}."""
+    from memkit.errors import InvalidInputError
+    from memkit.evaluation.haystack import parse_length
+
+    out: dict[str, int] = {}
+    for item in (t.strip() for t in str(text or "").split(",")):
+        if not item:
+            continue
+        name, eq, length = item.partition("=")
+        if not eq or name.strip() not in ("memkit", "longmem", "window", "full"):
+            raise InvalidInputError(f"--caps {item!r}: write SETUP=LENGTH with SETUP one of memkit, longmem, window, "
+                                    "full, e.g. window=16k")
+        out[name.strip()] = parse_length(length)
+    return out
+
+
+def _accounting(rows: list[dict[str, Any]], setups: list[str], lengths: list[int]) -> list[dict[str, Any]]:
+    """Per wrapped set-up: peak RSS growth from a short length (8k if measured) to the longest, vs memory growth."""
+    out = []
+    hi = max(lengths)
+    lo = 8192 if 8192 in lengths and 8192 < hi else min(lengths)
+    by = {r["length"]: r for r in rows}
+    for m in setups:
+        if m == "full" or lo == hi:
+            continue
+        a, b = by.get(lo, {}), by.get(hi, {})
+        if a.get(f"rss_{m}") is None or b.get(f"rss_{m}") is None or b.get(f"pages_{m}") is None:
+            continue
+        mem_a = (a.get(f"pages_{m}") or 0) + (a.get(f"vectors_{m}") or 0)
+        mem_b = (b.get(f"pages_{m}") or 0) + (b.get(f"vectors_{m}") or 0)
+        rss_diff, mem_diff = b[f"rss_{m}"] - a[f"rss_{m}"], mem_b - mem_a
+        out.append({"setup": m, "from": lo, "to": hi, "rss_diff": rss_diff, "memory_diff": mem_diff,
+                    "excess": rss_diff - mem_diff})
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -245,10 +459,15 @@ def run(args: argparse.Namespace) -> int:
     from memkit.evaluation.haystack import parse_lengths
 
     lengths = sorted(set(parse_lengths(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS))))
-    modes = parse_modes(args.modes)
+    setups = setups_for(parse_modes(args.modes), parse_styles(args.styles))
+    caps = parse_caps(args.caps)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 1)
     if repeats < 1:
         raise InvalidInputError(f"--repeats must be >= 1, got {repeats}")
+    if args.decode_tokens < 0:
+        raise InvalidInputError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise InvalidInputError(f"--threads must be >= 1, got {args.threads}")
     cfg = load_config_arg(args.config)
     from memkit.models import load_model, resolve_model_path
 
@@ -260,24 +479,27 @@ def run(args: argparse.Namespace) -> int:
     npos = max_positions(model)
     del model, _tok
     plan = []
-    for m in modes:
-        longest = max(lengths) if m != "full" else max([L for L in lengths if not npos or L <= npos], default=0)
-        if longest:
-            plan.append((m, longest))
+    for m in setups:
+        todo = [L for L in lengths if (m != "full" or not npos or L <= npos) and L <= caps.get(m, L)]
+        if todo:
+            plan.append((m, todo))
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m, _ in plan}
     rng = random.Random(0)
     t_start = time.perf_counter()
     for rep in range(repeats):
         order = list(plan)
         rng.shuffle(order)
-        for m, longest in order:
-            print(f"[bench context] repeat {rep + 1}/{repeats}: {m} over {longest} tokens", flush=True)
-            spec = {"mode": m, "tokens": longest, "model": args.model, "config": cfg.to_dict(),
-                    "threads": args.threads, "progress": not args.no_progress}
+        for m, todo in order:
+            print(f"[bench context] repeat {rep + 1}/{repeats}: {m} over {todo[-1]} tokens", flush=True)
+            spec = {"mode": m, "lengths": todo, "model": args.model, "config": cfg.to_dict(),
+                    "threads": args.threads, "progress": not args.no_progress, "decode_tokens": args.decode_tokens}
             res = _run_worker(spec)
             runs[m].append(res)
-            print(f"[bench context]   {m}: {longest / res['seconds']:.0f} tok/s, "
-                  f"{res['seconds']:.1f}s", flush=True)
+            last = res["checkpoints"][-1] if res.get("checkpoints") else {}
+            dec = f", decode {last['decode_ms']:.1f} ms/token at {todo[-1]}" if last.get("decode_ms") else ""
+            print(f"[bench context]   {m}: {todo[-1] / res['seconds']:.0f} tok/s overall, {res['seconds']:.1f}s{dec}",
+                  flush=True)
+    base_len = 1024 if 1024 in lengths else min(lengths)
     rows = []
     for L in lengths:
         row: dict[str, Any] = {"length": L}
@@ -288,42 +510,87 @@ def run(args: argparse.Namespace) -> int:
             row[f"tps_{m}"] = statistics.median(p["tps"] for p in per)
             row[f"tps_at_{m}"] = statistics.median(p["tps_at"] for p in per)
             row[f"rss_{m}"] = statistics.median(p["peak_rss"] for p in per)
-            if m == "memkit":  # memory grows linearly with what has left the window: pages at L
-                last = runs[m][0]
-                frac = min(1.0, L / last["tokens"])
-                row["pages_memkit"] = last.get("pages_bytes", 0) * frac
-                row["vectors_memkit"] = last.get("vectors_bytes", 0) * frac
+            row[f"decode_{m}"] = _median([p.get("decode_ms") for p in per])
+            row[f"first_{m}"] = _median([p.get("first_token_ms") for p in per])
+            if m == "full":
+                row["kvcache_full"] = _median([p.get("kv_cache_bytes") for p in per])
+            else:
+                row[f"pages_{m}"] = _median([p.get("pages_bytes") for p in per])
+                row[f"vectors_{m}"] = _median([p.get("vectors_bytes") for p in per])
+                if row[f"pages_{m}"] is not None:
+                    row[f"other_{m}"] = row[f"rss_{m}"] - row[f"pages_{m}"] - (row[f"vectors_{m}"] or 0)
         if row.get("tps_memkit") and row.get("tps_window"):
             row["memkit_over_window"] = row["tps_memkit"] / row["tps_window"]
             row["memkit_over_window_at"] = row["tps_at_memkit"] / row["tps_at_window"]
         if row.get("tps_memkit") and row.get("tps_full"):
             row["memkit_over_full"] = row["tps_memkit"] / row["tps_full"]
         rows.append(row)
-    mib = lambda v: f"{v / 2**20:.0f} MiB"  # noqa: E731
-    cols = [report.Column("length", "context")]
-    for m in runs:
-        cols.append(report.Column(f"tps_{m}", f"{m} tok/s", ".0f"))
+    base = next((r for r in rows if r["length"] == base_len), {})
+    for row in rows:
+        for m in runs:
+            if row.get(f"decode_{m}") and base.get(f"decode_{m}"):
+                row[f"decode_ratio_{m}"] = row[f"decode_{m}"] / base[f"decode_{m}"]
+    mib = lambda v: f"{v / 2**20:,.0f} MiB"  # noqa: E731
+    cols = [report.Column("length", "context", ",")]
+    cols += [report.Column(f"tps_{m}", f"{m} tok/s", ".0f") for m in runs]
     cols += [report.Column("memkit_over_window", "memkit/window", ".2f"),
              report.Column("memkit_over_full", "memkit/full", ".2f")]
-    for m in runs:
-        cols.append(report.Column(f"rss_{m}", f"{m} peak RSS", mib))
-    cols.append(report.Column("pages_memkit", "memkit pages", mib))
+    if args.decode_tokens:
+        cols += [report.Column(f"decode_{m}", f"{m} decode ms/tok", ".1f") for m in runs]
+        cols += [report.Column(f"decode_ratio_{m}", f"{m} decode x{base_len // 1024 or base_len}"
+                               f"{'k' if base_len >= 1024 else ''}", ".2f") for m in runs if m in ("memkit", "longmem")]
+    cols += [report.Column(f"rss_{m}", f"{m} peak RSS", mib) for m in runs]
+    cols += [report.Column(f"pages_{m}", f"{m} pages", mib) for m in runs if m in ("memkit", "longmem")]
+    cols += [report.Column(f"vectors_{m}", f"{m} vectors", lambda v: f"{v / 2**10:,.0f} KiB")
+             for m in runs if m in ("memkit", "longmem")]
+    cols += [report.Column(f"other_{m}", f"{m} RSS - memory", mib) for m in runs if m in ("memkit", "longmem")]
+    first = {m: rs[0] for m, rs in runs.items() if rs}
+    acct = _accounting(rows, list(runs), lengths)
     notes = [f"{repeats} repeat(s) per set-up, interleaved in shuffled order; figures are medians over repeats.",
-             "tok/s = L / seconds to read the first L tokens (blockwise forward, no loss); memkit/window and "
-             "memkit/full are ratios of those.",
-             f"full attention runs only up to the model's {npos} positions.",
-             f"memkit config: top_k={cfg.top_k}, window={cfg.window}, block={cfg.block_size}, "
-             f"chunk={cfg.chunk_size}, backend={cfg.bank.backend}, kv dtype={cfg.kvstore.dtype}.",
-             f"total wall time {time.perf_counter() - t_start:.0f}s."]
-    raw = {m: [{k: v for k, v in r.items()} for r in rs] for m, rs in runs.items()}
-    paths = report.write_results("context", rows, cols, "Throughput and peak memory vs context length",
-                                 out_dir=args.out_dir, notes=notes, plots=_plots(rows, list(runs)),
-                                 extra={"runs": raw, "config": cfg.to_dict(), "model": args.model or "SmolLM2-135M"})
+             "tok/s = L / seconds to read the first L tokens (memkit: `memory.ingest` in segments ending at each L; "
+             "full: blockwise forward into a DynamicCache); memkit/window and memkit/full are ratios of those.",
+             f"decode ms/tok: median time per generated token ({args.decode_tokens} greedy tokens) after L tokens were "
+             f"read, from a prompt of the next sinks + window + chunk tokens; decode xN = ms/tok at L / ms/tok at "
+             f"{base_len}.",
+             f"full attention runs only up to the model's {npos} positions"
+             + "".join(f"; {m} up to {c:,} tokens (--caps)" for m, c in caps.items()) + ".",
+             f"memkit config: top_k={cfg.top_k}, window={cfg.window}, block={cfg.block_size}, sinks={cfg.sink_tokens}, "
+             f"chunk={cfg.chunk_size}, memory layers={cfg.memory_layers}, backend={cfg.bank.backend}, "
+             f"kv dtype={cfg.kvstore.dtype}, retriever={cfg.retriever}.",
+             "RSS - memory = peak RSS minus the memory's K/V pages and bank vectors at L."]
+    for m, r in first.items():
+        parts = [f"weights {report_bytes(r.get('weights_bytes'))}"]
+        if r.get("local_kv_bytes") is not None:
+            parts.append(f"local K/V (sinks + window + block) {report_bytes(r['local_kv_bytes'])}")
+        if r.get("retrieved_kv_bytes") is not None:
+            parts.append(f"retrieved K/V per block {report_bytes(r['retrieved_kv_bytes'])}")
+        notes.append(f"{m} byte breakdown: " + ", ".join(parts) + "; pages and vectors per length in the table.")
+    for a in acct:
+        notes.append(f"{a['setup']}: peak RSS at {a['to']:,} exceeds the {a['from']:,} figure by "
+                     f"{report_bytes(a['rss_diff'])}; its pages + vectors grew by {report_bytes(a['memory_diff'])} "
+                     f"(difference {report_bytes(a['excess'])}).")
+    notes.append(f"total wall time {time.perf_counter() - t_start:.0f}s.")
+    raw = {m: list(rs) for m, rs in runs.items()}
+    weights = next((r.get("weights_bytes") for r in first.values()), None)
+    paths = report.write_results("context", rows, cols, "Reading speed, decode latency and peak memory vs context length",
+                                 out_dir=args.out_dir, notes=notes, plots=_plots(rows, list(runs), weights),
+                                 extra={"runs": raw, "config": cfg.to_dict(), "model": args.model or "SmolLM2-135M",
+                                        "accounting": acct, "decode_base_length": base_len,
+                                        "setups": list(runs), "repeats": repeats})
     print()
     print(report.markdown_table(rows, cols))
     print("\n" + "\n".join(f"- {n}" for n in notes))
-    print(f"\nJSON: {paths['json']}\nmarkdown: {paths['md']}\nplots: {paths.get('speed')}, {paths.get('memory')}")
+    print(f"\nJSON: {paths['json']}\nmarkdown: {paths['md']}\nplots: "
+          + ", ".join(str(paths[k]) for k in ("speed", "decode", "memory") if k in paths))
     return 0
+
+
+def report_bytes(n: float | None) -> str:
+    """Bytes as MiB/GiB text (signed), '—' for None."""
+    if n is None:
+        return "—"
+    a = abs(n)
+    return f"{n / 2**30:.2f} GiB" if a >= 2**30 else f"{n / 2**20:.1f} MiB" if a >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def main(argv: list[str] | None = None) -> int:
