@@ -28,10 +28,13 @@ from memkit.integrations.attention import ATTN_NAME, RUNTIMES, attend_core, orig
 from memkit.integrations.context import CallState, Evicted
 from memkit.integrations.positions import Rotary
 
+from memkit._malloc import trim
 from memkit.config import MemoryConfig, resolve_layers
 from memkit.errors import ConfigError, InvalidInputError, UnsupportedModelError
 
 __all__ = ["Runtime", "find_attention_modules"]
+
+TRIM_EVERY = 4  # blocks between malloc_trim calls: ~1 ms each against ~1 s per block
 
 
 def find_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -80,6 +83,7 @@ class Runtime:
         self.call_base: list[int] = []  # token offset of this call in each row's namespace
         self._offsets: dict[str, int] = {}  # next token index per namespace: spans keep time order across calls
         self._hooks: list[Any] = []
+        self._stores = 0  # blocks that stored chunks; every TRIM_EVERY-th returns free heap to the OS
         self._install()
         try:
             self._probe()
@@ -223,10 +227,16 @@ class Runtime:
         self.call_active = True
 
     def _span_end(self, namespace: str) -> int:
-        """Where this namespace's next tokens start: after every span stored so far (calls never overlap)."""
+        """Where this namespace's next tokens start: after every span stored so far (calls never overlap).
+
+        A namespace the memory no longer holds (``memory.reset()``) starts again at 0, so trace spans stay
+        the token positions of the new input."""
+        spaces = getattr(self.memory, "_ns", None) if hasattr(self, "memory") else None
+        if isinstance(spaces, dict) and namespace not in spaces:
+            self._offsets.pop(namespace, None)
+            return 0
         if namespace in self._offsets:
             return self._offsets[namespace]
-        spaces = getattr(self.memory, "_ns", None) if hasattr(self, "memory") else None
         ns = spaces.get(namespace) if isinstance(spaces, dict) else None
         spans = getattr(ns, "spans", None)
         return max((int(e) for _, e in spans.values()), default=0) if spans else 0
@@ -238,6 +248,8 @@ class Runtime:
                 self._offsets[ns] = max(self._offsets.get(ns, 0), end)
         self.call_active = self.step_active = False
         self.state = None
+        if self.mode != "probe":
+            trim()
         if self.progress is not None:
             self.progress.close()
             self.progress = None
@@ -287,6 +299,9 @@ class Runtime:
         evicted = state.commit(state.blk_ids)
         if evicted:
             self._store(evicted)
+            self._stores += 1
+            if self._stores % TRIM_EVERY == 0:
+                trim()  # pages pile up between freed activations: hand free heap back (memkit/_malloc.py)
         if self.progress is not None:
             before = state.cols - state.blk_ids.shape[1]
             self.progress.update(max(0, min(state.cols, self.prompt_cols) - min(before, self.prompt_cols)))

@@ -171,3 +171,16 @@ def test_calls_into_one_namespace_keep_time_order() -> None:
     assert all(a[0] < b[0] for a, b in itertools.pairwise(ordered))
     assert ordered[-1][1] <= 100 + 60 + 120
     assert any(s >= 160 for s, _ in ordered)  # the forward call's chunks sit after both documents
+
+
+def test_reset_restarts_spans_at_zero() -> None:
+    """After memory.reset() a new input's chunks (and the trace) use that input's own token positions."""
+    wrapped = memkit.wrap(tiny_model("llama"), **CFG)
+    with torch.no_grad():
+        wrapped(_ids(120, 1))
+        first = sorted(map(tuple, wrapped.memory.manager._ns["default"].spans.values()))
+        wrapped.memory.reset()
+        wrapped(_ids(120, 2))
+    again = sorted(map(tuple, wrapped.memory.manager._ns["default"].spans.values()))
+    assert first == again and max(e for _, e in again) <= 120
+    assert all(0 <= t["span"][0] < t["span"][1] <= 120 for t in wrapped.memory.trace())
