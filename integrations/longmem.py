@@ -166,7 +166,7 @@ class LongMemRuntime(Runtime):
         if cfg.sidenet:
             layers = decoder_layers(self.base, self.attn)
             self.final_norm = final_norm(self.base)
-            self.sidenet = SideNet(layers, config=self.hf_config, first_index=self.L)
+            self.sidenet = SideNet(layers, config=self.hf_config, first_index=self.L, parity=self.mem_layer % 2)
             self.side_attn = self.sidenet.attention_modules()
             for m in self.side_attn:
                 m._memkit_runtime = self
@@ -276,27 +276,12 @@ class LongMemRuntime(Runtime):
         dev = query.device
         q_free = self.rotary.rotate(layer, query, lay.blk_pos, inverse=True, tag="blk")  # (B, Hq, T, D)
         heads = torch.arange(Hq, device=dev) // (Hq // H)  # (Hq,) K/V head of each query head
-        slots = torch.zeros(B, Hq, T, k, dtype=torch.long, device=dev)
-        valid = torch.zeros(B, Hq, T, k, dtype=torch.bool, device=dev)
-        starts = torch.zeros(B, Hq, T, k, dtype=torch.long, device=dev)
-        pages, offset = [], 0
-        qf = q_free.detach().float().cpu()  # (B, Hq, T, D)
-        for r in self._mem_rows:
-            qv = torch.zeros(Hq, T, H, D)  # each head's query in its K/V head's block
-            qv[torch.arange(Hq), :, heads.cpu()] = qf[r]
-            got = self.memory.search_chunks(qv.reshape(Hq * T, H * D).numpy(), self.namespaces[r], k,
-                                            device=dev, dtype=torch.float32)
-            if got is None:
-                continue
-            ids, slot, pg, st = got  # (n, k), (n, k), (u, 2, H, c, D), (n, k)
-            slots[r] = slot.reshape(Hq, T, k).to(dev) + offset
-            valid[r] = (ids >= 0).reshape(Hq, T, k).to(dev)
-            starts[r] = st.reshape(Hq, T, k).to(dev)
-            pages.append(pg)
-            offset += pg.shape[0]
-        if not pages:
+        replay = getattr(self, "_ckpt_replay", None)  # gradient checkpointing: backward replays this search
+        found = replay.memo(lambda: self._search(q_free, heads)) if replay is not None else \
+            self._search(q_free, heads)
+        if found is None:
             return torch.zeros(B, T, Hq, D, device=dev), torch.zeros(B, T, Hq, dtype=torch.bool, device=dev)
-        P = torch.cat(pages)  # (U, 2, H, c, D)
+        P, slots, valid, starts = found  # (U, 2, H, c, D), (B, Hq, T, k) x 3
         hidx = heads[None, :, None, None].expand(B, Hq, T, k)
         mk = P[slots, 0, hidx].reshape(B, Hq, T, M, D)  # position-free memory keys, time order
         mv = P[slots, 1, hidx].reshape(B, Hq, T, M, D)
@@ -318,6 +303,35 @@ class LongMemRuntime(Runtime):
         out = torch.einsum("bhtm,bhtmd->bhtd", w, mv.float())  # (B, Hq, T, D)
         has = mvalid.any(-1)  # (B, Hq, T)
         return out.transpose(1, 2), has.transpose(1, 2)
+
+    def _search(self, q_free: torch.Tensor, heads: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Token-to-chunk retrieval of a block: q_free (B, Hq, T, D) -> pages (U, 2, H, c, D) and, per token and
+        query head, slot (B, Hq, T, k) into them, valid (B, Hq, T, k) and token start (B, Hq, T, k); None if no
+        row has memory."""
+        B, Hq, T, D = q_free.shape
+        H, k, dev = self.kv_heads, self.k_chunks, q_free.device
+        slots = torch.zeros(B, Hq, T, k, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, Hq, T, k, dtype=torch.bool, device=dev)
+        starts = torch.zeros(B, Hq, T, k, dtype=torch.long, device=dev)
+        pages, offset = [], 0
+        qf = q_free.detach().float().cpu()  # (B, Hq, T, D)
+        for r in self._mem_rows:
+            qv = torch.zeros(Hq, T, H, D)  # each head's query in its K/V head's block
+            qv[torch.arange(Hq), :, heads.cpu()] = qf[r]
+            got = self.memory.search_chunks(qv.reshape(Hq * T, H * D).numpy(), self.namespaces[r], k,
+                                            device=dev, dtype=torch.float32)
+            if got is None:
+                continue
+            ids, slot, pg, st = got  # (n, k), (n, k), (u, 2, H, c, D), (n, k)
+            slots[r] = slot.reshape(Hq, T, k).to(dev) + offset
+            valid[r] = (ids >= 0).reshape(Hq, T, k).to(dev)
+            starts[r] = st.reshape(Hq, T, k).to(dev)
+            pages.append(pg)
+            offset += pg.shape[0]
+        if not pages:
+            return None
+        return torch.cat(pages), slots, valid, starts
 
     # ------------------------------------------------------------------ memory writes
     def _store(self, evicted: list[Any]) -> None:

@@ -1,9 +1,12 @@
 """The residual SideNet of LongMem (Wang et al. 2023, "Augmenting Language Models with Long-Term Memory").
 
 LongMem keeps the backbone LLM frozen and trains a light *SideNet* beside it: ``L/2`` decoder layers, layer
-``j`` initialised from backbone layer ``2j + 1`` (every second layer), fed by *cross-network residual
+``j`` initialised from backbone layer ``2j + p`` (every second layer), fed by *cross-network residual
 connections* from the backbone's hidden states, with the memory-augmented layer inside it, and sharing the
-backbone's final norm and LM head. The paper's recursion is::
+backbone's final norm and LM head. memkit picks the parity ``p`` of the backbone's memory layer, so the side
+layer that attends memory is a copy of the very layer whose keys memory holds: its query projection starts
+in the same space as the memory keys (with the other parity it would query layer ``l``'s keys with layer
+``l + 1``'s projection, and a short training run has to undo that first). The paper's recursion is::
 
     H_side^j = f_j(H_side^(j-1)) + (H_llm^(2j+2) - H_llm^(2j)),      H_side^(-1) = H_llm^0
 
@@ -57,13 +60,13 @@ def final_norm(base: nn.Module) -> nn.Module:
 class SideNet(nn.Module):
     """``L // 2`` trainable decoder layers beside a frozen backbone; see the module docstring."""
 
-    def __init__(self, layers: list[nn.Module], *, config: Any, first_index: int) -> None:
+    def __init__(self, layers: list[nn.Module], *, config: Any, first_index: int, parity: int = 1) -> None:
         super().__init__()
         n_back = len(layers)
         if n_back < 2:
             raise UnsupportedModelError(f"a SideNet needs a backbone of at least 2 layers, got {n_back}")
         self.num_backbone_layers = n_back
-        self.sources = [2 * j + 1 for j in range(n_back // 2)]  # backbone layer each side layer copies
+        self.sources = [2 * j + parity % 2 for j in range(n_back // 2)]  # backbone layer each side layer copies
         # The copies share the HF config object (the attention implementation is read from it at call time).
         self.layers = nn.ModuleList(copy.deepcopy(layers[s], memo={id(config): config}) for s in self.sources)
         self.first_index = first_index

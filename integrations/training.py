@@ -19,12 +19,21 @@ at block boundaries (the window's K/V are kept detached), as in both papers' seg
 (``memkit_weights.safetensors`` + ``memkit_training.json`` with the LoRA settings);
 ``memkit.from_pretrained(base_model, dir)`` wraps the base model again, re-injects the LoRA and loads them.
 
+Gradient checkpointing (``gradient_checkpointing=True``, :func:`enable_gradient_checkpointing`): every decoder
+layer (backbone and SideNet) runs under non-reentrant ``torch.utils.checkpoint`` and is recomputed in backward.
+memkit's attention reads per-step state that has moved on by then (the block was committed, the call ended),
+so each checkpointed call records what its attention read and what the LongMem memory search returned, and
+the recomputation replays exactly that: gradients equal those without checkpointing (tested). Mixed precision:
+``"bf16"`` runs under ``torch.autocast`` on CPU and CUDA, ``"fp16"`` (with a gradient scaler) on CUDA only;
+``"auto"`` picks bf16/fp16 on CUDA and full precision on CPU, where autocast is usually slower.
+
 HF ``Trainer``: call :func:`prepare_for_training` (freezes the backbone, adds LoRA, returns the trainable
 parameters) and pass the wrapped model; its ``forward(input_ids, attention_mask, labels)`` returns ``.loss``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -38,8 +47,8 @@ import torch
 
 from memkit.errors import ConfigError, CorruptFileError, IncompatibleMemoryError, InvalidInputError, MissingDependencyError
 
-__all__ = ["TrainResult", "train", "prepare_for_training", "trainable_parameters", "save_weights", "load_weights",
-           "WEIGHTS_FILE", "TRAINING_FILE"]
+__all__ = ["TrainResult", "train", "prepare_for_training", "enable_gradient_checkpointing", "trainable_parameters",
+           "save_weights", "load_weights", "WEIGHTS_FILE", "TRAINING_FILE"]
 
 WEIGHTS_FILE = "memkit_weights.safetensors"
 TRAINING_FILE = "memkit_training.json"
@@ -174,6 +183,130 @@ def load_weights(model: Any, directory: Path) -> bool:
     return True
 
 
+# ---------------------------------------------------------------------------------------------- checkpointing
+class _Replay:
+    """What one checkpointed layer call read from memkit's per-step state, in call order.
+
+    The first run of the layer records (``memo`` runs the function and keeps its value); the recomputation in
+    backward, which happens after the block was committed or the call ended, gets the same values back in the
+    same order instead of reading state that has moved on.
+    """
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.pos = 0
+        self.replaying = False
+        self.step_active = False
+
+    def memo(self, fn: Callable[[], Any]) -> Any:
+        if not self.replaying:
+            value = fn()
+            self.items.append(value)
+            return value
+        value = self.items[self.pos]
+        self.pos += 1
+        return value
+
+
+# Runtime attributes a layer's attention reads that change from step to step (``state`` is snapshotted).
+_STEP_ATTRS = ("mode", "namespaces", "call_base", "_mem_rows")
+
+
+def _snapshot(rt: Any) -> dict[str, Any]:
+    """The per-step state one attention call reads, frozen: later commits replace (never edit) these tensors,
+    except the sinks, which are written in place once and are cloned here (a few tokens)."""
+    st = copy.copy(rt.state)
+    st.win_k, st.win_v = list(st.win_k), list(st.win_v)
+    st.sink_k = [None if t is None else t.clone() for t in st.sink_k]
+    st.sink_v = [None if t is None else t.clone() for t in st.sink_v]
+    st.mem_k, st.mem_v = dict(st.mem_k), dict(st.mem_v)
+    st.pending_k, st.pending_v, st.pending_q = {}, {}, None  # replay writes go here, never to the live state
+    out = {n: getattr(rt, n) for n in _STEP_ATTRS if hasattr(rt, n)}
+    out["state"] = st
+    return out
+
+
+def _checkpointed_forward(rt: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
+    from torch.utils.checkpoint import checkpoint
+
+    def run_layer(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        rec = _Replay()
+
+        def run(*a: Any) -> Any:
+            prev = rt._ckpt_replay, rt.step_active
+            rt._ckpt_replay = rec
+            if rec.replaying:  # backward's recomputation: route attention to memkit as in the first run
+                rec.pos = 0
+                rt.step_active = rec.step_active
+            else:
+                rec.step_active = rt.step_active
+            try:
+                return forward(*a, **kwargs)
+            finally:
+                rt._ckpt_replay, rt.step_active = prev
+                rec.replaying = True
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    return run_layer
+
+
+def enable_gradient_checkpointing(model: Any) -> Callable[[], None]:
+    """Checkpoint every decoder layer of a wrapped model (and of its SideNet); returns a function that undoes it.
+
+    Non-reentrant ``torch.utils.checkpoint`` per layer: activations inside a layer are recomputed in backward.
+    memkit's attention reads per-step state (window, sinks, retrieved memory, positions) that has moved on by
+    the time backward runs, so each checkpointed call records what its attention read (and, in the LongMem
+    style, what its memory search returned) and the recomputation replays exactly that: gradients equal
+    those without checkpointing.
+    """
+    from memkit.integrations.sidenet import decoder_layers
+
+    rt = _rt(model)
+    if getattr(rt, "_ckpt_undo", None) is not None:
+        return rt._ckpt_undo
+    layers = decoder_layers(rt.base, rt.attn)
+    if getattr(rt, "sidenet", None) is not None:
+        layers += list(rt.sidenet.layers)
+    attend = rt.attend
+    rt._ckpt_replay = None
+
+    def replaying_attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         **kwargs: Any) -> Any:
+        rec = rt._ckpt_replay
+        if rec is None:
+            return attend(module, query, key, value, **kwargs)
+        step = rec.memo(lambda: _snapshot(rt))
+        if not rec.replaying:
+            return attend(module, query, key, value, **kwargs)
+        saved, cache = {n: getattr(rt, n) for n in step}, rt.rotary._cache
+        try:
+            for n, v in step.items():
+                setattr(rt, n, v)
+            rt.rotary._cache = {}  # cos/sin of the replayed step's positions, not of the last step
+            return attend(module, query, key, value, **kwargs)
+        finally:
+            for n, v in saved.items():
+                setattr(rt, n, v)
+            rt.rotary._cache = cache
+
+    rt.attend = replaying_attend
+    for layer in layers:
+        layer.forward = _checkpointed_forward(rt, layer.forward)
+
+    def undo() -> None:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+        rt.__dict__.pop("attend", None)
+        rt._ckpt_replay = None
+        rt._ckpt_undo = None
+
+    rt._ckpt_undo = undo
+    return undo
+
+
 # ---------------------------------------------------------------------------------------------- training
 def _schedule(docs: list[torch.Tensor], seg: int, per_doc: int | None, steps: int) -> Iterable[tuple[torch.Tensor, int]]:
     """(document, segment start) for each step: documents in turn, each from its start, in order."""
@@ -236,16 +369,14 @@ def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int
     segments (None = to its end), with memory reset when a document starts; the list repeats until ``steps``.
     ``lr`` for SideNet layers / LoRA weights; ``gate_lr`` for the LongMem gate logits (they start at -8 and
     must move by units to open) and ``scale_lr`` for the SideNet's residual scales (they start at 0).
+    ``gradient_checkpointing`` recomputes each decoder layer in backward (same gradients, less memory);
+    ``mixed_precision``: None, ``"auto"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA). A step whose loss
+    no trained parameter took part in (LongMem without SideNet while memory is still empty) changes nothing.
     Returns a :class:`TrainResult`; the model is left in eval mode.
     """
     rt = _rt(model)
     if not isinstance(steps, int) or steps < 1 or not isinstance(segment_len, int) or segment_len < 2:
         raise InvalidInputError(f"train needs steps >= 1 and segment_len >= 2, got {steps}, {segment_len}")
-    if gradient_checkpointing:
-        raise ConfigError("gradient_checkpointing is not supported: memkit's attention keeps per-block state that a "
-                          "recomputation in backward would not see. The frozen backbone stores no activations "
-                          "below the first trained layer (none at all with the SideNet), which is where "
-                          "checkpointing would have saved memory")
     docs = _documents(model, texts, tokenizer)
     params = prepare_for_training(model, lora=lora)
     named = trainable_parameters(model)
@@ -262,6 +393,7 @@ def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int
     result = TrainResult(steps=0, tokens=0, seconds=0.0, trainable=sum(p.numel() for p in params),
                          mixed_precision=mp)
     t0 = time.perf_counter()
+    undo = enable_gradient_checkpointing(model) if gradient_checkpointing else None
     model.train()
     grad_was_enabled = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # training works even if the caller disabled gradients globally
@@ -280,14 +412,18 @@ def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int
             if not torch.isfinite(loss):
                 raise InvalidInputError(f"training loss became {float(loss)} at step {step}; lower lr")
             opt.zero_grad(set_to_none=True)
-            if scaler is not None:
+            if not loss.requires_grad:
+                pass  # nothing trained took part (e.g. LongMem without SideNet before memory holds anything)
+            elif scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)
             else:
                 loss.backward()
-            if max_grad_norm and math.isfinite(max_grad_norm):
+            if loss.requires_grad and max_grad_norm and math.isfinite(max_grad_norm):
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            if scaler is not None:
+            if not loss.requires_grad:
+                pass
+            elif scaler is not None:
                 scaler.step(opt)
                 scaler.update()
             else:
@@ -300,6 +436,8 @@ def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int
             if log_every and (step + 1) % log_every == 0:
                 print(f"memkit train step {step + 1}/{steps} loss {value:.4f}", flush=True)
     finally:
+        if undo is not None:
+            undo()
         torch.set_grad_enabled(grad_was_enabled)
         model.eval()
         model.memory.reset("default")

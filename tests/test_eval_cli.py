@@ -36,26 +36,12 @@ def memkit_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Complete
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(folder with a tiny HF model + tokenizer, text file, memkit config file)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from memkit.corpora import play_text
-    from memkit.testing.tiny_models import tiny_model
+    from memkit.testing.tiny_models import tiny_hf_folder
 
     root = tmp_path_factory.mktemp("tiny")
-    text = play_text("hamlet")[:12_000]
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
-    folder = root / "model"
-    tok.save_pretrained(folder)
-    tiny_model("llama", vocab_size=len(tok), max_positions=2048).save_pretrained(folder)
-    (root / "text.txt").write_text(text)
+    folder, text = tiny_hf_folder(root)
     (root / "memkit.yaml").write_text(TINY_CONFIG)
-    return folder, root / "text.txt", root / "memkit.yaml"
+    return folder, text, root / "memkit.yaml"
 
 
 def test_eval_ppl_end_to_end(tiny, tmp_path):

@@ -76,6 +76,27 @@ def test_initial_gate_is_nearly_window_only_and_open_gate_uses_memory() -> None:
     assert (opened[:, 64:] - window[:, 64:]).abs().max() > 0.1  # memory is really attended
 
 
+@pytest.mark.parametrize("layers", [4, 5])
+def test_untrained_sidenet_equals_window_only_and_its_memory_layer_copies_the_memory_layer(layers: int) -> None:
+    """Residual scales at 0: the untrained SideNet reproduces the backbone bit for bit even with memory full and
+    the gate wide open; the side layer that attends memory is a copy of the backbone layer memory comes from."""
+    model = tiny_model("llama", layers=layers)
+    ids = _ids(120, 3)
+    window = _run(model, ids, top_k=0)
+    wrapped = memkit.wrap(model, **CFG, sidenet=True)
+    rt = wrapped._rt
+    side = rt.sidenet
+    assert rt.aug_layer >= rt.L and len(side.layers) == layers // 2
+    assert side.sources[rt.aug_layer - rt.L] == rt.mem_layer
+    assert all(b - a == 2 for a, b in zip(side.sources, side.sources[1:]))  # every second backbone layer
+    _open_gate(wrapped, 10.0)
+    with torch.no_grad():
+        out = wrapped(ids, all_logits=True).logits
+    assert wrapped.memory.num_chunks() > 0
+    memkit.unwrap(wrapped)
+    torch.testing.assert_close(out, window, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize(("arch", "sidenet", "positions", "scheme"), [
     ("llama", False, "none", "contiguous"), ("llama", True, "none", "contiguous"),
     ("llama", False, "scheme", "contiguous"), ("qwen2", False, "scheme", "zero"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -115,10 +116,93 @@ def test_hf_trainer_runs_on_a_wrapped_model(tmp_path: Path) -> None:
     assert not torch.equal(wrapped.memkit_modules["gate"].logits, gate0)
 
 
+def _grads(wrapped: memkit.integrations.wrap.MemkitModel, params: list[torch.nn.Parameter], doc: torch.Tensor
+           ) -> tuple[float, list[torch.Tensor | None]]:
+    wrapped.memory.reset()
+    wrapped.train()
+    for p in params:
+        p.grad = None
+    loss = wrapped(doc[None], labels=doc[None]).loss
+    loss.backward()
+    wrapped.eval()
+    return float(loss.detach()), [None if p.grad is None else p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize(("arch", "cfg", "extra"), [
+    ("llama", LONGMEM, {"sidenet": True}),
+    ("llama", LONGMEM, {}),  # the gate inside a backbone layer: backbone layers 2-3 are recomputed
+    ("gemma3", LONGMEM, {"sidenet": True, "longmem_positions": "scheme"}),
+    ("qwen2", MEMLONG, {}),  # LoRA on the retrieval layers
+])
+def test_gradient_checkpointing_gives_the_same_gradients(arch: str, cfg: dict, extra: dict) -> None:
+    """Each decoder layer is recomputed in backward, after the block was committed and the call ended; the
+    recomputation replays what attention read (window, sinks, memory, retrieval) and gradients are unchanged."""
+    from memkit.integrations.training import enable_gradient_checkpointing, prepare_for_training
+
+    wrapped = memkit.wrap(tiny_model(arch), **cfg, **extra, **({"gate_init": 0.0} if cfg is LONGMEM else {}))
+    params = prepare_for_training(wrapped, lora={"r": 4} if cfg is MEMLONG else None)
+    if extra.get("sidenet"):
+        with torch.no_grad():
+            wrapped.memkit_modules["sidenet"].scales.fill_(0.5)  # the side layers take part in the loss
+    with torch.no_grad():
+        for p in params:
+            if p.dim() == 2 and not bool(p.abs().sum() > 0):
+                p.normal_(0.0, 0.1)  # LoRA B starts at 0 (so A would get no gradient): give both a gradient
+    doc = _doc(150, seed=2)  # 10 blocks; memory fills from the third
+    loss0, ref = _grads(wrapped, params, doc)
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in ref) == len(params)
+    undo = enable_gradient_checkpointing(wrapped)
+    replays = []
+    from memkit.integrations import training
+
+    memo = training._Replay.memo
+    training._Replay.memo = lambda self, fn: (replays.append(self.replaying), memo(self, fn))[1]  # count, same call
+    try:
+        loss1, got = _grads(wrapped, params, doc)
+    finally:
+        training._Replay.memo = memo
+        undo()
+    assert any(replays) and not all(replays)  # recorded in forward, replayed in backward
+    assert loss1 == loss0
+    for name, a, b in zip([str(i) for i in range(len(params))], ref, got):
+        assert b is not None, name
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert all("forward" not in layer.__dict__ for layer in wrapped.hf_model.modules())  # undo restored them
+    res = memkit.train(wrapped, [doc], steps=2, segment_len=64, gradient_checkpointing=True,
+                       lora={"r": 4} if cfg is MEMLONG else None)
+    assert res.steps == 2 and all(math.isfinite(x) for x in res.losses)
+
+
+def test_bf16_autocast_on_cpu() -> None:
+    """mixed_precision='bf16' trains under CPU autocast; its loss stays close to the fp32 loss."""
+    wrapped = memkit.wrap(tiny_model("llama"), **LONGMEM, sidenet=True)
+    doc = _doc(120, seed=3)
+    with torch.no_grad():
+        ref = float(wrapped(doc[None], labels=doc[None]).loss)
+        wrapped.memory.reset()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = wrapped(doc[None], labels=doc[None], all_logits=True)
+    assert out.logits.dtype == torch.bfloat16 and abs(float(out.loss) - ref) < 0.05
+    wrapped.memory.reset()
+    res = memkit.train(wrapped, [doc], steps=3, segment_len=40, mixed_precision="bf16", lr=1e-3)
+    assert res.mixed_precision == "bf16" and all(math.isfinite(x) for x in res.losses)
+    assert abs(res.losses[0] - ref) < 0.5
+    assert memkit.train(wrapped, [doc], steps=1, segment_len=40, mixed_precision="auto").mixed_precision is None
+
+
+def test_longmem_gate_only_trains_when_the_first_segment_has_no_memory() -> None:
+    """Without a SideNet the gate is the only parameter; a segment with empty memory has no gradient and is
+    skipped instead of failing."""
+    wrapped = memkit.wrap(tiny_model("llama"), **LONGMEM)
+    gate0 = wrapped.memkit_modules["gate"].logits.detach().clone()
+    res = memkit.train(wrapped, [_doc(160)], steps=3, segment_len=48, gate_lr=0.5)
+    assert res.steps == 3 and not torch.equal(wrapped.memkit_modules["gate"].logits.detach(), gate0)
+
+
 def test_training_errors_are_typed(tmp_path: Path) -> None:
     wrapped = memkit.wrap(tiny_model("llama"), **LONGMEM)
     with pytest.raises(memkit.MemkitError):
-        memkit.train(wrapped, [_doc()], steps=1, gradient_checkpointing=True)
+        memkit.train(wrapped, [_doc()], steps=1, mixed_precision="fp16")  # fp16 needs CUDA
     with pytest.raises(memkit.MemkitError):
         memkit.train(wrapped, [_doc()], steps=1, lora=True)  # LoRA is for the MemLong style
     with pytest.raises(memkit.MemkitError):

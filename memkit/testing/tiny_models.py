@@ -3,6 +3,8 @@
 Each is a real transformers model class with a few layers and small widths (built in milliseconds, no
 download). Gemma3 alternates sliding-window and global layers; Llama/Qwen2/Mistral use grouped K/V heads;
 GPT-2 has learned absolute positions instead of RoPE. Weights are seeded, so runs are reproducible.
+:func:`tiny_hf_folder` saves a tiny Llama with a small BPE tokenizer trained on a play, so the CLI can be
+tested end to end on a real local HF folder.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["ARCHITECTURES", "one_thread", "tiny_config", "tiny_model"]
+__all__ = ["ARCHITECTURES", "one_thread", "tiny_config", "tiny_model", "tiny_hf_folder"]
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3", "gpt2")
 
@@ -74,3 +76,30 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def tiny_hf_folder(root: Any, *, play: str = "hamlet", chars: int = 12_000) -> tuple[Any, Any]:
+    """Save a tiny random Llama + a 320-token BPE tokenizer trained on ``play`` under ``root``/model.
+
+    Returns (model folder, text file holding the first ``chars`` characters of the play).
+    """
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from memkit.corpora import play_text
+
+    root = Path(root)
+    text = play_text(play)[:chars]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+    folder = root / "model"
+    tok.save_pretrained(folder)
+    tiny_model("llama", vocab_size=len(tok), max_positions=2048).save_pretrained(folder)
+    (root / "text.txt").write_text(text)
+    return folder, root / "text.txt"
