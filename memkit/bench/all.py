@@ -665,21 +665,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="memkit bench all", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--quality-worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.quality_worker:
-        print(json.dumps(report._jsonable(quality_worker(json.loads(args.quality_worker)))), flush=True)
-        return 0
-    from memkit.errors import MemkitError
-
-    try:
-        return run(args)
-    except MemkitError as exc:
-        print(f"memkit: error: {exc}", file=sys.stderr)
-        return 2
-
+    return report.bench_main("memkit bench all", __doc__ or "", add_arguments, run, "--quality-worker", quality_worker, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -594,21 +594,7 @@ def report_bytes(n: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="memkit bench context", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(report._jsonable(worker(json.loads(args.worker)))), flush=True)
-        return 0
-    from memkit.errors import MemkitError
-
-    try:
-        return run(args)
-    except MemkitError as exc:
-        print(f"memkit: error: {exc}", file=sys.stderr)
-        return 2
-
+    return report.bench_main("memkit bench context", __doc__ or "", add_arguments, run, "--worker", worker, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

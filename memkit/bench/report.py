@@ -47,6 +47,7 @@ __all__ = [
     "markdown_table",
     "write_results",
     "pyplot",
+    "bench_main",
 ]
 
 VERSIONED = ("numpy", "torch", "transformers", "faiss-cpu", "hnswlib", "usearch", "qdrant-client", "sqlite-utils")
@@ -301,3 +302,28 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[C
     mpath.write_text("\n".join(md).rstrip() + "\n")
     paths["json"], paths["md"] = jpath, mpath
     return paths
+
+
+def bench_main(prog: str, doc: str, add_arguments: Callable[[Any], None], run: Callable[[Any], int],
+               worker_flag: str, worker: Callable[[dict[str, Any]], Any], argv: Sequence[str] | None) -> int:
+    """``python -m memkit.bench.X``: parse, answer a hidden ``worker_flag`` (one measurement in a subprocess,
+    JSON on stdout), or run the benchmark; a MemkitError exits 2 with its message."""
+    import argparse
+    import json
+    import sys
+
+    from memkit.errors import MemkitError
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    add_arguments(parser)
+    parser.add_argument(worker_flag, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    spec = getattr(args, worker_flag.lstrip("-").replace("-", "_"))
+    if spec:
+        print(json.dumps(_jsonable(worker(json.loads(spec)))), flush=True)
+        return 0
+    try:
+        return run(args)
+    except MemkitError as exc:
+        print(f"memkit: error: {exc}", file=sys.stderr)
+        return 2

@@ -75,33 +75,9 @@ def range_loss(model: Any, ids: Any, start: int, *, progress: bool = True) -> fl
 def full_attention_loss(model: Any, ids: Any, start: int, *, block: int = 512, progress: bool = True) -> float:
     """The same loss with the plain model and full attention, block by block with a K/V cache (exact)."""
     import torch
-    import torch.nn.functional as F
-    from transformers import DynamicCache
 
-    N = ids.shape[1]
-    cache = DynamicCache()
-    total, count = 0.0, 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=N, desc="full attention", unit="tok", leave=False)
-    with torch.no_grad():
-        for s in range(0, N, block):
-            e = min(N, s + block)
-            out = model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            # logits at position i predict token i + 1; score targets in [max(start, s + 1), min(e + 1, N))
-            t0, t1 = max(start, s + 1), min(e + 1, N)
-            if t1 > t0:
-                lg = out.logits[0, t0 - 1 - s:t1 - 1 - s].float()
-                total += float(F.cross_entropy(lg, ids[0, t0:t1], reduction="sum"))
-                count += t1 - t0
-            if bar is not None:
-                bar.update(e - s)
-    if bar is not None:
-        bar.close()
-    return total / max(count, 1)
+    losses = full_attention_token_losses(model, ids, block=block, progress=progress)  # (N,), NaN at 0
+    return float(torch.nanmean(losses[max(start, 1):])) if ids.shape[1] > max(start, 1) else 0.0
 
 
 def token_losses(model: Any, ids: Any, *, progress: bool = True) -> Any:
