@@ -169,17 +169,22 @@ class MemoryConfig(_ConfigBase):
     bank: BankConfig = field(default_factory=BankConfig)
     kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
     chunk_size: int = 128  # MemLong's chunk; a 5-digit passkey plus its sentence fits in one chunk
-    top_k: int = 8  # chunks retrieved per block; 0 = window-only. On tokens 4k-8k of Richard III 8 closed 46% of the
-    # perplexity gap to full attention, 12 closed 57%, 16 closed 68%; but 12 missed a 16k passkey (depth 0.5) that 8
-    # found, with the needle chunk retrieved at rank 2 both times: more chunks dilute attention, and cost speed
+    top_k: int = 12  # chunks retrieved per block; 0 = window-only. Tokens 4k-8k of Richard III (block 256): 8 chunks
+    # closed 54% of the perplexity gap from window-only to full attention, 12 closed 67%, 16 71%; more chunks cost speed; before
+    # near-duplicates were collapsed (max_chunk_similarity) 12 diluted a 16k passkey that 8 found
     window: int = 512  # local window of recent tokens attended exactly
-    block_size: int = 512  # tokens processed per forward; larger blocks amortise retrieval
+    block_size: int = 256  # tokens per forward = tokens per retrieval: 256 closed more of the Richard III gap than 512
+    # (fresher retrieval) at the same speed; 128 was worse (a block's first tokens see less recent text)
     sink_tokens: int = 128  # first tokens always attended (as InfLLM's 128 initial tokens): 4 keep perplexity
     # calibrated (without any it doubles), 128 also keep a prompt's opening instruction visible; with 4 the
     # passkey failed at 4k, with 128 it passed (integrations measurements). Must be <= chunk_size.
-    memory_layers: LayerSpec = "all"  # layers whose K/V are stored: all layers closed 46% of the ppl gap on Richard III vs
-    # 29% for the upper half, and found the 16k depth-0.5 passkey the upper half missed, at ~0.88x its speed
+    memory_layers: LayerSpec = "all"  # layers whose K/V are stored: all layers closed 46% of the ppl gap on Richard III
+    # vs 29% for the upper half (top_k 8, block 512), and found the 16k depth-0.5 passkey the upper half missed
     retrieval_layers: LayerSpec = None  # layers attending memory; None = the memory layers
+    max_chunk_similarity: float | str | None = "auto"  # skip a retrieved chunk whose embedding has cosine >= this
+    # with a better one already chosen (the next candidate takes the slot): repeated text fills one slot, not k.
+    # "auto" = 0.9 for text retrievers (MiniLM here: distinct Shakespeare chunks <= 0.73, shifted repeats of a
+    # filler >= 0.96) and off for "keys" (mean keys of distinct chunks reach 0.997: no threshold separates them)
     position_scheme: str = "contiguous"  # memory placed just before the window: keeps distances < 8k
     retriever: str = "auto"  # "text" (MiniLM of chunk text), "keys" (mean of keys), "auto" = text if a tokenizer exists
     retriever_layer: int | None = None  # layer whose keys the "keys" retriever averages; None = middle
@@ -209,6 +214,11 @@ class MemoryConfig(_ConfigBase):
         _check_positive("MemoryConfig.top_k", self.top_k, allow_zero=True)
         _check_positive("MemoryConfig.sink_tokens", self.sink_tokens, allow_zero=True)
         _check_positive("MemoryConfig.capacity_tokens", self.capacity_tokens, allow_none=True)
+        sim = self.max_chunk_similarity
+        if sim not in (None, "auto") and (isinstance(sim, bool) or not isinstance(sim, (int, float)) or
+                                          not -1.0 < sim <= 1.0):
+            raise ConfigError(f"MemoryConfig.max_chunk_similarity must be a cosine in (-1, 1], 'auto' or None "
+                              f"(keep near-duplicate chunks), got {sim!r}")
         if not 0.0 <= float(self.protect_recent) < 1.0:
             raise ConfigError(f"MemoryConfig.protect_recent must be in [0, 1), got {self.protect_recent}")
         for name in ("memory_layers", "retrieval_layers"):

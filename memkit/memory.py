@@ -68,6 +68,22 @@ __all__ = ["MemoryManager", "Retrieved"]
 
 FORMAT, FORMAT_VERSION = "memkit-memory", 1
 MANIFEST = "manifest.json"
+TEXT_MAX_SIMILARITY = 0.9  # "auto" for text retrievers: MiniLM puts distinct prose chunks <= 0.73, repeats >= 0.96
+DISTINCT_EXTRA = 16  # with max_chunk_similarity, at least this many candidates beyond k are scanned
+
+
+def distinct_rows(vectors: np.ndarray, max_similarity: float, k: int) -> np.ndarray:
+    """Greedy pick over candidates in score order (n, dim): up to k row indices, each with cosine <
+    ``max_similarity`` to every row picked before it (maximal marginal relevance with a hard threshold)."""
+    v = np.asarray(vectors, np.float32)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    picked: list[int] = []
+    for t in range(v.shape[0]):
+        if not picked or float((v[picked] @ v[t]).max()) < max_similarity:
+            picked.append(t)
+            if len(picked) == k:
+                break
+    return np.asarray(picked, np.int64)
 
 
 @dataclass
@@ -277,7 +293,8 @@ class MemoryManager:
                          torch.empty((0, 2), dtype=torch.int64), kv, kv.clone(), namespace, [])
 
     def retrieve(self, query: Any, k: int | None = None, *, namespace: str = "default",
-                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> Retrieved:
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 max_similarity: float | str | None = "config") -> Retrieved:
         """Top-k chunks of ``namespace`` for one query (embed_dim,) or (1, embed_dim), in time order."""
         q = query.detach().cpu() if torch.is_tensor(query) else np.asarray(query)
         if q.ndim == 1:
@@ -285,16 +302,33 @@ class MemoryManager:
         if q.ndim != 2 or q.shape[0] != 1:
             raise InvalidInputError(f"retrieve takes one query of shape (embed_dim,) or (1, embed_dim), got "
                                     f"{tuple(q.shape)}; use retrieve_batch for several")
-        return self.retrieve_batch(q, [namespace], k, device=device, dtype=dtype)[0]
+        return self.retrieve_batch(q, [namespace], k, device=device, dtype=dtype, max_similarity=max_similarity)[0]
+
+    def _max_similarity(self) -> float | None:
+        """config.max_chunk_similarity with "auto" resolved: TEXT_MAX_SIMILARITY for text retrievers, None for keys."""
+        value = self.config.max_chunk_similarity
+        if value != "auto":
+            return None if value is None else float(value)
+        from memkit.retrievers import KeyMeanRetriever
+
+        keys = isinstance(self.retriever, KeyMeanRetriever) or self.config.retriever == "keys"
+        return None if keys else TEXT_MAX_SIMILARITY
 
     def retrieve_batch(self, queries: Any, namespaces: Sequence[str], k: int | None = None,
-                       device: str | torch.device | None = None, *, dtype: torch.dtype = torch.float32
-                       ) -> list[Retrieved]:
+                       device: str | torch.device | None = None, *, dtype: torch.dtype = torch.float32,
+                       max_similarity: float | str | None = "config") -> list[Retrieved]:
         """One retrieval per row: queries (B, embed_dim), namespaces (B,) -> B Retrieved, each in time order.
 
         Rows of the same namespace are searched in one batched bank call; pages are fetched once for all.
+        ``max_similarity`` (default: ``config.max_chunk_similarity``; None turns it off): a candidate whose
+        retrieval embedding has cosine >= this with a better-scoring chunk already chosen is skipped and the
+        next candidate takes its slot, so near-duplicate chunks (repeated boilerplate, filler) do not fill
+        the k slots with the same content.
         """
         k = check_k(self.config.top_k if k is None else k)
+        sim = self._max_similarity() if max_similarity == "config" else \
+            None if max_similarity is None else float(max_similarity)
+        fetch = k if sim is None else k + max(k, DISTINCT_EXTRA)  # candidates scanned for k distinct chunks
         q = as_vectors(queries, self.embed_dim, name="queries")  # (B, E)
         names = list(namespaces) if not isinstance(namespaces, str) else [namespaces]
         if len(names) != q.shape[0]:
@@ -308,10 +342,14 @@ class MemoryManager:
                     groups.setdefault(name, []).append(b)
             for name, idx in groups.items():
                 ns = self._ns[name]
-                scores, ids = ns.bank.search(q[idx], k)  # (m, k), (m, k)
+                scores, ids = ns.bank.search(q[idx], fetch)  # (m, fetch), (m, fetch), best first
                 for j, b in enumerate(idx):
                     ok = ids[j] >= 0
                     s, i = scores[j][ok], ids[j][ok]
+                    best = np.argsort(-s, kind="stable")
+                    s, i = s[best], i[best]
+                    keep = distinct_rows(ns.bank.get(i), sim, k) if sim is not None and len(i) > 1 else slice(0, k)
+                    s, i = s[keep], i[keep]
                     order = sorted(range(len(i)), key=lambda t: (ns.spans[int(i[t])][0], int(i[t])))
                     rows[b] = (i[order], s[order])
             wanted = list(dict.fromkeys(int(c) for r in rows if r is not None for c in r[0]))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memkit import CapacityError, CorruptFileError, DimensionMismatchError, IncompatibleMemoryError, InvalidInputError
+from memkit import CapacityError, ConfigError, CorruptFileError, DimensionMismatchError, IncompatibleMemoryError, InvalidInputError
 from memkit.config import MemoryConfig
 from memkit.memory import MemoryManager
 
@@ -107,7 +107,7 @@ def test_policy_choices_match_their_definitions():
 
 
 def test_namespaces_are_isolated_under_interleaved_writes():
-    mm = make_mm(top_k=4)
+    mm = make_mm(top_k=4, max_chunk_similarity=None)  # every round stores the same vectors again
     owner = {}
     k, v, e, s = chunks(4)
     for round_ in range(5):
@@ -276,3 +276,40 @@ def test_incompatible_or_corrupt_load_keeps_current_memory(tmp_path: Path):
     with pytest.raises(CorruptFileError):
         MemoryManager.load(tmp_path / "nowhere")
     assert target.num_chunks() == 3 and target.retrieve(e[1], k=1).ids.tolist() == [1]
+
+
+def test_near_duplicate_chunks_fill_one_slot_and_the_next_candidates_take_the_rest():
+    mm = make_mm(top_k=4)
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.functional.normalize(torch.randn(E, generator=g), dim=0)
+    dups = torch.nn.functional.normalize(base + 0.01 * torch.randn(6, E, generator=g), dim=1)  # cosine > 0.99
+    k, v, others, _ = chunks(10, seed=4)
+    e = torch.cat([others[:3], dups, others[3:]])  # ids 3..8 are the repeats
+    mm.add_chunks(torch.cat([k[:3], k[:6], k[3:]]), torch.cat([v[:3], v[:6], v[3:]]), e,
+                  torch.tensor([[i * C, (i + 1) * C] for i in range(len(e))]))
+    q = base + 0.2 * others[5]
+    scores = torch.nn.functional.normalize(e, dim=1) @ q
+    order = torch.argsort(scores, descending=True).tolist()
+    picked: list[int] = []
+    for c in order:  # the rule written out: skip a candidate with cosine >= 0.9 to one already picked
+        if all(float(e[c] @ e[p]) < 0.9 for p in picked):
+            picked.append(c)
+        if len(picked) == 4:
+            break
+    r = mm.retrieve(q)
+    assert sorted(r.ids.tolist()) == sorted(picked)
+    assert len(set(r.ids.tolist()) & set(range(3, 9))) == 1  # one repeat, the best-scoring one
+    assert r.spans[:, 0].tolist() == sorted(r.spans[:, 0].tolist())
+    plain = mm.retrieve(q, max_similarity=None)
+    assert sorted(plain.ids.tolist()) == sorted(order[:4])
+    assert len(set(plain.ids.tolist()) & set(range(3, 9))) == 4  # without it the repeats fill every slot
+
+
+def test_max_chunk_similarity_auto_and_bad_values():
+    assert make_mm()._max_similarity() == 0.9
+    assert make_mm(retriever="keys")._max_similarity() is None
+    assert make_mm(max_chunk_similarity=None)._max_similarity() is None
+    assert make_mm(max_chunk_similarity=0.5)._max_similarity() == 0.5
+    for bad in (1.5, -1.0, "high", True):
+        with pytest.raises(ConfigError, match="max_chunk_similarity"):
+            MemoryConfig(max_chunk_similarity=bad)
