@@ -170,7 +170,7 @@ class MemoryConfig(_ConfigBase):
     kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
     chunk_size: int = 128  # MemLong's chunk; a 5-digit passkey plus its sentence fits in one chunk
     top_k: int = 12  # chunks retrieved per block; 0 = window-only. Tokens 4k-8k of Richard III (block 256): 8 chunks
-    # closed 54% of the perplexity gap from window-only to full attention, 12 closed 67%, 16 71%; more chunks cost speed; before
+    # closed 54% of the perplexity gap from window-only to full attention, 12 closed 67%, 16 72%; more chunks cost speed; before
     # near-duplicates were collapsed (max_chunk_similarity) 12 diluted a 16k passkey that 8 found
     window: int = 512  # local window of recent tokens attended exactly
     block_size: int = 256  # tokens per forward = tokens per retrieval: 256 closed more of the Richard III gap than 512
