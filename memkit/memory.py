@@ -4,7 +4,10 @@ This is the memory of MemLong (Liu et al. 2024, "MemLong: Memory-Augmented Retri
 Modeling"): K/V of past text are kept per chunk; each chunk's retrieval embedding goes to a vector bank
 and its K/V pages to the tiered :class:`~memkit.kvstore.KVStore` under the same globally unique id;
 before a block runs, the top-k chunks are retrieved and returned **in time order** (by span start) for
-the retrieval attention. When a namespace holds more than ``capacity_tokens`` tokens, its eviction
+the retrieval attention. A candidate whose retrieval embedding is a near-duplicate (cosine >=
+``max_chunk_similarity``) of a better-scoring chosen chunk gives its slot to the next candidate, so
+repeated text fills one slot (a hard-threshold form of maximal marginal relevance, Carbonell & Goldstein 1998).
+When a namespace holds more than ``capacity_tokens`` tokens, its eviction
 policy (:mod:`memkit.policy`; MemLong's recency+frequency update by default) picks chunks to drop from
 bank, store and policy together. The K/V paging follows InfLLM (Xiao et al. 2024).
 
@@ -304,10 +307,15 @@ class MemoryManager:
                                     f"{tuple(q.shape)}; use retrieve_batch for several")
         return self.retrieve_batch(q, [namespace], k, device=device, dtype=dtype, max_similarity=max_similarity)[0]
 
-    def _max_similarity(self) -> float | None:
-        """config.max_chunk_similarity with "auto" resolved: TEXT_MAX_SIMILARITY for text retrievers, None for keys."""
-        value = self.config.max_chunk_similarity
+    def _max_similarity(self, value: float | str | None = "config") -> float | None:
+        """A max_similarity argument resolved: "config" = config.max_chunk_similarity; "auto" =
+        TEXT_MAX_SIMILARITY for text retrievers, None for the key-mean retriever; a number is a cosine."""
+        if value == "config":
+            value = self.config.max_chunk_similarity
         if value != "auto":
+            if value is not None and (isinstance(value, (bool, str)) or not -1.0 < float(value) <= 1.0):
+                raise InvalidInputError(f"max_similarity must be a cosine in (-1, 1], 'auto', 'config' or None, "
+                                        f"got {value!r}")
             return None if value is None else float(value)
         from memkit.retrievers import KeyMeanRetriever
 
@@ -326,8 +334,7 @@ class MemoryManager:
         the k slots with the same content.
         """
         k = check_k(self.config.top_k if k is None else k)
-        sim = self._max_similarity() if max_similarity == "config" else \
-            None if max_similarity is None else float(max_similarity)
+        sim = self._max_similarity(max_similarity)
         fetch = k if sim is None else k + max(k, DISTINCT_EXTRA)  # candidates scanned for k distinct chunks
         q = as_vectors(queries, self.embed_dim, name="queries")  # (B, E)
         names = list(namespaces) if not isinstance(namespaces, str) else [namespaces]

@@ -313,3 +313,6 @@ def test_max_chunk_similarity_auto_and_bad_values():
     for bad in (1.5, -1.0, "high", True):
         with pytest.raises(ConfigError, match="max_chunk_similarity"):
             MemoryConfig(max_chunk_similarity=bad)
+        with pytest.raises(InvalidInputError, match="max_similarity"):
+            make_mm().retrieve(torch.ones(E) / 4, max_similarity=bad)
+    assert make_mm()._max_similarity("auto") == 0.9 and make_mm()._max_similarity(None) is None

@@ -184,3 +184,28 @@ def test_reset_restarts_spans_at_zero() -> None:
     again = sorted(map(tuple, wrapped.memory.manager._ns["default"].spans.values()))
     assert first == again and max(e for _, e in again) <= 120
     assert all(0 <= t["span"][0] < t["span"][1] <= 120 for t in wrapped.memory.trace())
+
+
+@pytest.mark.parametrize("max_sim", ["auto", None])
+def test_repeated_text_fills_one_retrieval_slot(max_sim: str | None) -> None:
+    """A document of one repeated 8-token sentence plus one fact: the fact and one copy of the filler are
+    retrieved with the default near-duplicate collapse; without it copies of the filler take the other slots."""
+    from transformers import AutoTokenizer
+
+    from memkit.resources import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    filler = enc("the grass is green and the sky is blue today")[:8]  # one chunk exactly
+    fact = enc("the secret word of the vault is amber")[:8]
+    doc = filler * 12 + fact + filler * 12
+    wrapped = memkit.wrap(tiny_model("llama", vocab_size=tok.vocab_size), tokenizer=tok,
+                          **dict(CFG, max_chunk_similarity=max_sim))
+    with torch.no_grad():
+        wrapped.memory.ingest(doc, namespace="doc", progress=False)
+        q = torch.tensor([enc("what is the secret word of the vault")])
+        wrapped.generate(q, max_new_tokens=1, do_sample=False, namespaces=["doc"], pad_token_id=0)
+    texts = [t["text"] for t in wrapped.memory.trace("doc")]
+    assert sum("vault" in t for t in texts) == 1
+    copies = sum(t == tok.decode(filler) for t in texts)
+    assert copies == 1 if max_sim == "auto" else copies >= 2
