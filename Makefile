@@ -29,7 +29,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
-	# 80k tokens (10x the model's 8k positions): 4m39s-5m20s on 2 cores (263-302 tok/s), key found; `memkit demo --tokens 16k` for a 1-minute run
+	# 80k tokens (10x the model's 8k positions): 3m55s on the 2 idle cores (360 tok/s; 5m17s with another job beside it), key found; `memkit demo --tokens 16k` for a 1-minute run
 	$(PY) -m memkit.cli demo
 
 bench: setup
