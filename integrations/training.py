@@ -308,6 +308,25 @@ def enable_gradient_checkpointing(model: Any) -> Callable[[], None]:
 
 
 # ---------------------------------------------------------------------------------------------- training
+def _optimizer_step(loss: torch.Tensor, opt: Any, scaler: Any, params: list[Any], max_grad_norm: float | None) -> None:
+    """Backward, clip and step (through the gradient scaler when there is one). A loss that no trained
+    parameter took part in (LongMem without SideNet before memory holds anything) changes nothing."""
+    if not loss.requires_grad:
+        return
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if max_grad_norm and math.isfinite(max_grad_norm):
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+
+
 def _schedule(docs: list[torch.Tensor], seg: int, per_doc: int | None, steps: int) -> Iterable[tuple[torch.Tensor, int]]:
     """(document, segment start) for each step: documents in turn, each from its start, in order."""
     n = 0
@@ -412,22 +431,7 @@ def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int
             if not torch.isfinite(loss):
                 raise InvalidInputError(f"training loss became {float(loss)} at step {step}; lower lr")
             opt.zero_grad(set_to_none=True)
-            if not loss.requires_grad:
-                pass  # nothing trained took part (e.g. LongMem without SideNet before memory holds anything)
-            elif scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            if loss.requires_grad and max_grad_norm and math.isfinite(max_grad_norm):
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            if not loss.requires_grad:
-                pass
-            elif scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            _optimizer_step(loss, opt, scaler, params, max_grad_norm)
             value = float(loss.detach())
             result.losses.append(value)
             result.steps, result.tokens = step + 1, result.tokens + seg.shape[1] - lead

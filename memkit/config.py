@@ -111,6 +111,13 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
 
 
+def is_cosine_setting(value: Any) -> bool:
+    """A max-similarity setting: None (off), "auto", or a cosine in (-1, 1]."""
+    if value is None or value == "auto":
+        return True
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and -1.0 < value <= 1.0
+
+
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -214,11 +221,9 @@ class MemoryConfig(_ConfigBase):
         _check_positive("MemoryConfig.top_k", self.top_k, allow_zero=True)
         _check_positive("MemoryConfig.sink_tokens", self.sink_tokens, allow_zero=True)
         _check_positive("MemoryConfig.capacity_tokens", self.capacity_tokens, allow_none=True)
-        sim = self.max_chunk_similarity
-        if sim not in (None, "auto") and (isinstance(sim, bool) or not isinstance(sim, (int, float)) or
-                                          not -1.0 < sim <= 1.0):
+        if not is_cosine_setting(self.max_chunk_similarity):
             raise ConfigError(f"MemoryConfig.max_chunk_similarity must be a cosine in (-1, 1], 'auto' or None "
-                              f"(keep near-duplicate chunks), got {sim!r}")
+                              f"(keep near-duplicate chunks), got {self.max_chunk_similarity!r}")
         if not 0.0 <= float(self.protect_recent) < 1.0:
             raise ConfigError(f"MemoryConfig.protect_recent must be in [0, 1), got {self.protect_recent}")
         for name in ("memory_layers", "retrieval_layers"):

@@ -55,7 +55,7 @@ from memkit.bank import (
     read_versioned_json,
     verify_files,
 )
-from memkit.config import BankConfig, MemoryConfig
+from memkit.config import BankConfig, MemoryConfig, is_cosine_setting
 from memkit.errors import (
     ConfigError,
     CorruptFileError,
@@ -312,10 +312,10 @@ class MemoryManager:
         TEXT_MAX_SIMILARITY for text retrievers, None for the key-mean retriever; a number is a cosine."""
         if value == "config":
             value = self.config.max_chunk_similarity
+        if not is_cosine_setting(value):
+            raise InvalidInputError(f"max_similarity must be a cosine in (-1, 1], 'auto', 'config' or None, "
+                                    f"got {value!r}")
         if value != "auto":
-            if value is not None and (isinstance(value, (bool, str)) or not -1.0 < float(value) <= 1.0):
-                raise InvalidInputError(f"max_similarity must be a cosine in (-1, 1], 'auto', 'config' or None, "
-                                        f"got {value!r}")
             return None if value is None else float(value)
         from memkit.retrievers import KeyMeanRetriever
 
