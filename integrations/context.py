@@ -114,6 +114,7 @@ class CallState:
         self.layout: Layout | None = None
         self.blk_ids: torch.Tensor | None = None  # (B, T)
         self.cols = 0  # columns (tokens incl. padding) processed so far in this call
+        self.prompt_ids: torch.Tensor | None = None  # (B, N) generate's prompt: each step must read new tokens
         self.last_retrieval_col = -(10**12)
 
     # ----------------------------------------------------------------- layout of one step

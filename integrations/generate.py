@@ -2,9 +2,11 @@
 
 memkit drives the real HF ``generate`` (sampling, logits processors, stopping criteria, streamers all work):
 
-* a :class:`MemkitCache` (a ``transformers.Cache``) is passed as ``past_key_values``. It stores nothing:
+* a :class:`MemkitCache` (a ``transformers.Cache``) is passed as the cache (``cache=`` from transformers 5.24,
+  ``past_key_values=`` before; :mod:`hf_compat`). It stores nothing:
   ``update`` hands the step's K/V straight to the memkit attention, which keeps sinks, window and memory
-  itself; ``get_seq_length`` reports the tokens seen so far so ``generate`` feeds only new tokens;
+  itself; ``get_seq_length`` reports the tokens seen so far so ``generate`` feeds only new tokens, and each
+  step checks that it did (a token handed over twice raises ``IncompatibleLibraryError``, naming the version);
 * all of the prompt but its last ``chunk_size`` tokens is prefilled block by block (each block one memkit
   step, exactly as in a long forward); ``generate`` then reads the tail in one step and decodes;
 * the decoder hook rewrites ``position_ids`` so every step sits right after its virtual context (an 80k
@@ -49,6 +51,16 @@ class MemkitCache(Cache):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return key_states, value_states  # (B, H, T, D): only the new tokens reach the attention function
 
+    @property
+    def is_linear(self) -> list[bool]:
+        # Not a linear-attention (Mamba/SSM) cache: generate must slice the prompt against get_seq_length.
+        # (transformers 5.24 treats an empty layer list as all-linear and re-feeds the whole prompt.)
+        return [False]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         state = self.runtime.state
         return int(state.cols) if state is not None else 0
@@ -90,9 +102,9 @@ def generate(rt: Any, input_ids: Any = None, attention_mask: Any = None, *, name
         input_ids = kwargs.pop("inputs", None)
     if input_ids is None:
         raise InvalidInputError("memkit generate needs input_ids (the prompt, any length)")
-    if kwargs.get("past_key_values") is not None or kwargs.get("inputs_embeds") is not None:
+    if any(kwargs.get(name) is not None for name in ("past_key_values", "cache", "inputs_embeds")):
         raise InvalidInputError("memkit generate keeps the context itself: pass input_ids only, not "
-                                "past_key_values or inputs_embeds")
+                                "a cache (past_key_values) or inputs_embeds")
     for name in ("num_beams", "num_return_sequences"):
         if int(kwargs.get(name) or 1) != 1:
             raise InvalidInputError(f"{name}={kwargs[name]} is not supported with memkit generate; each batch row "
@@ -111,8 +123,9 @@ def generate(rt: Any, input_ids: Any = None, attention_mask: Any = None, *, name
     if attention_mask is None and B > 1:
         attention_mask = torch.ones_like(input_ids)
     tail = min(N, max(1, int(kwargs.pop("memkit_tail", rt.config.chunk_size))))
-    rt.begin_call(B, namespaces, mode="generate", prompt_cols=N,
+    rt.begin_call(B, namespaces, mode="generate", prompt_cols=N, prompt_ids=input_ids,
                   progress=_progress(rt, N, "memkit prompt", -(-N // rt.config.block_size), progress))
+    cache_kw = {rt.cache_kwarg: cache}  # `cache=` from transformers 5.24, `past_key_values=` before
     quiet = _NoLengthReminder()
     logging.getLogger("transformers.generation.stopping_criteria").addFilter(quiet)
     try:
@@ -122,9 +135,9 @@ def generate(rt: Any, input_ids: Any = None, attention_mask: Any = None, *, name
         with torch.no_grad():
             for s in range(0, N - tail, bs):
                 e = min(N - tail, s + bs)
-                rt.base(input_ids=input_ids[:, s:e], past_key_values=cache, use_cache=True,
-                        attention_mask=None if attention_mask is None else attention_mask[:, :e])
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
+                rt.base(input_ids=input_ids[:, s:e], use_cache=True,
+                        attention_mask=None if attention_mask is None else attention_mask[:, :e], **cache_kw)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kw, **kwargs)
     finally:
         logging.getLogger("transformers.generation.stopping_criteria").removeFilter(quiet)
         rt.end_call()

@@ -3,12 +3,14 @@
 The input is cut into blocks of ``block_size`` tokens; each block is one model forward whose attention
 sees sinks + retrieved chunks + window + the block (MemLong, Liu et al. 2024; StreamingLLM sinks, Xiao et al.
 2023). The loss is accumulated block by block (the label of a block's last token is the next block's first
-token), so logits are never held for the whole input: ``.logits`` of the result holds the logits of the
-**last block** only, shape (B, T_last, V) — for inputs of at most ``block_size`` tokens that is every
-position, exactly what the plain model returns. Pass ``all_logits=True`` to get (B, N, V) for all tokens
-(tests and short inputs). Pass ``token_losses=True`` (with ``labels``) to also get ``.token_losses`` (B, N):
-the loss of predicting token i at column i, NaN where no label applies (column 0, ignored labels); the
-perplexity of any token range is then one mean away (``memkit eval ppl --ranges``).
+token). ``.logits`` follows Hugging Face: one row per input position (B, N, V) unless ``logits_to_keep`` is
+given (an int k keeps the last k positions, 0 keeps all; a 1-D tensor keeps those positions), so tools that
+read logits per position (lm-evaluation-harness, perplexity scripts) line up. Only the kept rows are ever
+held: each block asks the LM head for what it needs, and a request whose logits would not fit in memory is
+refused up front with the advice to pass ``logits_to_keep=1`` (memkit's own loss paths do). Pass
+``token_losses=True`` (with ``labels``) to also get ``.token_losses`` (B, N): the loss of predicting token i at
+column i, NaN where no label applies (column 0, ignored labels); the perplexity of any token range is then one
+mean away (``memkit eval ppl --ranges``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from memkit.errors import InvalidInputError
+from memkit.errors import CapacityError, InvalidInputError
 
 __all__ = ["check_ids", "long_forward", "ingest"]
 
-_REFUSED = ("past_key_values", "inputs_embeds", "cache_position")
+_LARGE_LOGITS = 1 << 30  # below 1 GiB of logits, no memory check
+_REFUSED = ("past_key_values", "cache", "inputs_embeds", "cache_position")
 
 
 def check_ids(input_ids: Any, attention_mask: Any, vocab_size: int | None, device: torch.device
@@ -69,9 +72,51 @@ def _progress(rt: Any, total: int, desc: str, blocks: int, force: bool | None) -
     return tqdm(total=total, desc=desc, unit="tok", leave=False)
 
 
+def _kept_positions(logits_to_keep: Any, N: int, device: torch.device) -> torch.Tensor | None:
+    """HF's ``logits_to_keep`` over the whole input: None = every position, else positions (K,) long."""
+    if logits_to_keep is None:
+        return None
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, torch.Tensor)):
+        raise InvalidInputError(f"logits_to_keep must be an int (last k positions, 0 = all) or a 1-D tensor of "
+                                f"positions, got {type(logits_to_keep).__name__}")
+    if isinstance(logits_to_keep, int):
+        if logits_to_keep < 0:
+            raise InvalidInputError(f"logits_to_keep must be >= 0 (0 keeps every position), got {logits_to_keep}")
+        if logits_to_keep == 0 or logits_to_keep >= N:
+            return None
+        return torch.arange(N - logits_to_keep, N, device=device)
+    pos = logits_to_keep.to(device=device, dtype=torch.long).reshape(-1)
+    if logits_to_keep.dim() != 1 or logits_to_keep.is_floating_point():
+        raise InvalidInputError("logits_to_keep as a tensor must be 1-D integer positions")
+    if len(pos) and (int(pos.min()) < -N or int(pos.max()) >= N):
+        raise InvalidInputError(f"logits_to_keep positions must lie in [-{N}, {N}) for a {N}-token input")
+    return torch.where(pos < 0, pos + N, pos)
+
+
+def _check_logits_fit(B: int, K: int, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse up front when (B, K, V) logits would take more than half of the free memory of ``device``."""
+    need = B * K * vocab * max(4, torch.empty((), dtype=dtype).element_size())
+    if need < _LARGE_LOGITS:
+        return
+    free = None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            import psutil
+
+            free = psutil.virtual_memory().available
+        except ImportError:
+            return
+    if need > free // 2:
+        raise CapacityError(f"logits for {K:,} positions x {vocab:,} vocabulary x batch {B} need {need / 2**30:.1f} "
+                            f"GiB ({free / 2**30:.1f} GiB free): pass logits_to_keep=1 (the last position; .loss "
+                            "still covers every token) or the positions you need")
+
+
 def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: Any = None, *,
-                 all_logits: bool = False, namespaces: list[str] | None = None, progress: bool | None = None,
-                 token_losses: bool = False, **kwargs: Any) -> Any:
+                 namespaces: list[str] | None = None, progress: bool | None = None,
+                 token_losses: bool = False, logits_to_keep: Any = None, **kwargs: Any) -> Any:
     """Blockwise forward of the wrapped model; see the module docstring."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -91,35 +136,51 @@ def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: An
             labels = labels[None]
         if labels.shape != input_ids.shape:
             raise InvalidInputError(f"labels have shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
+        if labels.is_floating_point():
+            raise InvalidInputError(f"labels must be integer token ids (or -100 to ignore), got {labels.dtype}")
+        bad = (labels != -100) & ((labels < 0) | (labels >= (vocab or 1 << 62)))
+        if bool(bad.any()):
+            raise InvalidInputError(f"labels must be token ids in [0, {vocab}) or -100 (ignored); got "
+                                    f"{int(labels[bad][0])}")
     B, N = input_ids.shape
     bs = rt.config.block_size
     starts = list(range(0, N, bs))
-    keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
-    user_keep = kwargs.pop("logits_to_keep", None)
+    keep_kw = "logits_to_keep" in inspect.signature(rt.lm.forward).parameters
+    kept = _kept_positions(logits_to_keep, N, rt.device)  # None = all positions
+    if vocab:
+        _check_logits_fit(B, N if kept is None else len(kept), int(vocab), rt.dtype, rt.device)
     loss_sum = torch.zeros((), dtype=torch.float32, device=rt.device)
     count = 0
-    pieces: list[torch.Tensor] = []
+    pieces: list[torch.Tensor] = []  # (B, k_b, V) kept logits of each block, positions in ascending order
     per_token = None
     if token_losses:
         if labels is None:
             raise InvalidInputError("token_losses=True needs labels: pass labels=input_ids")
         per_token = torch.full((B, N), float("nan"), dtype=torch.float32, device=rt.device)  # (B, N)
-    last = None
+    order = None if kept is None else torch.sort(kept, stable=True)
     rt.begin_call(B, namespaces, mode="forward", prompt_cols=N,
                   progress=_progress(rt, N, "memkit forward", len(starts), progress))
     try:
         for s in starts:
             e = min(N, s + bs)
             call_kw = dict(kwargs)
-            final = e == N
-            if keep_kw and labels is None and not all_logits and not final:
-                call_kw["logits_to_keep"] = 1  # earlier blocks' logits are thrown away: skip the LM head
-            elif keep_kw and final and user_keep is not None and labels is None:
-                call_kw["logits_to_keep"] = user_keep
+            if order is None:
+                local = None  # every position of the block
+            else:
+                sel = order.values[(order.values >= s) & (order.values < e)]
+                local = sel - s  # (k_b,) positions inside the block
+            if keep_kw and labels is None:
+                if local is None:
+                    call_kw["logits_to_keep"] = 0
+                elif len(local) == 0:
+                    call_kw["logits_to_keep"] = 1  # nothing kept from this block: skip the LM head but one row
+                elif int(local[0]) == e - s - len(local) and bool((local.diff() == 1).all()):
+                    call_kw["logits_to_keep"] = len(local)  # a suffix of the block
+                    local = local - int(local[0])
             out = model(input_ids=input_ids[:, s:e],
                         attention_mask=None if attention_mask is None else attention_mask[:, s:e],
                         use_cache=False, return_dict=True, **call_kw)
-            logits = out.logits  # (B, T, V)
+            logits = out.logits  # (B, T or kept suffix, V)
             if labels is not None:
                 target = labels[:, s + 1:e + 1]  # (B, T') with T' = T or T - 1 on the last block
                 lg = logits[:, :target.shape[1]].float()
@@ -130,16 +191,20 @@ def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: An
                 if per_token is not None:
                     per_token[:, s + 1:s + 1 + target.shape[1]] = each.detach().masked_fill(target == -100,
                                                                                            float("nan"))
-            if all_logits:
+            if local is None:
                 pieces.append(logits)
-            last = logits
+            elif len(local):
+                pieces.append(logits[:, local.to(logits.device)])
             del out
     finally:
         rt.end_call()
     loss = None
     if labels is not None:
         loss = loss_sum / count if count else loss_sum * float("nan")
-    result = CausalLMOutputWithPast(loss=loss, logits=torch.cat(pieces, 1) if all_logits else last)
+    logits = torch.cat(pieces, 1) if pieces else input_ids.new_zeros(B, 0, int(vocab or 0)).float()  # (B, K, V)
+    if order is not None and not bool((order.indices == torch.arange(len(kept), device=kept.device)).all()):
+        logits = logits[:, torch.argsort(order.indices).to(logits.device)]  # back to the caller's order
+    result = CausalLMOutputWithPast(loss=loss, logits=logits)
     if per_token is not None:
         result.token_losses = per_token
     return result

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from memkit.integrations.attention import ATTN_NAME, RUNTIMES, attend_core, original_attention, register
 from memkit.integrations.context import CallState, Evicted
+from memkit.integrations.hf_compat import broken_assumption, cache_kwarg, check_versions, resolve_decoder
 from memkit.integrations.positions import Rotary
 
 from memkit._malloc import trim
@@ -53,11 +54,12 @@ class Runtime:
 
     def __init__(self, model: Any, config: MemoryConfig, *, tokenizer: Any = None, memory: Any = None) -> None:
         self.model, self.config, self.tokenizer = model, config, tokenizer
-        base = getattr(model, "base_model", None)
-        if not isinstance(base, torch.nn.Module):
-            raise UnsupportedModelError(f"{type(model).__name__} has no base_model decoder to attach memkit to")
-        self.base = base
-        self.hf_config = model.config
+        check_versions()
+        # lm: the causal LM (inside a PeftModel if one is given); base: its decoder, hooked once per step.
+        self.lm, self.base = resolve_decoder(model)
+        base = self.base
+        self.cache_kwarg = cache_kwarg(self.lm)
+        self.hf_config = self.lm.config
         self.attn = find_attention_modules(model)
         self.L = len(self.attn)
         n_cfg = getattr(self.hf_config.get_text_config(decoder=True), "num_hidden_layers", self.L)
@@ -137,7 +139,7 @@ class Runtime:
         for m in self.attn:
             m._memkit_runtime = self
         RUNTIMES[id(self.hf_config)] = self
-        self.model.set_attn_implementation(ATTN_NAME)
+        self.lm.set_attn_implementation(ATTN_NAME)
         if self.hf_config._attn_implementation != ATTN_NAME:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} does not let transformers set its attention implementation: it does "
@@ -205,11 +207,12 @@ class Runtime:
                 del m._memkit_runtime
         RUNTIMES.pop(id(self.hf_config), None)
         if self.hf_config._attn_implementation == ATTN_NAME:
-            self.model.set_attn_implementation(self.original_impl)
+            self.lm.set_attn_implementation(self.original_impl)
 
     # ------------------------------------------------------------------ calls
     def begin_call(self, batch: int, namespaces: list[str] | None, *, mode: str, prompt_cols: int = 0,
-                   progress: Any = None) -> None:
+                   progress: Any = None, prompt_ids: torch.Tensor | None = None) -> None:
+        """Start a call; ``prompt_ids`` (B, N) in generate mode lets each step check it reads new tokens only."""
         if self.call_active:
             raise InvalidInputError("a memkit call is already running on this model (calls cannot be nested)")
         if namespaces is None:
@@ -224,6 +227,7 @@ class Runtime:
                                chunk_size=cfg.chunk_size, memory_layers=self.memory_layers,
                                retriever_layer=self.retriever_layer if mode != "probe" and
                                self.retriever_kind == "keys" else None, device=self.device)
+        self.state.prompt_ids = prompt_ids
         self.call_active = True
 
     def _span_end(self, namespace: str) -> int:
@@ -231,15 +235,11 @@ class Runtime:
 
         A namespace the memory no longer holds (``memory.reset()``) starts again at 0, so trace spans stay
         the token positions of the new input."""
-        spaces = getattr(self.memory, "_ns", None) if hasattr(self, "memory") else None
-        if isinstance(spaces, dict) and namespace not in spaces:
+        end = self.memory.span_end(namespace) if hasattr(self, "memory") else None
+        if end is None:
             self._offsets.pop(namespace, None)
             return 0
-        if namespace in self._offsets:
-            return self._offsets[namespace]
-        ns = spaces.get(namespace) if isinstance(spaces, dict) else None
-        spans = getattr(ns, "spans", None)
-        return max((int(e) for _, e in spans.values()), default=0) if spans else 0
+        return max(end, self._offsets.get(namespace, 0))
 
     def end_call(self) -> None:
         if self.state is not None and self.mode != "probe":
@@ -273,6 +273,8 @@ class Runtime:
             blk_valid = torch.ones(B, T, dtype=torch.bool, device=state.device)
         else:
             raise InvalidInputError("memkit takes a 2-D attention_mask (batch, tokens) of 1 = token, 0 = padding")
+        if self.mode == "generate":
+            self._check_new_tokens(state, input_ids)
         if self.mode != "probe":
             self._maybe_retrieve(state, input_ids, blk_valid)
         layout = state.build_layout(blk_valid, self.config.position_scheme, include_memory_in_positions=True)
@@ -287,6 +289,25 @@ class Runtime:
                       attention_mask=None if bool(blk_valid.all()) else blk_valid.long())
         self.step_active = True
         return args, kwargs
+
+    def _check_new_tokens(self, state: CallState, input_ids: torch.Tensor) -> None:
+        """generate must hand each prompt token over exactly once, then one new token per step.
+
+        memkit keeps the context itself, so a token handed over twice would be attended and stored twice and
+        the answer would be wrong without any error (transformers 5.24 with an empty-layer cache did that).
+        """
+        c, T, N = state.cols, int(input_ids.shape[1]), self.prompt_cols
+        prompt = state.prompt_ids
+        if c < N:
+            ok = c + T <= N and (prompt is None or torch.equal(input_ids, prompt[:, c:c + T].to(input_ids.device)))
+            seen = f"{T} tokens at prompt position {c} of {N}"
+        else:
+            ok = T == 1
+            seen = f"{T} tokens after the {N}-token prompt was read (expected one new token per step)"
+        if not ok:
+            self.step_active = False
+            raise broken_assumption(f"generate handed memkit {seen}: tokens it has already read would be attended "
+                                    "and stored twice")
 
     def _post_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         if not self.step_active:

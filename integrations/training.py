@@ -427,7 +427,7 @@ def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int
             labels = seg.clone()
             labels[:, :lead] = -100
             with ctx:
-                loss = model(seg, labels=labels, progress=False).loss
+                loss = model(seg, labels=labels, progress=False, logits_to_keep=1).loss
             if not torch.isfinite(loss):
                 raise InvalidInputError(f"training loss became {float(loss)} at step {step}; lower lr")
             opt.zero_grad(set_to_none=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -122,17 +123,19 @@ class MemkitModel(torch.nn.Module):
         return rt
 
     def forward(self, input_ids: Any = None, attention_mask: Any = None, labels: Any = None, *,
-                all_logits: bool = False, namespaces: list[str] | None = None, progress: bool | None = None,
-                **kwargs: Any) -> Any:
-        """Like the HF forward, for inputs of any length. ``.logits`` holds the last block's logits (all
-        positions when the input fits in one block, or with ``all_logits=True``); ``.loss`` covers every token."""
+                namespaces: list[str] | None = None, progress: bool | None = None, **kwargs: Any) -> Any:
+        """Like the HF forward, for inputs of any length: ``.logits`` has one row per position unless
+        ``logits_to_keep`` is given (``logits_to_keep=1`` for the last only); ``.loss`` covers every token."""
         rt = self._live()
         if rt.disabled:
             return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         if input_ids is None:
             raise InvalidInputError("memkit forward needs input_ids")
-        return long_forward(rt, input_ids, attention_mask, labels, all_logits=all_logits, namespaces=namespaces,
-                            progress=progress, **kwargs)
+        if kwargs.pop("all_logits", None) is not None:
+            warnings.warn("all_logits is no longer needed: .logits holds every position by default (pass "
+                          "logits_to_keep=1 for the last only)", FutureWarning, stacklevel=2)
+        return long_forward(rt, input_ids, attention_mask, labels, namespaces=namespaces, progress=progress,
+                            **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: Any = None, attention_mask: Any = None, *, namespaces: list[str] | None = None,
@@ -192,7 +195,20 @@ def wrap(model: Any, config: MemoryConfig | dict[str, Any] | str | Path | None =
         except ImportError as exc:
             raise ConfigError(f"style={cfg.style!r} is not available in this build; use style='memlong'") from exc
     rt = (Runtime if cfg.style == "memlong" else LongMemRuntime)(model, cfg, tokenizer=tokenizer, memory=memory)
-    return MemkitModel(model, rt)
+    return _wrapper_class(model)(model, rt)
+
+
+_CLASSES: dict[str, type[MemkitModel]] = {}
+
+
+def _wrapper_class(model: Any) -> type[MemkitModel]:
+    """MemkitModel under the wrapped class's name (``LlamaForCausalLM``...): HF pipelines check the model's class
+    name against the task's supported models and would otherwise log "not supported" on every call."""
+    name = type(model).__name__
+    if name not in _CLASSES:
+        _CLASSES[name] = type(name, (MemkitModel,), {"__module__": __name__, "__qualname__": f"MemkitModel[{name}]",
+                                                     "__doc__": MemkitModel.__doc__})
+    return _CLASSES[name]
 
 
 def unwrap(model: Any) -> Any:

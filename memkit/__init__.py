@@ -19,6 +19,7 @@ from memkit.errors import (
     ConfigError,
     CorruptFileError,
     DimensionMismatchError,
+    IncompatibleLibraryError,
     IncompatibleMemoryError,
     InvalidInputError,
     MemkitError,
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BankConfig", "BaseBank", "CapacityError", "ConfigError", "CorruptFileError", "DimensionMismatchError",
-    "IncompatibleMemoryError", "InvalidInputError", "KVStoreConfig", "MemkitError", "MemoryBank",
+    "IncompatibleLibraryError", "IncompatibleMemoryError", "InvalidInputError", "KVStoreConfig", "MemkitError", "MemoryBank",
     "MemoryConfig", "MissingDependencyError", "ReadOnlyError", "SearchResult", "UnknownBackendError",
     "UnknownParameterError", "UnsupportedModelError", "available_backends", "create_bank", "load_bank",
     "load_config", "register_backend", "wrap", "unwrap", "plan", "from_pretrained", "train",

@@ -21,6 +21,7 @@ __all__ = [
     "IncompatibleMemoryError",
     "CapacityError",
     "UnsupportedModelError",
+    "IncompatibleLibraryError",
 ]
 
 
@@ -73,3 +74,7 @@ class CapacityError(MemkitError, ValueError):
 
 class UnsupportedModelError(MemkitError, TypeError):
     """The model lacks what memkit needs to wrap it (e.g. an AttentionInterface hook)."""
+
+
+class IncompatibleLibraryError(MemkitError, RuntimeError):
+    """transformers or peft did not behave as memkit relies on (the message names the version and the range)."""

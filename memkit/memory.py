@@ -415,6 +415,20 @@ class MemoryManager:
             ns = self._ns.get(namespace)
             return ns.tokens if ns is not None else 0
 
+    def spans(self, namespace: str = "default") -> list[tuple[int, int]]:
+        """Token spans [start, end) of a namespace's chunks in insertion order ([] if it does not exist)."""
+        with self._lock:
+            ns = self._ns.get(namespace)
+            return list(ns.spans.values()) if ns is not None else []
+
+    def span_end(self, namespace: str = "default") -> int | None:
+        """End of the latest span stored in ``namespace`` (0 if it holds none), or None if it does not exist."""
+        with self._lock:
+            ns = self._ns.get(namespace)
+            if ns is None:
+                return None
+            return max((int(e) for _, e in ns.spans.values()), default=0)
+
     def chunk_ids(self, namespace: str = "default") -> torch.Tensor:
         """Ids of a namespace's chunks in insertion order (int64)."""
         with self._lock:

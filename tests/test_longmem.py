@@ -34,7 +34,7 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, gate: float | None = 4.0, **
         _open_gate(wrapped, gate)
     try:
         with torch.no_grad():
-            return wrapped(ids, all_logits=True).logits
+            return wrapped(ids).logits
     finally:
         memkit.unwrap(wrapped)
 
@@ -49,7 +49,7 @@ def test_empty_memory_equals_plain(arch: str, sidenet: bool) -> None:
         ref = model(ids, labels=ids)
         wrapped = memkit.wrap(model, **CFG, sidenet=sidenet)
         _open_gate(wrapped, 10.0)  # even a wide-open gate: no memory, no change
-        out = wrapped(ids, labels=ids, all_logits=True)
+        out = wrapped(ids, labels=ids)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-5, rtol=1e-5)
     assert wrapped.memory.num_chunks() == 0
@@ -91,7 +91,7 @@ def test_untrained_sidenet_equals_window_only_and_its_memory_layer_copies_the_me
     assert all(b - a == 2 for a, b in zip(side.sources, side.sources[1:]))  # every second backbone layer
     _open_gate(wrapped, 10.0)
     with torch.no_grad():
-        out = wrapped(ids, all_logits=True).logits
+        out = wrapped(ids).logits
     assert wrapped.memory.num_chunks() > 0
     memkit.unwrap(wrapped)
     torch.testing.assert_close(out, window, atol=0, rtol=0)
@@ -127,12 +127,12 @@ def test_batch_rows_match_their_solo_runs(sidenet: bool) -> None:
     wrapped = memkit.wrap(model, **CFG, sidenet=sidenet)
     _open_gate(wrapped)
     with torch.no_grad():
-        both = wrapped(batch, attention_mask=mask, all_logits=True).logits
+        both = wrapped(batch, attention_mask=mask).logits
         counts = [wrapped.memory.num_chunks(n) for n in ("row0", "row1")]
         wrapped.memory.reset()
-        solo_a = wrapped(a, all_logits=True, namespaces=["solo"]).logits
+        solo_a = wrapped(a, namespaces=["solo"]).logits
         wrapped.memory.reset()
-        solo_b = wrapped(b, all_logits=True, namespaces=["solo"]).logits
+        solo_b = wrapped(b, namespaces=["solo"]).logits
     torch.testing.assert_close(both[0], solo_a[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(both[1, pad:], solo_b[0], atol=1e-5, rtol=1e-5)
     assert counts[0] > counts[1] > 0
@@ -173,7 +173,7 @@ def test_memory_save_load_and_generate() -> None:
     with torch.no_grad():
         wrapped.memory.ingest(ids)
         q = _ids(12, 8)
-        before = wrapped(q, all_logits=True, namespaces=["default"]).logits
+        before = wrapped(q, namespaces=["default"]).logits
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -183,7 +183,7 @@ def test_memory_save_load_and_generate() -> None:
         wrapped.memory.load(d)
         assert wrapped.memory.num_chunks() == n
     with torch.no_grad():
-        after = wrapped(q, all_logits=True).logits
+        after = wrapped(q).logits
         out = wrapped.generate(q, max_new_tokens=6, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-5)
     assert out.shape == (1, 18) and torch.equal(out[:, :12], q)

@@ -60,11 +60,11 @@ def test_longmem_sidenet_trains_only_memkit_parameters(tmp_path: Path) -> None:
     assert (tmp_path / "memkit_weights.safetensors").stat().st_size < 4 * side + 65536
     wrapped.memory.reset()
     with torch.no_grad():
-        ref = wrapped(doc[None], all_logits=True).logits
+        ref = wrapped(doc[None]).logits
     memkit.unwrap(wrapped)
     again = memkit.from_pretrained(tiny_model("llama"), tmp_path)
     with torch.no_grad():
-        out = again(doc[None], all_logits=True).logits
+        out = again(doc[None]).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -91,11 +91,11 @@ def test_memlong_lora_on_retrieval_layers(tmp_path: Path) -> None:
     assert meta["lora"]["r"] == 4
     wrapped.memory.reset()
     with torch.no_grad():
-        ref = wrapped(doc[None], all_logits=True).logits
+        ref = wrapped(doc[None]).logits
     memkit.unwrap(wrapped)
     again = memkit.from_pretrained(tiny_model("qwen2"), tmp_path)
     with torch.no_grad():
-        out = again(doc[None], all_logits=True).logits
+        out = again(doc[None]).logits
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -181,7 +181,7 @@ def test_bf16_autocast_on_cpu() -> None:
         ref = float(wrapped(doc[None], labels=doc[None]).loss)
         wrapped.memory.reset()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = wrapped(doc[None], labels=doc[None], all_logits=True)
+            out = wrapped(doc[None], labels=doc[None])
     assert out.logits.dtype == torch.bfloat16 and abs(float(out.loss) - ref) < 0.05
     wrapped.memory.reset()
     res = memkit.train(wrapped, [doc], steps=3, segment_len=40, mixed_precision="bf16", lr=1e-3)

@@ -73,7 +73,7 @@ def test_bad_inputs_raise_memkit_errors() -> None:
         wrapped.memory.ingest("text needs a tokenizer")
     # A failed call leaves the model usable.
     out = wrapped(_ids(40))
-    assert out.logits.shape == (1, 8, 256)
+    assert out.logits.shape == (1, 40, 256)
 
 
 def test_unsupported_models_are_refused() -> None:
@@ -92,7 +92,7 @@ def _logits_with(model: torch.nn.Module, ids: torch.Tensor, **cfg: object) -> to
     wrapped = memkit.wrap(model, **{**CFG, **cfg})
     try:
         with torch.no_grad():
-            return wrapped(ids, all_logits=True).logits
+            return wrapped(ids).logits
     finally:
         memkit.unwrap(wrapped)
 

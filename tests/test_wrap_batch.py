@@ -32,12 +32,12 @@ def test_rows_match_their_solo_runs(arch: str) -> None:
     mask[1, :pad] = 0
     wrapped = memkit.wrap(model, **CFG)
     with torch.no_grad():
-        both = wrapped(batch, attention_mask=mask, all_logits=True).logits
+        both = wrapped(batch, attention_mask=mask).logits
         counts = {ns: wrapped.memory.num_chunks(ns) for ns in ("row0", "row1")}
         wrapped.memory.reset()
-        solo_a = wrapped(a, all_logits=True, namespaces=["solo"]).logits
+        solo_a = wrapped(a, namespaces=["solo"]).logits
         wrapped.memory.reset()
-        solo_b = wrapped(b, all_logits=True, namespaces=["solo"]).logits
+        solo_b = wrapped(b, namespaces=["solo"]).logits
     torch.testing.assert_close(both[0], solo_a[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(both[1, pad:], solo_b[0], atol=1e-5, rtol=1e-5)
     assert counts["row0"] > 0 and counts["row1"] > 0 and counts["row0"] != counts["row1"]

@@ -21,7 +21,7 @@ def _run(model: torch.nn.Module, ids: torch.Tensor, **cfg: object) -> torch.Tens
     wrapped = memkit.wrap(model, **{**CFG, **cfg})
     try:
         with torch.no_grad():
-            return wrapped(ids, all_logits=True).logits
+            return wrapped(ids).logits
     finally:
         memkit.unwrap(wrapped)
 

@@ -42,20 +42,20 @@ def _manual_greedy(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Ten
     B, N = ids.shape
     bs = rt.config.block_size
     seq, m = ids, mask if mask is not None else torch.ones_like(ids)
-    rt.begin_call(B, None, mode="generate", prompt_cols=N)
-    cache = MemkitCache(rt)
+    rt.begin_call(B, None, mode="generate", prompt_cols=N, prompt_ids=ids)
+    cache = {rt.cache_kwarg: MemkitCache(rt)}
     try:
         with torch.no_grad():
             tail = min(N, rt.config.chunk_size)  # generate reads the prompt's last chunk in one step
             for s in range(0, N - tail, bs):
                 e = min(N - tail, s + bs)
-                hf(input_ids=ids[:, s:e], attention_mask=m[:, :e], past_key_values=cache)
-            out = hf(input_ids=ids[:, N - tail:], attention_mask=m, past_key_values=cache)
+                hf(input_ids=ids[:, s:e], attention_mask=m[:, :e], **cache)
+            out = hf(input_ids=ids[:, N - tail:], attention_mask=m, **cache)
             for _ in range(steps):
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
                 seq = torch.cat([seq, nxt], 1)
                 m = torch.cat([m, torch.ones_like(nxt)], 1)
-                out = hf(input_ids=nxt, attention_mask=m, past_key_values=cache)
+                out = hf(input_ids=nxt, attention_mask=m, **cache)
     finally:
         rt.end_call()
     return seq

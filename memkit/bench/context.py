@@ -22,7 +22,7 @@ and samples RSS, so one run gives for every L:
   median time between consecutive steps (each step = one decoder forward of one token + ``generate``'s
   own per-token work). ``first ms`` is the prompt's prefill + retrieval + the first token. The decode
   ratio divides ms/token at L by ms/token at 1k (or the shortest length). The full set-up decodes the
-  same prompt from its cache of L tokens (``generate`` with ``past_key_values``), then drops it again;
+  same prompt from its cache of L tokens (``generate`` with the cache), then drops it again;
 * a byte breakdown: model weights, local K/V (sinks + window + block, all layers, in the model's dtype),
   the retrieved K/V a block attends, the memory's K/V pages (from the K/V store's stats, every tier) and
   the bank's vectors (chunks x dim x 4 bytes) at L, next to the peak RSS up to L. ``RSS - memory`` is
@@ -275,13 +275,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         if mode == "full":
             from transformers import DynamicCache
 
+            from memkit.integrations.hf_compat import cache_kwarg
+
             cache = DynamicCache()
         pos = 0
         for L in lengths:
             if mode == "full":
                 for s in range(pos, L, block):
                     e = min(L, s + block)
-                    model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    model(input_ids=ids[:, s:e], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
             else:
                 target.memory.ingest(ids[:, pos:L], progress=False)
             pos = L
@@ -295,7 +297,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 clock.active = False
                 try:
                     if mode == "full":
-                        cp.update(_decode(model, all_ids[:, :L + prompt_len], n_dec, pad, past_key_values=cache))
+                        cp.update(_decode(model, all_ids[:, :L + prompt_len], n_dec, pad, **{cache_kwarg(model): cache}))
                         _truncate_cache(cache, L)
                     else:
                         cp.update(_decode(target, all_ids[:, L:L + prompt_len], n_dec, pad))

@@ -96,7 +96,7 @@ def held_out_loss(model: Any, docs: dict[str, Any], context: int) -> float:
         labels = ids.clone()[None]
         labels[:, :context] = -100
         with torch.no_grad():
-            loss = float(model(ids[None], labels=labels, progress=False).loss)
+            loss = float(model(ids[None], labels=labels, progress=False, logits_to_keep=1).loss)
         n = int((labels[:, 1:] != -100).sum())
         total, count = total + loss * n, count + n
     model.memory.reset()

@@ -68,7 +68,7 @@ def range_loss(model: Any, ids: Any, start: int, *, progress: bool = True) -> fl
     labels = ids.clone()
     labels[:, :start] = -100
     model.memory.reset()
-    out = model(ids, labels=labels, progress=progress)
+    out = model(ids, labels=labels, progress=progress, logits_to_keep=1)
     return float(out.loss)
 
 
@@ -83,7 +83,7 @@ def full_attention_loss(model: Any, ids: Any, start: int, *, block: int = 512, p
 def token_losses(model: Any, ids: Any, *, progress: bool = True) -> Any:
     """Per-token losses (N,) of ``ids`` (1, N) through a memkit-wrapped model; entry i scores token i (NaN at 0)."""
     model.memory.reset()
-    out = model(ids, labels=ids, token_losses=True, progress=progress)
+    out = model(ids, labels=ids, token_losses=True, progress=progress, logits_to_keep=1)
     return out.token_losses[0].cpu()
 
 
@@ -92,6 +92,8 @@ def full_attention_token_losses(model: Any, ids: Any, *, block: int = 512, progr
     import torch
     import torch.nn.functional as F
     from transformers import DynamicCache
+
+    from memkit.integrations.hf_compat import cache_kwarg
 
     N = ids.shape[1]
     out_losses = torch.full((N,), float("nan"))
@@ -104,8 +106,7 @@ def full_attention_token_losses(model: Any, ids: Any, *, block: int = 512, progr
     with torch.no_grad():
         for s in range(0, N, block):
             e = min(N, s + block)
-            out = model(input_ids=ids[:, s:e], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=ids[:, s:e], use_cache=True, **{cache_kwarg(model): cache})  # cache grows in place
             t1 = min(e + 1, N)  # logits at column i predict token i + 1
             if t1 > s + 1:
                 lg = out.logits[0, : t1 - 1 - s].float()

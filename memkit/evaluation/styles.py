@@ -99,7 +99,7 @@ def _loss(wrapped: Any, ids: Any, start: int, progress: bool) -> float:
     labels[:, :start] = -100
     wrapped.memory.reset()
     with torch.no_grad():
-        loss = float(wrapped(ids, labels=labels, progress=progress).loss)
+        loss = float(wrapped(ids, labels=labels, progress=progress, logits_to_keep=1).loss)
     wrapped.memory.reset()
     return loss
 
