@@ -59,8 +59,9 @@ from urllib.parse import quote
 import numpy as np
 import sqlite_utils
 
-from memkit.bank import MANIFEST, BaseBank
+from memkit.bank import BaseBank
 from memkit.errors import ConfigError, CorruptFileError, InvalidInputError
+from memkit.files import MANIFEST
 
 try:  # POSIX advisory lock: a second opener gets a clear error instead of corrupting the bank
     import fcntl

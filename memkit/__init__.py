@@ -25,6 +25,7 @@ from memkit.errors import (
     MemkitError,
     MissingDependencyError,
     ReadOnlyError,
+    SaveTargetError,
     UnknownBackendError,
     UnknownParameterError,
     UnsupportedModelError,
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BankConfig", "BaseBank", "CapacityError", "ConfigError", "CorruptFileError", "DimensionMismatchError",
     "IncompatibleLibraryError", "IncompatibleMemoryError", "InvalidInputError", "KVStoreConfig", "MemkitError", "MemoryBank",
-    "MemoryConfig", "MissingDependencyError", "ReadOnlyError", "SearchResult", "UnknownBackendError",
+    "MemoryConfig", "MissingDependencyError", "ReadOnlyError", "SaveTargetError", "SearchResult", "UnknownBackendError",
     "UnknownParameterError", "UnsupportedModelError", "available_backends", "create_bank", "load_bank",
     "load_config", "register_backend", "wrap", "unwrap", "plan", "from_pretrained", "train",
     "__version__",

@@ -82,7 +82,13 @@ def as_ids(x: Any, n: int | None = None, *, name: str = "ids") -> np.ndarray:
     return out
 
 
+MAX_K = 1 << 16  # 65,536 results per query: far above any retrieval use, small enough that (m, k) pads fit
+
+
 def check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or int(k) <= 0:
         raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+    if int(k) > MAX_K:
+        raise InvalidInputError(f"k={int(k):,} is above memkit's limit of {MAX_K:,} results per query (the result "
+                                "is padded to k columns); ask for fewer, or page through the bank with bank.ids()")
     return int(k)

@@ -23,7 +23,7 @@ import torch
 
 from memkit.errors import ConfigError, CorruptFileError
 
-FORMAT, FORMAT_VERSION = "memkit-kvstore", 1
+FORMAT, FORMAT_VERSION = "memkit-kvstore", 2  # 2: sealed kvstore.json
 META_FILE = "kvstore.json"
 SEGMENT_BYTES = 64 << 20  # disk-tier spill file size
 STORAGE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -164,7 +164,7 @@ class _DiskTier(_MemTier):
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:
-    from memkit.bank import read_versioned_json, verify_files
+    from memkit.files import read_versioned_json, verify_files
 
     mpath = directory / META_FILE
     meta = read_versioned_json(directory, META_FILE, fmt=FORMAT, version=FORMAT_VERSION,

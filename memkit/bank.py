@@ -13,18 +13,9 @@ The registry is lazy in the style of fsspec's ``known_implementations``: a name 
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import hashlib
 import importlib
 import inspect
-import json
 import os
-import shutil
-import socket
-import stat
-import sys
-import tempfile
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -48,6 +39,17 @@ from memkit.errors import (
     UnknownBackendError,
     UnknownParameterError,
 )
+from memkit.files import (
+    MANIFEST,
+    atomic_save,
+    check_seal,
+    file_digests,
+    read_json,
+    recover_dir,
+    save_path,
+    verify_files,
+    write_json,
+)
 
 __all__ = [
     "MemoryBank",
@@ -60,12 +62,10 @@ __all__ = [
     "MANIFEST",
 ]
 
-MANIFEST = "manifest.json"
 FORMAT = "memkit-bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest is sealed (memkit.files.seal)
 ENTRY_POINT_GROUP = "memkit.backends"
 MAX_DIM = 1 << 16  # 65,536: well above any embedding (LLM hidden sizes reach 16,384); bounds what a file can ask for
-MAX_JSON_BYTES = 64 << 20  # a manifest larger than this is refused before it is parsed
 # Constructor parameters that say *where* a bank lives or connects. A saved manifest never contains them
 # (backends leave them out of params()), so one that does was crafted: loading it must not open a
 # server connection or write to a directory chosen by the file.
@@ -255,18 +255,12 @@ class BaseBank(ABC):
                 self._next_id = 0
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Save to directory ``path`` atomically: readers see the old or the new save, never half."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock.read():
-            tmp = make_tmp_dir(target)
-            try:
-                self._save_files(tmp)
-                _write_manifest(tmp, self._manifest())
-                _replace_dir(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        """Save to directory ``path`` atomically: readers see the old or the new save, never half.
+
+        ``path`` must be new, empty, or a previous memkit save (anything else raises SaveTargetError)."""
+        with atomic_save(path, f"a {self.name!r} bank") as tmp, self._lock.read():
+            self._save_files(tmp)
+            write_json(tmp / MANIFEST, dict(self._manifest(), files=file_digests(tmp)))
 
     def _manifest(self) -> dict[str, Any]:
         return {
@@ -327,240 +321,10 @@ def _pad(scores: np.ndarray, ids: np.ndarray, m: int, k: int) -> SearchResult:
     return SearchResult(out_s, out_i)
 
 
-# ---------------------------------------------------------------------- manifest & files
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_digests(directory: Path, skip: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, sha256}} for every file under ``directory``."""
-    out: dict[str, dict[str, Any]] = {}
-    for p in sorted(directory.rglob("*")):
-        rel = p.relative_to(directory).as_posix()
-        if p.is_file() and rel not in skip:
-            out[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-    return out
-
-
-def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
-    manifest = dict(manifest, files=file_digests(directory))
-    path = directory / MANIFEST
-    with path.open("w") as fh:
-        json.dump(manifest, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Swap ``tmp`` into ``target`` so a crash at any instant leaves either the old or the new directory.
-
-    On Linux the two directories are exchanged in one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere
-    the old directory is renamed aside first, and :func:`recover_dir` puts it back if a crash lands
-    between the two renames.
-    """
-    _fsync_tree(tmp)
-    if os.path.lexists(target):
-        if _exchange(tmp, target):  # tmp now holds the old save
-            _fsync_dir(target.parent)
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        old = target.with_name(f".{target.name}.old-{_owner_tag()}-{threading.get_ident()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    _fsync_dir(target.parent)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-_renameat2: Any = None
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two existing paths (Linux ``renameat2``); False where that is unsupported."""
-    global _renameat2
-    if not sys.platform.startswith("linux"):
-        return False
-    if _renameat2 is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).renameat2
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _renameat2 = fn
-        except (OSError, AttributeError):  # pragma: no cover - old libc
-            _renameat2 = False
-    if _renameat2 is False:  # pragma: no cover
-        return False
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # pragma: no cover - fs without it
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _owner_tag() -> str:
-    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32] or "host"
-    return f"{host}-{os.getpid()}"
-
-
-def make_tmp_dir(target: Path) -> Path:
-    """A fresh hidden sibling of ``target`` to write a save into, after tidying up crashed saves.
-
-    Its name carries this host and pid, so leftovers of a killed save (``.name.tmp-host-pid-*`` and
-    ``.name.old-host-pid-*``) are removed by the next save once that process is gone.
-    """
-    recover_dir(target)
-    _remove_stale(target)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_owner_tag()}-", dir=target.parent))
-
-
-def _stale_siblings(target: Path, kind: str) -> list[Path]:
-    """Leftovers of saves into ``target`` by processes of this host that no longer run."""
-    host = _owner_tag().rsplit("-", 1)[0]
-    out = []
-    try:
-        siblings = list(target.parent.glob(f".{target.name}.{kind}-{host}-*"))
-    except OSError:  # pragma: no cover
-        return []
-    for p in siblings:
-        pid = p.name[len(f".{target.name}.{kind}-{host}-"):].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            out.append(p)
-        except OSError:  # exists but not ours to signal: alive
-            pass
-    return out
-
-
-def _remove_stale(target: Path) -> None:
-    for kind in ("tmp", "old"):
-        for p in _stale_siblings(target, kind):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def recover_dir(target: Path) -> None:
-    """If a crash between the two renames of a non-atomic swap left ``target`` missing, restore it."""
-    if os.path.lexists(target):
-        return
-    olds = [p for p in _stale_siblings(target, "old") if (p / MANIFEST).is_file() or (p / "kvstore.json").is_file()]
-    if olds:
-        newest = max(olds, key=lambda p: p.stat().st_mtime_ns)
-        try:
-            os.replace(newest, target)
-        except OSError:  # pragma: no cover - another process recovered it first
-            pass
-
-
-def _fsync_tree(directory: Path) -> None:
-    for p in directory.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        elif p.is_dir():  # a subdirectory's entries must be durable too (power loss, not only a kill)
-            _fsync_dir(p)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_json(path: Path, what: str) -> Any:
-    """Parse a small JSON file written by memkit, refusing links, special files, huge or deeply nested input."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError as exc:
-        raise CorruptFileError(f"{path} is missing; was this {what} written by memkit?") from exc
-    if not stat.S_ISREG(st.st_mode):
-        raise CorruptFileError(f"{path} is a link or special file, not a regular file; refusing to read this {what}")
-    if st.st_size > MAX_JSON_BYTES:
-        raise CorruptFileError(f"{path} is {st.st_size} bytes, more than any {what} memkit writes "
-                               f"({MAX_JSON_BYTES}); the file is corrupted or crafted")
-    try:
-        return json.loads(path.read_bytes())
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise CorruptFileError(f"{path} is not valid JSON ({str(exc)[:200]}); the {what} is corrupted") from exc
-
-
-def verify_files(directory: Path, files: Any, where: Path, *, skip: tuple[str, ...] = (MANIFEST,)) -> None:
-    """Check that ``files`` ({relative path: {size, sha256}}) is exactly what ``directory`` holds.
-
-    Every listed file must be a regular file inside ``directory`` (no ``..``, absolute paths or symbolic
-    links on the way) with the recorded size and sha256, and no file or link may be present that the
-    manifest does not list: nothing reaches a native loader unverified.
-    """
-    if not isinstance(files, dict):
-        raise CorruptFileError(f"{where} field 'files' is missing or has the wrong type")
-    root = Path(directory)
-    listed: set[str] = set()
-    for rel, info in files.items():
-        parts = Path(rel).parts if isinstance(rel, str) else ()
-        if not parts or ".." in parts or Path(rel).is_absolute() or "\0" in rel or rel in skip:
-            raise CorruptFileError(f"{where} names a file outside the directory or a reserved name: {rel!r}")
-        p = root
-        for part in parts:
-            p = p / part
-            try:
-                st = os.lstat(p)
-            except FileNotFoundError as exc:
-                raise CorruptFileError(f"{p} is missing; the save is incomplete") from exc
-            if stat.S_ISLNK(st.st_mode):
-                raise CorruptFileError(f"{p} is a symbolic link; a memkit save holds only regular files")
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptFileError(f"{p} is not a regular file; the save is corrupted")
-        if not isinstance(info, dict) or st.st_size != info.get("size"):
-            raise CorruptFileError(f"{p} has the wrong size (truncated?); the save is corrupted")
-        if _sha256(p) != info.get("sha256"):
-            raise CorruptFileError(f"{p} fails its checksum (bit flip or edit); the save is corrupted")
-        listed.add(Path(rel).as_posix())
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = Path(dirpath) / name
-            rel = full.relative_to(root).as_posix()
-            if full.is_symlink():
-                raise CorruptFileError(f"{full} is a symbolic link; a memkit save holds only regular files")
-            if name in filenames and rel not in listed and rel not in skip:
-                raise CorruptFileError(f"{full} is not listed in {where.name}; the directory was modified after "
-                                       "it was saved, so it is refused")
-
-
-def read_versioned_json(directory: Path, name: str, *, fmt: str, version: int, what: str, writer: str) -> dict[str, Any]:
-    """Recover ``directory`` after a crashed swap, then read ``name`` in it: a JSON object of format ``fmt``
-    at ``version`` (the K/V store's and the memory manager's save indexes share this first step)."""
-    recover_dir(directory)
-    path = directory / name
-    if not os.path.lexists(path):
-        raise CorruptFileError(f"{str(directory)!r} has no {name}; was it written by {writer}?")
-    data = read_json(path, what)
-    if not isinstance(data, dict) or data.get("format") != fmt or data.get("version") != version:
-        raise CorruptFileError(f"{path} is not a version-{version} {what.rsplit(' ', 1)[0]}; re-save it")
-    return data
-
-
+# ---------------------------------------------------------------------- manifest
 def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
-    """Read and validate a bank manifest; with ``verify``, check every file's size and sha256."""
-    directory = Path(path)
+    """Read and validate a bank manifest (its seal, fields and, with ``verify``, every file's size and sha256)."""
+    directory = save_path(path, "loading a bank")
     recover_dir(directory)
     mpath = directory / MANIFEST
     if not directory.is_dir():
@@ -575,6 +339,7 @@ def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[
             f"{mpath} has format version {manifest.get('version')!r}; this memkit reads version "
             f"{FORMAT_VERSION}. Re-save the bank with a matching memkit version"
         )
+    check_seal(manifest, mpath)
     for key, kind in (("backend", str), ("dim", int), ("metric", str), ("params", dict), ("files", dict)):
         if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
             raise CorruptFileError(f"{mpath} field {key!r} is missing or has the wrong type")
@@ -682,8 +447,10 @@ def _parse_uri(spec: str) -> tuple[str, dict[str, Any]]:
     parsed = urlparse(spec)
     scheme = parsed.scheme.lower()
     if scheme == "disk":
-        if not parsed.path:
-            raise ConfigError("disk URIs look like disk:///absolute/path/to/dir")
+        if parsed.netloc or not parsed.path.startswith("/"):
+            raise ConfigError(f"{spec!r}: disk URIs name an absolute path after three slashes, "
+                              "disk:///data/mem; for a relative directory pass "
+                              "{'backend': 'disk', 'params': {'path': 'relative/dir'}}")
         return "disk", {"path": parsed.path}
     if scheme == "qdrant":
         collection = parsed.path.strip("/") if parsed.netloc else None
@@ -742,7 +509,7 @@ def load_bank(path: str | os.PathLike[str], *, mmap: bool = False) -> BaseBank:
     ``mmap=True`` memory-maps the index where the backend can (faiss-flat, usearch) and returns a
     read-only view that refuses writes with :class:`ReadOnlyError`.
     """
-    directory = Path(path)
+    directory = save_path(path, "loading a bank")
     manifest = read_manifest(directory)
     cls = get_backend_class(manifest["backend"])
     try:

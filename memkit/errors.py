@@ -22,6 +22,7 @@ __all__ = [
     "CapacityError",
     "UnsupportedModelError",
     "IncompatibleLibraryError",
+    "SaveTargetError",
 ]
 
 
@@ -78,3 +79,8 @@ class UnsupportedModelError(MemkitError, TypeError):
 
 class IncompatibleLibraryError(MemkitError, RuntimeError):
     """transformers or peft did not behave as memkit relies on (the message names the version and the range)."""
+
+
+class SaveTargetError(MemkitError, OSError):
+    """A save would replace something memkit did not write (a file, a link, a foreign directory), or its
+    target cannot be written; nothing was changed."""

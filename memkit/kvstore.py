@@ -50,9 +50,7 @@ measure gives fp16 4.0e-4, bf16 3.1e-3, int8/channel 3.94e-3.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -64,6 +62,7 @@ from memkit._arrays import as_ids
 from memkit._pages import FORMAT, FORMAT_VERSION, META_FILE, PageCodec, _DiskTier, _Entry, _MemTier, _read_meta
 from memkit.config import KVStoreConfig
 from memkit.errors import CapacityError, ConfigError, CorruptFileError, IncompatibleMemoryError, InvalidInputError
+from memkit.files import atomic_save, file_digests, save_path, write_json
 
 __all__ = ["KVStore", "PageCodec", "TIERS"]
 
@@ -414,24 +413,15 @@ class KVStore:
         return self._host_numpy(entry)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write every page (encoded) to directory ``path`` atomically: safetensors shards + kvstore.json."""
-        from memkit.bank import _replace_dir, make_tmp_dir
+        """Write every page (encoded) to directory ``path`` atomically: safetensors shards + kvstore.json.
 
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_tmp_dir(target)
-        try:
+        ``path`` must be new, empty, or a previous memkit save (anything else raises SaveTargetError)."""
+        with atomic_save(path, "a K/V store") as tmp:
             self.save_into(tmp)
-            _replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def save_into(self, directory: Path) -> None:
         """Write the pages into an existing (empty) directory; used by MemoryManager.save."""
         from safetensors.numpy import save_file
-
-        from memkit.bank import file_digests
 
         directory = Path(directory)
         with self._lock:
@@ -450,7 +440,7 @@ class KVStore:
                     "dtype": self.codec.dtype, "int8_scale": self.codec.int8_scale, "page_bytes": self.page_bytes,
                     "count": len(order), "order": "lru_first", "shards": shards}
             meta["files"] = file_digests(directory)
-            (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+            write_json(directory / META_FILE, meta)
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Replace the contents with a directory written by :meth:`save` (no code is executed).
@@ -461,7 +451,7 @@ class KVStore:
         """
         from safetensors import safe_open
 
-        directory = Path(path)
+        directory = save_path(path, "loading a K/V store")
         meta = _read_meta(directory)
         if tuple(meta["page_shape"]) != self.page_shape:
             raise IncompatibleMemoryError(

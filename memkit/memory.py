@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import shutil
 import threading
 import types
 from collections.abc import Sequence
@@ -45,16 +44,7 @@ import numpy as np
 import torch
 
 from memkit._arrays import as_vectors, check_k
-from memkit.bank import (
-    BaseBank,
-    _replace_dir,
-    create_bank,
-    file_digests,
-    load_bank,
-    make_tmp_dir,
-    read_versioned_json,
-    verify_files,
-)
+from memkit.bank import BaseBank, create_bank, load_bank
 from memkit.config import BankConfig, MemoryConfig, is_cosine_setting
 from memkit.errors import (
     ConfigError,
@@ -64,12 +54,13 @@ from memkit.errors import (
     InvalidInputError,
     MemkitError,
 )
+from memkit.files import atomic_save, file_digests, read_versioned_json, save_path, verify_files, write_json
 from memkit.kvstore import KVStore
 from memkit.policy import EvictionPolicy, RecencyFrequencyPolicy, make_policy
 
 __all__ = ["MemoryManager", "Retrieved"]
 
-FORMAT, FORMAT_VERSION = "memkit-memory", 1
+FORMAT, FORMAT_VERSION = "memkit-memory", 2  # 2: sealed manifest, owner record
 MANIFEST = "manifest.json"
 TEXT_MAX_SIMILARITY = 0.9  # "auto" for text retrievers: MiniLM puts distinct prose chunks <= 0.73, repeats >= 0.96
 DISTINCT_EXTRA = 16  # with max_chunk_similarity, at least this many candidates beyond k are scanned
@@ -460,41 +451,37 @@ class MemoryManager:
                 "embed_dim": self.embed_dim, "chunk_size": self.chunk_size}
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Save everything to directory ``path`` atomically (old save or new, never half)."""
+    def save(self, path: str | os.PathLike[str], *, owner: dict[str, Any] | None = None) -> None:
+        """Save everything to directory ``path`` atomically (old save or new, never half).
+
+        ``path`` must be new, empty, or a previous memkit save (anything else raises SaveTargetError).
+        ``owner`` (JSON) records what the memory belongs to (the wrapped model's fingerprint); ``load``
+        compares it with its own ``owner`` argument."""
         from safetensors.numpy import save_file
 
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            tmp = make_tmp_dir(target)
-            try:
-                (tmp / "pages").mkdir()
-                self.store.save_into(tmp / "pages")
-                entries = []
-                for j, ns in enumerate(self._ns.values()):
-                    d = tmp / f"ns-{j:05d}"
-                    d.mkdir()
-                    ns.bank.save(d / "bank")
-                    ids = np.asarray(list(ns.spans), np.int64)
-                    spans = np.asarray([ns.spans[i] for i in ids.tolist()], np.int64).reshape(-1, 2)
-                    save_file({"ids": ids, "spans": spans}, str(d / "meta.safetensors"))
-                    (d / "meta.json").write_text(json.dumps({
-                        "name": ns.name, "texts": [ns.texts.get(i) for i in ids.tolist()],
-                        "policy": ns.policy.state_dict(), "trace": ns.trace, "tokens": ns.tokens}))
-                    entries.append({"name": ns.name, "dir": d.name})
-                manifest = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config.to_dict(),
-                            "dims": self._dims(), "next_id": self._next_id, "namespaces": entries,
-                            "counters": self._counters, "files": file_digests(tmp)}
-                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-                _replace_dir(tmp, target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        with atomic_save(path, "memory") as tmp, self._lock:
+            (tmp / "pages").mkdir()
+            self.store.save_into(tmp / "pages")
+            entries = []
+            for j, ns in enumerate(self._ns.values()):
+                d = tmp / f"ns-{j:05d}"
+                d.mkdir()
+                ns.bank.save(d / "bank")
+                ids = np.asarray(list(ns.spans), np.int64)
+                spans = np.asarray([ns.spans[i] for i in ids.tolist()], np.int64).reshape(-1, 2)
+                save_file({"ids": ids, "spans": spans}, str(d / "meta.safetensors"))
+                (d / "meta.json").write_text(json.dumps({
+                    "name": ns.name, "texts": [ns.texts.get(i) for i in ids.tolist()],
+                    "policy": ns.policy.state_dict(), "trace": ns.trace, "tokens": ns.tokens}))
+                entries.append({"name": ns.name, "dir": d.name})
+            manifest = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config.to_dict(),
+                        "dims": self._dims(), "owner": owner, "next_id": self._next_id, "namespaces": entries,
+                        "counters": self._counters, "files": file_digests(tmp)}
+            write_json(tmp / MANIFEST, manifest)
 
     def _load_new(cls, path: str | os.PathLike[str], device: str | torch.device | None = None,
                   retriever: Any = None) -> MemoryManager:
-        manifest = _read_manifest(Path(path))
+        manifest = _read_manifest(save_path(path, "loading memory"))
         try:
             config = MemoryConfig.from_dict(manifest["config"])
         except MemkitError as exc:
@@ -511,7 +498,7 @@ class MemoryManager:
         """Replace this manager's memory with a saved one. On any error the current memory is kept."""
         from safetensors.numpy import load_file
 
-        directory = Path(path)
+        directory = save_path(path, "loading memory")
         manifest = _manifest or _read_manifest(directory)
         mine, saved = self._dims(), manifest["dims"]
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}

@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from memkit.config import MemoryConfig, load_config, resolve_layers
-from memkit.errors import ConfigError
+from memkit.errors import ConfigError, InvalidInputError
+from memkit.units import human_bytes, parse_bytes, parse_length
 
-__all__ = ["ModelShape", "Plan", "plan", "parse_bytes"]
+__all__ = ["ModelShape", "Plan", "plan", "parse_bytes"]  # parse_bytes: re-exported from memkit.units
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "int8": 1}
 
@@ -84,53 +84,69 @@ class ModelShape:
 
 @dataclass
 class Plan:
-    """Result of :func:`plan`: named byte lines per place, and whether the device holds its part."""
+    """Result of :func:`plan`: byte lines per place, notes, and the problems that would stop the run.
+
+    Places are ``device`` (the accelerator; on a CPU-only machine its lines count against host memory),
+    ``host`` and ``disk``. :attr:`fits` is True only for a run that would start and finish: every place
+    within its budget and no problem (such as pages beyond every tier, which the K/V store refuses).
+    """
 
     context_tokens: int
-    gpu_bytes: int
+    gpu_bytes: int | None  # None: no accelerator, the "device" lines live in host memory
+    host_bytes: int | None = None  # None: host memory not checked
+    disk_bytes: int | None = None  # None: disk not checked
     lines: list[tuple[str, str, int]] = field(default_factory=list)  # (place, what, bytes)
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
 
     def total(self, place: str) -> int:
         return sum(b for p, _, b in self.lines if p == place)
 
+    def host_total(self) -> int:
+        """Host memory used: the host lines, plus the device lines when there is no accelerator."""
+        return self.total("host") + (self.total("device") if self.gpu_bytes is None else 0)
+
+    def over_budget(self) -> list[str]:
+        out = []
+        if self.gpu_bytes is not None and self.total("device") > self.gpu_bytes:
+            out.append(f"the accelerator needs {human(self.total('device'))} of {human(self.gpu_bytes)}")
+        if self.host_bytes is not None and self.host_total() > self.host_bytes:
+            out.append(f"host memory needs {human(self.host_total())} of {human(self.host_bytes)}")
+        if self.disk_bytes is not None and self.total("disk") > self.disk_bytes:
+            out.append(f"disk needs {human(self.total('disk'))} of {human(self.disk_bytes)}")
+        return out
+
     @property
     def fits(self) -> bool:
-        return self.total("device") <= self.gpu_bytes
+        return not self.problems and not self.over_budget()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"context_tokens": self.context_tokens, "gpu_bytes": self.gpu_bytes, "fits": self.fits,
-                "device_bytes": self.total("device"), "host_bytes": self.total("host"),
-                "disk_bytes": self.total("disk"),
-                "lines": [{"place": p, "what": w, "bytes": b} for p, w, b in self.lines], "notes": self.notes}
+        return {"context_tokens": self.context_tokens, "gpu_bytes": self.gpu_bytes, "host_budget": self.host_bytes,
+                "disk_budget": self.disk_bytes, "fits": self.fits, "device_bytes": self.total("device"),
+                "host_bytes": self.host_total(), "disk_bytes": self.total("disk"),
+                "lines": [{"place": p, "what": w, "bytes": b} for p, w, b in self.lines], "notes": self.notes,
+                "problems": self.problems + self.over_budget()}
 
     def __str__(self) -> str:
         rows = [f"{'place':<7} {'what':<66} {'bytes':>12}"]
         rows += [f"{p:<7} {w:<66} {human(b):>12}" for p, w, b in self.lines]
-        rows.append(f"{'device':<7} {'TOTAL on the accelerator':<66} {human(self.total('device')):>12}")
+        if self.gpu_bytes is not None:
+            rows.append(f"{'device':<7} {'TOTAL on the accelerator':<66} {human(self.total('device')):>12}")
+        if self.host_total() or self.gpu_bytes is None:
+            rows.append(f"{'host':<7} {'TOTAL in host memory':<66} {human(self.host_total()):>12}")
+        if self.total("disk"):
+            rows.append(f"{'disk':<7} {'TOTAL on disk':<66} {human(self.total('disk')):>12}")
+        budgets = [f"{human(b)} {name}" for name, b in (("accelerator", self.gpu_bytes), ("host", self.host_bytes),
+                                                         ("disk", self.disk_bytes)) if b is not None]
         verdict = "FITS" if self.fits else "DOES NOT FIT"
-        rows.append(f"=> {verdict} in {human(self.gpu_bytes)} at {self.context_tokens:,} tokens")
+        rows.append(f"=> {verdict} in {' + '.join(budgets) or 'unchecked budgets'} at {self.context_tokens:,} tokens")
+        rows += [f"   problem: {p}" for p in self.problems + self.over_budget()]
         rows += [f"   note: {n}" for n in self.notes]
         return "\n".join(rows)
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
-
-
-def parse_bytes(text: str | int) -> int:
-    """'24GB', '24GiB', '8000MB' or an int -> bytes (GB and GiB both mean 2**30, as GPU specs do)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"cannot read {text!r} as a size; use e.g. 24GB or 24000MB")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * scale)
+    return human_bytes(n)
 
 
 def read_model_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
@@ -147,17 +163,25 @@ def read_model_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def plan(model_config: str | Path | dict[str, Any], context_tokens: int, gpu_bytes: int | str = "24GB",
+def plan(model_config: str | Path | dict[str, Any], context_tokens: int, gpu_bytes: int | str | None = "24GB",
          config: MemoryConfig | str | Path | dict[str, Any] | None = None, *, weight_dtype: str = "fp16",
-         batch: int = 1) -> Plan:
-    """Budget of ``context_tokens`` through a model; ``config=None`` plans full attention + plain cache."""
+         batch: int = 1, host_bytes: int | str | None = None, disk_bytes: int | str | None = None) -> Plan:
+    """Budget of ``context_tokens`` through a model; ``config=None`` plans full attention + plain cache.
+
+    ``gpu_bytes=None`` plans a machine without an accelerator (everything but the disk tier in host memory);
+    ``host_bytes`` / ``disk_bytes`` (e.g. "24GB") are checked when given.
+    """
     shape = ModelShape.from_config(read_model_config(model_config))
-    if context_tokens <= 0:
-        raise ConfigError("context_tokens must be positive")
+    if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens <= 0:
+        raise ConfigError(f"context_tokens must be a positive integer, got {context_tokens!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch <= 0:
+        raise ConfigError(f"batch must be a positive integer (rows, each with its own memory), got {batch!r}")
     if weight_dtype not in DTYPE_BYTES:
         raise ConfigError(f"weight_dtype must be one of {sorted(DTYPE_BYTES)}")
     wb = DTYPE_BYTES[weight_dtype]
-    out = Plan(context_tokens=context_tokens, gpu_bytes=parse_bytes(gpu_bytes))
+    out = Plan(context_tokens=context_tokens, gpu_bytes=None if gpu_bytes is None else parse_bytes(gpu_bytes),
+               host_bytes=None if host_bytes is None else parse_bytes(host_bytes),
+               disk_bytes=None if disk_bytes is None else parse_bytes(disk_bytes))
     out.lines.append(("device", f"weights ({shape.params / 1e9:.2f}B params, {weight_dtype})", shape.params * wb))
     if config is None:
         _plan_full(out, shape, context_tokens, wb, batch)
@@ -204,7 +228,12 @@ def _plan_memkit(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int, cf
     out.lines.append(("host", f"host-tier pages ({stored_tokens:,} tokens x {len(mem_layers)} layers, {cfg.kvstore.dtype})", host_pages))
     if disk_pages:
         if cfg.kvstore.disk_dir is None:
-            out.notes.append("pages exceed the host budget and no disk tier is set: set kvstore.disk_dir")
+            out.problems.append(f"pages need {human(pages)} but the device and host tiers hold "
+                                f"{human(device_pages + host_pages)} and no disk tier is set: the K/V store would raise "
+                                "CapacityError. Set kvstore.disk_dir (or raise kvstore.host_bytes)")
+        elif disk_pages > cfg.kvstore.disk_bytes:
+            out.problems.append(f"disk-tier pages need {human(disk_pages)} but kvstore.disk_bytes is "
+                                f"{human(cfg.kvstore.disk_bytes)}: raise it")
         out.lines.append(("disk", "disk-tier pages (memory-mapped)", disk_pages))
     chunks = math.ceil(stored_tokens / cfg.chunk_size) * batch
     dim = cfg.bank.dim or 384
@@ -217,22 +246,31 @@ def _plan_memkit(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int, cf
 # ---------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder or config.json (only the config is read)")
-    p.add_argument("--context", type=int, required=True, help="context length in tokens, e.g. 80000")
-    p.add_argument("--gpu-memory", default="24GB", help="accelerator memory, e.g. 24GB (default) or 80GB")
+    p.add_argument("--context", required=True, help="context length in tokens, e.g. 80000, 80k or 1M")
+    p.add_argument("--gpu-memory", default="24GB",
+                   help="accelerator memory with a unit, e.g. 24GB (default) or 80GB; 'none' for a CPU-only machine")
+    p.add_argument("--host-memory", default=None, help="host RAM to check against, e.g. 24GB (default: not checked)")
+    p.add_argument("--disk", default=None, help="disk space to check against, e.g. 200GB (default: not checked)")
     p.add_argument("--config", default=None, help="memkit YAML/JSON config; default: MemoryConfig() defaults")
     p.add_argument("--full-attention", action="store_true", help="plan full attention with a plain K/V cache instead")
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPE_BYTES), help="weight and local K/V dtype")
-    p.add_argument("--batch", type=int, default=1, help="batch size (rows each with their own memory)")
+    p.add_argument("--batch", type=int, default=1, help="batch size >= 1 (rows each with their own memory)")
     p.add_argument("--json", default=None, help="also write the plan as JSON to this path")
-    p.add_argument("--check", action="store_true", help="exit with status 1 when the plan does not fit")
+    p.add_argument("--check", action="store_true",
+                   help="kept for scripts: the exit status is 1 whenever the plan does not fit")
 
 
 def run(args: argparse.Namespace) -> int:
+    context = parse_length(args.context)
+    gpu = None if str(args.gpu_memory).strip().lower() in ("none", "cpu") else args.gpu_memory
+    if args.batch <= 0:
+        raise InvalidInputError(f"--batch must be at least 1, got {args.batch}")
     cfg = None if args.full_attention else load_config(args.config)
-    result = plan(args.model, args.context, args.gpu_memory, cfg, weight_dtype=args.dtype, batch=args.batch)
+    result = plan(args.model, context, gpu, cfg, weight_dtype=args.dtype, batch=args.batch,
+                  host_bytes=args.host_memory, disk_bytes=args.disk)
     label = "full attention, plain cache" if args.full_attention else f"memkit {cfg.style if cfg else ''}"
-    print(f"# {args.model} at {args.context:,} tokens ({label})")
+    print(f"# {args.model} at {context:,} tokens ({label})")
     print(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
-    return 1 if (args.check and not result.fits) else 0
+    return 0 if result.fits else 1

@@ -102,7 +102,11 @@ def test_bad_params(bad: dict) -> None:
 
 def test_crafted_file_with_valid_checksums_is_refused(tmp_path: Path) -> None:
     """A file edited and re-checksummed (so only the structural checks stand) never reaches hnswlib."""
-    from memkit.bank import _write_manifest, read_manifest
+    from memkit.bank import read_manifest
+    from memkit.files import MANIFEST, file_digests, write_json
+
+    def _write_manifest(d: Path, manifest: dict) -> None:  # re-checksum every file, re-seal
+        write_json(d / MANIFEST, dict(manifest, files=file_digests(d)))
 
     bank = memkit.create_bank("hnswlib", dim=16)
     bank.add(_unit(np.random.default_rng(0), 200))

@@ -142,7 +142,11 @@ def test_view_write_sequence_survives_in_a_subprocess(tmp_path: Path) -> None:
 
 def test_crafted_file_with_valid_checksums_is_refused(tmp_path: Path) -> None:
     """Edited and re-checksummed files (only the structural checks stand) never reach usearch."""
-    from memkit.bank import _write_manifest, read_manifest
+    from memkit.bank import read_manifest
+    from memkit.files import MANIFEST, file_digests, write_json
+
+    def _write_manifest(d: Path, manifest: dict) -> None:  # re-checksum every file, re-seal
+        write_json(d / MANIFEST, dict(manifest, files=file_digests(d)))
 
     bank = memkit.create_bank("usearch", dim=16)
     bank.add(_unit(np.random.default_rng(0), 200))

@@ -43,7 +43,7 @@ def test_kv_bytes_match_a_real_cache() -> None:
 
 
 def test_openllama_3b_at_80k_fits_with_memkit_not_with_full_attention() -> None:
-    with_memkit = memkit.plan(OPENLLAMA, 80_000, "24GB", MemoryConfig())
+    with_memkit = memkit.plan(OPENLLAMA, 80_000, "24GB", MemoryConfig(kvstore={"disk_dir": "/data/pages"}))
     full = memkit.plan(OPENLLAMA, 80_000, "24GB", None)
     assert with_memkit.fits and not full.fits
     assert 3.3e9 < ModelShape.from_config(json.loads(OPENLLAMA.read_text())).params < 3.6e9
@@ -63,19 +63,45 @@ def test_memkit_device_total_flat_in_context_length() -> None:
 def test_bad_inputs() -> None:
     with pytest.raises(ConfigError):
         memkit.plan({"hidden_size": 8}, 1000)
-    with pytest.raises(ConfigError):
-        memkit.plan(OPENLLAMA, 0)
-    with pytest.raises(ConfigError):
-        parse_bytes("lots")
-    assert parse_bytes("24GB") == 24 << 30 and parse_bytes("512MiB") == 512 << 20
+    for bad_context in (0, -5, 1.5, True):
+        with pytest.raises(ConfigError):
+            memkit.plan(OPENLLAMA, bad_context)
+    for bad_batch in (0, -1, 1.0):
+        with pytest.raises(ConfigError):
+            memkit.plan(OPENLLAMA, 1000, batch=bad_batch)
+    for bad_size in ("lots", "24", "0GB", -3, 0, True, "-1GB"):
+        with pytest.raises(memkit.MemkitError):
+            parse_bytes(bad_size)
+    assert parse_bytes("24GB") == 24 << 30 and parse_bytes("512MiB") == 512 << 20 and parse_bytes(7) == 7
+
+
+def test_fits_only_when_the_run_would_start_and_finish() -> None:
+    no_disk = memkit.plan(OPENLLAMA, 80_000, "24GB", MemoryConfig())
+    assert not no_disk.fits and "CapacityError" in str(no_disk) and "DOES NOT FIT" in str(no_disk)
+    small_disk = memkit.plan(OPENLLAMA, 80_000, "24GB", MemoryConfig(kvstore={"disk_dir": "/d", "disk_bytes": 1 << 30}))
+    assert not small_disk.fits and "disk_bytes" in str(small_disk)
+    cpu = memkit.plan(OPENLLAMA, 80_000, None, MemoryConfig(kvstore={"disk_dir": "/d"}), host_bytes="24GB")
+    assert not cpu.fits and "host memory needs" in str(cpu)  # 18 GiB of tiers + 6.4 GiB weights > 24 GiB
+    cpu_ok = memkit.plan(OPENLLAMA, 80_000, None, MemoryConfig(kvstore={"disk_dir": "/d", "host_bytes": 8 << 30}),
+                         host_bytes="24GB", disk_bytes="100GB")
+    assert cpu_ok.fits and cpu_ok.host_total() < 24 << 30 and cpu_ok.total("disk") > 0
 
 
 def test_cli(tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
-    run = subprocess.run([sys.executable, "-m", "memkit.cli", "plan", "--model", str(OPENLLAMA), "--context", "80000",
-                          "--json", str(out)], capture_output=True, text=True, check=False)
-    assert run.returncode == 0 and "FITS" in run.stdout
+    cfg = tmp_path / "pages.yaml"
+    cfg.write_text(f"kvstore: {{disk_dir: {tmp_path / 'pages'}}}\n")
+    run = subprocess.run([sys.executable, "-m", "memkit.cli", "plan", "--model", str(OPENLLAMA), "--context", "80k",
+                          "--config", str(cfg), "--json", str(out)], capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and "FITS" in run.stdout and "81,920 tokens" in run.stdout
     assert json.loads(out.read_text())["fits"] is True
+    run = subprocess.run([sys.executable, "-m", "memkit.cli", "plan", "--model", str(OPENLLAMA), "--context", "80k"],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 1 and "DOES NOT FIT" in run.stdout and "disk_dir" in run.stdout
+    for bad in (["--batch", "0"], ["--batch", "-1"], ["--gpu-memory", "24"], ["--context", "lots"]):
+        run = subprocess.run([sys.executable, "-m", "memkit.cli", "plan", "--model", str(OPENLLAMA), "--context",
+                              "80k", *bad], capture_output=True, text=True, check=False)
+        assert run.returncode == 2 and run.stderr.startswith("memkit: error:"), (bad, run.stderr)
     run = subprocess.run([sys.executable, "-m", "memkit.cli", "plan", "--model", str(OPENLLAMA), "--context", "80000",
                           "--full-attention", "--check"], capture_output=True, text=True, check=False)
     assert run.returncode == 1 and "DOES NOT FIT" in run.stdout

@@ -316,14 +316,14 @@ def test_kill9_memory_manager_save(tmp_path: Path, backend: str) -> None:
 def test_crash_between_renames_is_recovered(tmp_path: Path) -> None:
     """Where the atomic directory exchange is unavailable, a save renames the old directory aside first;
     a crash right after that rename leaves only ``.name.old-<host>-<pid>-*``. Loading puts it back."""
-    from memkit.bank import _owner_tag
+    from memkit.files import owner_tag
 
     bank = memkit.create_bank("faiss-flat", dim=DIM)
     bank.add(det_vectors(np.arange(20), DIM))
     bank.save(tmp_path / "b")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
-    host = _owner_tag().rsplit("-", 1)[0]
+    host = owner_tag().rsplit("-", 1)[0]
     aside = tmp_path / f".b.old-{host}-{dead}-1"
     os.replace(tmp_path / "b", aside)  # the state a kill between the two renames leaves
     (tmp_path / f".b.tmp-{host}-{dead}-xyz").mkdir()  # and a half-written new save

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import memkit
+from memkit.files import seal
 from memkit.testing.reliability import BACKENDS, ROOT, backend_available, report
 
 ELSEWHERE = Path("/tmp/memkit-hostile-elsewhere")
@@ -118,6 +119,9 @@ def test_crafted_next_id_cannot_make_new_ids_collide(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     m["next_id"] = 11
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(memkit.CorruptFileError, match="seal"):  # a hand edit is refused outright
+        memkit.load_bank(tmp_path / "b")
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(seal(m)))  # crafted and re-sealed: still safe
     loaded = memkit.load_bank(tmp_path / "b")
     assert loaded.add(np.ones((1, 4), np.float32)).tolist() == [14]
     assert len(loaded) == 5
@@ -136,7 +140,7 @@ def test_crafted_memory_next_id_cannot_leak_pages_across_namespaces(tmp_path: Pa
     mm.save(tmp_path / "m")
     m = json.loads((tmp_path / "m" / "manifest.json").read_text())
     m["next_id"] = 0
-    (tmp_path / "m" / "manifest.json").write_text(json.dumps(m))
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(seal(m)))
     other = MemoryManager.load(tmp_path / "m")
     new = other.add_chunks(torch.zeros(1, 1, 1, 4, 4), torch.zeros(1, 1, 1, 4, 4), torch.eye(4)[:1], [[0, 4]],
                            namespace="mallory")

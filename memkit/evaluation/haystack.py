@@ -25,6 +25,7 @@ from functools import lru_cache
 from typing import Any
 
 from memkit.errors import InvalidInputError
+from memkit.units import parse_length, parse_lengths  # re-exported: the eval commands import them from here
 
 __all__ = ["Haystack", "build_haystack", "parse_length", "parse_lengths", "parse_depths", "FILLERS", "PROMPTS",
            "extract_key"]
@@ -57,26 +58,6 @@ class Haystack:
 
     def __len__(self) -> int:
         return len(self.context_ids) + len(self.question_ids)
-
-
-def parse_length(text: str) -> int:
-    """'16k' -> 16384, '4096' -> 4096, '1.5k' -> 1536 (k = 1024 tokens)."""
-    s = str(text).strip().lower()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(k?)", s)
-    if not m:
-        raise InvalidInputError(f"length {text!r} is not a token count; write e.g. 4096, 16k or 80k")
-    value = float(m.group(1)) * (1024 if m.group(2) else 1)
-    if value < 1:
-        raise InvalidInputError(f"length {text!r} must be at least 1 token")
-    return int(value)
-
-
-def parse_lengths(text: str) -> list[int]:
-    """Comma-separated lengths: '16k,32k,80k'."""
-    items = [t for t in str(text).split(",") if t.strip()]
-    if not items:
-        raise InvalidInputError("--lengths is empty; write e.g. 16k,32k,80k")
-    return [parse_length(t) for t in items]
 
 
 def parse_depths(text: str) -> list[float]:

@@ -25,6 +25,7 @@ from memkit.errors import (
     InvalidInputError,
     MemkitError,
     MissingDependencyError,
+    SaveTargetError,
     UnknownBackendError,
     UnknownParameterError,
 )
@@ -352,12 +353,44 @@ class BankConformance:
             target.write_bytes(original)
         memkit.load_bank(path).close()
 
+    def test_save_never_replaces_what_memkit_did_not_write(self, make, tmp_path: Path) -> None:
+        bank = make(dim=8)
+        bank.add(np.eye(8, dtype=np.float32))
+        tmp_path = tmp_path / "area"  # the backend may keep its own files in tmp_path
+        project = tmp_path / "project"
+        (project / "src").mkdir(parents=True)
+        (project / "src" / "main.py").write_text("x")
+        lone = tmp_path / "notes.txt"
+        lone.write_text("keep me")
+        (tmp_path / "link").symlink_to(project)
+        for target in (project, project / "src", lone, tmp_path / "link", lone / "sub"):
+            with pytest.raises(SaveTargetError):
+                bank.save(target)
+        assert (project / "src" / "main.py").read_text() == "x" and lone.read_text() == "keep me"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "notes.txt", "project"]  # nothing hidden
+        for bad in (None, "", ".", 5):
+            with pytest.raises(MemkitError):
+                bank.save(bad)
+        with pytest.raises(MemkitError):
+            memkit.load_bank(None)
+        (tmp_path / "empty").mkdir()
+        bank.save(tmp_path / "empty")  # an empty directory is fine
+        bank.save(tmp_path / "empty")  # and so is a previous memkit save, replaced atomically
+        (tmp_path / "empty" / "mine.txt").write_text("user file")
+        with pytest.raises(SaveTargetError, match="did not write"):
+            bank.save(tmp_path / "empty")  # a save with a user's file in it
+        assert (tmp_path / "empty" / "mine.txt").read_text() == "user file"
+        bank.close()
+
     def test_load_bad_manifest(self, make, tmp_path: Path) -> None:
         path = self._saved(make, tmp_path)
         manifest = path / bank_module.MANIFEST
         good = manifest.read_text()
-        for text in ("{not json", '{"format": "other"}', good.replace('"version": 1', '"version": 99'),
-                     good.replace(f'"backend": "{self.backend}"', '"backend": "nope"')):
+        version = f'"version": {bank_module.FORMAT_VERSION}'
+        assert version in good and '"metric": "ip"' in good
+        for text in ("{not json", '{"format": "other"}', good.replace(version, '"version": 99'),
+                     good.replace(f'"backend": "{self.backend}"', '"backend": "nope"'),
+                     good.replace('"metric": "ip"', '"metric": "l2"')):  # an edit the seal catches
             manifest.write_text(text)
             with pytest.raises(MemkitError):
                 memkit.load_bank(path)

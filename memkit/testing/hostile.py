@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from memkit.bank import MANIFEST, file_digests
 from memkit.errors import MemkitError
+from memkit.files import MANIFEST, file_digests, seal
 
 Case = tuple[str, Callable[[Path], None], Any]  # (name, mutate(dir), must_fail: True, False or "class-load")
 
@@ -51,7 +51,7 @@ def pickle_bytes(marker: str) -> bytes:
 def _rehash_bank(d: Path) -> None:
     m = json.loads((d / MANIFEST).read_text())
     m["files"] = file_digests(d)
-    (d / MANIFEST).write_text(json.dumps(m))
+    (d / MANIFEST).write_text(json.dumps(seal(m)))
 
 
 def rehash(root: Path) -> None:
@@ -69,7 +69,7 @@ def rehash(root: Path) -> None:
         try:
             m = json.loads(kv.read_text())
             m["files"] = file_digests(kv.parent, skip=("kvstore.json",))
-            kv.write_text(json.dumps(m))
+            kv.write_text(json.dumps(seal(m)))
         except (ValueError, UnicodeDecodeError, TypeError):
             pass
     top = root / MANIFEST
@@ -77,7 +77,7 @@ def rehash(root: Path) -> None:
         m = json.loads(top.read_text())
         if isinstance(m, dict):
             m["files"] = file_digests(root)
-            top.write_text(json.dumps(m))
+            top.write_text(json.dumps(seal(m)))
     except (ValueError, UnicodeDecodeError, OSError):
         pass
 
@@ -246,7 +246,7 @@ def _files_cases(rel: str) -> Iterator[Case]:
 def bank_manifest_cases(backend: str) -> Iterator[Case]:
     m = MANIFEST
     for key, value, must in [
-        ("version", 2, True), ("version", 0, True), ("version", "1", True), ("version", None, True),
+        ("version", 3, True), ("version", 1, True), ("version", "2", True), ("version", None, True),
         ("format", "memkit-memory", True), ("backend", "nope", True), ("backend", "../../etc/passwd", True),
         ("backend", "os:system", True), ("backend", 7, True),
         ("dim", 0, True), ("dim", -1, True), ("dim", 2**40, True), ("dim", "16", True), ("dim", True, True),
@@ -281,7 +281,7 @@ def bank_manifest_cases(backend: str) -> Iterator[Case]:
 def memory_manifest_cases() -> Iterator[Case]:
     m = MANIFEST
     for path, value, must in [
-        (["version"], 2, True), (["format"], "memkit-bank", True), (["dims", "num_layers"], 3, True),
+        (["version"], 3, True), (["version"], 1, True), (["format"], "memkit-bank", True), (["dims", "num_layers"], 3, True),
         (["dims", "kv_heads"], 1, True), (["dims", "head_dim"], 2**40, True), (["dims", "embed_dim"], -4, True),
         (["dims", "chunk_size"], "8", True), (["dims"], {}, True), (["dims"], [], True), (["next_id"], -1, True),
         (["next_id"], 0, False), (["namespaces"], "x", True), (["namespaces", 0, "dir"], "../ns-00000", True),
