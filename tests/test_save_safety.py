@@ -124,4 +124,5 @@ def test_search_k_is_capped() -> None:
     with pytest.raises(memkit.InvalidInputError, match="limit"):
         bank.search(np.eye(4, dtype=np.float32), k=10**9)
     scores, ids = bank.search(np.eye(4, dtype=np.float32), k=10)
+    assert np.isneginf(scores[:, 4:]).all()
     assert ids.shape == (4, 10) and (ids[:, 4:] == -1).all()
