@@ -32,6 +32,7 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(MAKE) typecheck
 	$(PY) -m pytest -q
 	$(MAKE) test-compat
 
@@ -58,8 +59,16 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# mypy over memkit/, backends/, integrations/ and benchmarks/bench/ as the package they install as: a link tree
+# build/typecheck/memkit mirrors setuptools' package-dir mapping, so cross-package imports are checked too.
+TYPECHECK := build/typecheck
 typecheck: setup
-	$(VENV)/bin/mypy memkit
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/memkit
+	for f in memkit/*; do case $$(basename $$f) in __pycache__) ;; *) ln -s $(CURDIR)/$$f $(TYPECHECK)/memkit/ ;; esac; done
+	ln -s $(CURDIR)/backends $(TYPECHECK)/memkit/backends
+	ln -s $(CURDIR)/integrations $(TYPECHECK)/memkit/integrations
+	ln -s $(CURDIR)/benchmarks/bench $(TYPECHECK)/memkit/bench
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache -p memkit
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -293,7 +293,7 @@ class DiskBank(BaseBank):
                 continue
             lo, hi = int(idx[0]), int(idx[-1]) + 1
             run = data[lo:hi] if (np.diff(idx) == 1).all() else data[idx]  # in-order run: a view, no copy
-            _pwrite_all(fd, memoryview(np.ascontiguousarray(run)).cast("B"), int(rows[lo]) * width)
+            _pwrite_all(fd, np.ascontiguousarray(run).data.cast("B"), int(rows[lo]) * width)
 
     def _write_rowids(self, rows: np.ndarray, ids: np.ndarray) -> None:
         if len(rows):
@@ -452,7 +452,7 @@ class DiskBank(BaseBank):
                 for a in range(0, m, qc):
                     z = min(m, a + qc)
                     sc = queries[a:z] @ block.T  # (q, b)
-                    if qn is not None:
+                    if qn is not None and bn is not None:
                         sc = 2 * sc - bn[None, :] - qn[a:z, None]  # -||q - x||^2
                     sc[:, dead] = -np.inf
                     self._merge(sc, bid, best_s[a:z], best_i[a:z], k)
@@ -522,7 +522,9 @@ class DiskBank(BaseBank):
         and every live vector finite. O(n) once per load, streamed in blocks (like the sha256 check)."""
         try:
             with self._db_lock:
-                pairs = np.asarray(self._h.conn.execute("SELECT id, row FROM rows").fetchall(), np.int64).reshape(-1, 2)
+                conn = self._h.conn
+                assert conn is not None  # open until close()
+                pairs = np.asarray(conn.execute("SELECT id, row FROM rows").fetchall(), np.int64).reshape(-1, 2)
             n_rows = self._n_rows
             saved_ids = directory / IDS_FILE  # the save itself, not the copy that opening may have repaired
             if saved_ids.stat().st_size < n_rows * 8:

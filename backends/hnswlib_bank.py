@@ -214,7 +214,7 @@ class HnswlibBank(IdSetMixin, BaseBank):
         if raw.size < _HEADER.size:
             raise bad("shorter than its header")
         (off0, cap, cur, sdpe, label_off, data_off, max_level, entry,
-         max_m, max_m0, m, _mult, efc) = _HEADER.unpack_from(raw, 0)
+         max_m, max_m0, m, _mult, efc) = _HEADER.unpack_from(raw.data, 0)
         links0 = max_m0 * 4 + 4
         if (off0, m, max_m, max_m0, efc) != (0, self.m, self.m, 2 * self.m, self.ef_construction):
             raise bad(f"graph parameters m={m}, ef_construction={efc} do not match the manifest")
@@ -238,7 +238,7 @@ class HnswlibBank(IdSetMixin, BaseBank):
         labels = block[:, label_off:sdpe].copy().view("<u8")[:, 0].astype(np.int64)
         if cur and (labels.min() < 0 or len(np.unique(labels)) != cur):
             raise bad("labels are negative or repeated")
-        pos, upper, view = end0, max_m * 4 + 4, memoryview(raw)
+        pos, upper, view = end0, max_m * 4 + 4, raw.data
         levels = np.zeros(cur, np.int64)
         starts = np.zeros(cur, np.int64)
         for i in range(cur):  # upper-level link lists: a size, then `level` lists of `upper` bytes

@@ -201,12 +201,12 @@ class UsearchBank(IdSetMixin, BaseBank):
         width, scalar = DTYPES[self.dtype]
         if raw.size < _MATRIX.size:
             raise bad("shorter than its header")
-        rows, cols = _MATRIX.unpack_from(raw, 0)
+        rows, cols = _MATRIX.unpack_from(raw.data, 0)
         head_at = _MATRIX.size + rows * cols
         if cols != self.dim * width or head_at + _HEAD.size > raw.size:
             raise bad(f"vector matrix {rows}x{cols} bytes does not fit dim={self.dim} {self.dtype}")
         magic, major, _minor, _patch, metric, kind, key_kind, slot_kind, present, deleted, dims, multi = (
-            _HEAD.unpack_from(raw, head_at))
+            _HEAD.unpack_from(raw.data, head_at))
         if magic != b"usearch" or major != 2:
             raise bad("bad magic or unsupported format version")
         if (metric, kind, key_kind, slot_kind, dims, multi) != (
@@ -215,7 +215,7 @@ class UsearchBank(IdSetMixin, BaseBank):
         graph_at = head_at + 64
         if graph_at + _GRAPH.size > raw.size:
             raise bad("truncated before the graph")
-        size, conn, conn_base, max_level, entry = _GRAPH.unpack_from(raw, graph_at)
+        size, conn, conn_base, max_level, entry = _GRAPH.unpack_from(raw.data, graph_at)
         if size != rows or present + deleted != size or conn != self.connectivity or conn_base != 2 * conn:
             raise bad("graph header does not match the vectors or connectivity")
         levels_at = graph_at + _GRAPH.size

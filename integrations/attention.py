@@ -62,7 +62,7 @@ def memkit_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     rt = RUNTIMES.get(id(config))
-    if rt is not None and rt.step_active:
+    if rt is not None and rt.current_call() is not None:
         return None
     original = rt.original_impl if rt is not None else "sdpa"
     fn = ALL_MASK_ATTENTION_FUNCTIONS[original if original in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"]
@@ -71,13 +71,17 @@ def memkit_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
 
 def memkit_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """AttentionInterface entry point: query (B, Hq, T, D), key/value (B, Hkv, T, D) rotated at the step's positions."""
+    """AttentionInterface entry point: query (B, Hq, T, D), key/value (B, Hkv, T, D) rotated at the step's positions.
+
+    Inside a memkit step of this thread's call the runtime attends; otherwise the model's original function runs
+    with the original arguments (another thread, memory disabled, or outside any call).
+    """
     rt = getattr(module, "_memkit_runtime", None)
-    if rt is None or not rt.step_active:
-        fn = rt.original_fn(module) if rt is not None else original_attention(module, "sdpa")
-        return fn(module, query, key, value, attention_mask, **kwargs)
-    rt.calls += 1
-    return rt.attend(module, query, key, value, **kwargs)
+    call = rt.current_call() if rt is not None else None
+    if rt is None or call is None:
+        fn = original_attention(module, rt.original_impl if rt is not None else "sdpa")
+        return fn(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
+    return rt.attend(call, module, query, key, value, **kwargs), None
 
 
 def attend_core(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, *,

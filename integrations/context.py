@@ -13,10 +13,17 @@ and each chunk that leaves goes to memory (InfLLM-style offloading, Xiao et al. 
 All stored keys are position-free (see :mod:`positions`). Buffers are right-aligned per row (the newest
 token of every row is in the last column; a row with fewer tokens has invalid leading columns), so left
 padding and rows of different lengths need no special case. Shapes: B rows, H K/V heads, D head dim.
+
+A :class:`CallState` is everything one call (a forward, ``generate`` or ``ingest``) and its steps know: the
+buffers above, which namespace each row reads and writes, the mode, the prompt, the progress bar, the thread
+that owns the call, the step's layout and rope cache, and the style's own per-call data (``style_data``). The
+runtime holds only per-model state; :meth:`CallState.snapshot` freezes one step for checkpoint replay.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,8 +67,8 @@ class Evicted:
     row: int
     keys: torch.Tensor  # (n, L_mem, H, C, D) position-free
     values: torch.Tensor  # (n, L_mem, H, C, D)
-    ids: torch.Tensor  # (n, C) token ids
-    spans: torch.Tensor  # (n, 2) token [start, end) in the row's real-token numbering
+    ids: torch.Tensor  # (n, C) token ids; -1 pads a partial chunk
+    spans: torch.Tensor  # (n, 2) token [start, end) in the row's real-token numbering; end - start < C: partial
     retr_keys: torch.Tensor | None  # (n, H, C, D) keys of the retriever layer ("keys" retriever)
 
 
@@ -86,8 +93,21 @@ class CallState:
     """Buffers of one call (forward, generate or ingest): window, sinks, retrieved memory, pending K/V."""
 
     def __init__(self, *, batch: int, num_layers: int, sink_tokens: int, window: int, chunk_size: int,
-                 memory_layers: list[int], retriever_layer: int | None, device: torch.device) -> None:
+                 memory_layers: list[int], retriever_layer: int | None, device: torch.device, mode: str = "forward",
+                 namespaces: list[str] | None = None, call_base: list[int] | None = None, prompt_cols: int = 0,
+                 prompt_ids: torch.Tensor | None = None, progress: Any = None) -> None:
         self.B, self.L, self.S, self.W, self.C = batch, num_layers, sink_tokens, window, chunk_size
+        # ---- the call: who, what, where
+        self.mode = mode  # "forward", "generate", "ingest" or "probe"
+        self.namespaces = list(namespaces) if namespaces is not None else ["default"] * batch  # one per row
+        self.call_base = list(call_base) if call_base is not None else [0] * batch  # token offset per row's namespace
+        self.prompt_cols = prompt_cols  # columns of the prompt (generate) or input (forward, ingest)
+        self.prompt_ids = prompt_ids  # (B, N) generate's prompt: each step must read new tokens
+        self.progress = progress  # tqdm bar or None
+        self.thread = threading.get_ident()  # the thread that owns the call; others never see its steps
+        self.step_active = False  # a decoder step of this call is running
+        self.rope_cache: dict[Any, Any] = {}  # cos/sin of this step's positions, shared by all layers
+        self.style_data: Any = None  # the style's per-call data (LongMem: rows with memory, captured states)
         self.memory_layers = memory_layers
         self.retriever_layer = retriever_layer
         self.device = device
@@ -114,7 +134,6 @@ class CallState:
         self.layout: Layout | None = None
         self.blk_ids: torch.Tensor | None = None  # (B, T)
         self.cols = 0  # columns (tokens incl. padding) processed so far in this call
-        self.prompt_ids: torch.Tensor | None = None  # (B, N) generate's prompt: each step must read new tokens
         self.last_retrieval_col = -(10**12)
 
     # ----------------------------------------------------------------- layout of one step
@@ -222,17 +241,45 @@ class CallState:
         return self._evict(self.W)
 
     def flush(self) -> list[Evicted]:
-        """Put everything left in the window into memory: whole chunks, plus the last ``chunk_size`` tokens.
+        """Everything left in the window, as chunks for memory: whole chunks, then a last partial chunk.
 
-        Used by ``ingest`` so the whole document ends up in memory. When the window length is not a multiple
-        of ``chunk_size`` the final chunk overlaps the one before it. A row with fewer than ``chunk_size``
-        tokens in total stores nothing (pages have a fixed size); the caller warns.
+        Used at the end of a call (``flush_window``) and by ``ingest``, so all a call read is in memory. The partial
+        chunk's pages are zero-padded to ``chunk_size``; its span [start, start + r) says how many tokens are real,
+        and readers attend only those. The window is empty afterwards.
         """
-        w = self.win_valid.sum(1)
+        w = self.win_valid.sum(1)  # (B,)
         Wb = self.win_valid.shape[1]
-        tails = [self._chunk_from_cols(r, Wb - self.C, 1) for r in range(self.B)
-                 if int(w[r]) >= self.C and int(w[r]) % self.C]
-        return self._evict(0) + tails
+        out = []
+        for r in range(self.B):
+            w_r = int(w[r])
+            n, rest = divmod(w_r, self.C)
+            start = Wb - w_r
+            if n:
+                ev = self._chunk_from_cols(r, start, n)
+                self._copy_sinks(r, start, int(ev.spans[0, 0]), n * self.C)
+                out.append(ev)
+            if rest:
+                out.append(self._chunk_from_cols(r, start + n * self.C, 1, tokens=rest))
+        self.win_valid, self.win_ids = self.win_valid[:, :0], self.win_ids[:, :0]
+        for layer in range(self.L):
+            if self.win_k[layer] is not None:
+                k, v = self._kv(layer)
+                self.win_k[layer], self.win_v[layer] = k[:, :, :0], v[:, :, :0]
+        return out
+
+    def snapshot(self) -> CallState:
+        """This step frozen for checkpoint replay: later commits replace (never edit) the window and memory tensors,
+        except the sinks, written in place once and cloned here (a few tokens). Replayed writes go to fresh dicts."""
+        st = copy.copy(self)
+        st.win_k, st.win_v = list(self.win_k), list(self.win_v)
+        st.sink_k = [None if t is None else t.clone() for t in self.sink_k]
+        st.sink_v = [None if t is None else t.clone() for t in self.sink_v]
+        st.mem_k, st.mem_v = dict(self.mem_k), dict(self.mem_v)
+        st.pending_k, st.pending_v, st.pending_q = {}, {}, None
+        st.rope_cache = {}
+        st.namespaces, st.call_base = list(self.namespaces), list(self.call_base)
+        st.style_data = copy.copy(self.style_data)
+        return st
 
     def _update_q_tail(self, q: torch.Tensor, blk_valid: torch.Tensor) -> None:
         q_all = q if self.q_tail is None else torch.cat([self.q_tail, q], 2)
@@ -242,24 +289,52 @@ class CallState:
             q_all, v_all = _gather_cols(q_all, order), _gather_cols(v_all, order)
         self.q_tail, self.q_tail_valid = q_all[:, :, -self.C:], v_all[:, -self.C:]
 
-    def _chunk_from_cols(self, r: int, start: int, n: int) -> Evicted:
-        """Row r's ``n`` chunks starting at window column ``start`` (columns must be valid)."""
+    def _kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window K/V (B, H, Wb, D) of ``layer``, which every commit fills."""
+        k, v = self.win_k[layer], self.win_v[layer]
+        assert k is not None and v is not None, "the window of this layer was never filled"
+        return k, v
+
+    def _chunk_from_cols(self, r: int, start: int, n: int, *, tokens: int | None = None) -> Evicted:
+        """Row r's ``n`` chunks starting at window column ``start`` (columns must be valid). ``tokens`` < C makes
+        one partial chunk of that many tokens, zero-padded to C (its span is ``tokens`` long)."""
         C = self.C
+        if tokens is not None:
+            return self._partial_chunk(r, start, tokens)
         stop = start + n * C
-        ks = torch.stack([self.win_k[l][r, :, start:stop] for l in self.memory_layers], 0)  # (L_mem, H, nC, D)
-        vs = torch.stack([self.win_v[l][r, :, start:stop] for l in self.memory_layers], 0)
+        ks = torch.stack([self._kv(l)[0][r, :, start:stop] for l in self.memory_layers], 0)  # (L_mem, H, nC, D)
+        vs = torch.stack([self._kv(l)[1][r, :, start:stop] for l in self.memory_layers], 0)
         Lm, H, _, D = ks.shape
         ks = ks.reshape(Lm, H, n, C, D).permute(2, 0, 1, 3, 4)  # (n, L_mem, H, C, D)
         vs = vs.reshape(Lm, H, n, C, D).permute(2, 0, 1, 3, 4)
         rk = None
         if self.retriever_layer is not None:
-            rk = self.win_k[self.retriever_layer][r, :, start:stop]  # (H, nC, D)
+            rk = self._kv(self.retriever_layer)[0][r, :, start:stop]  # (H, nC, D)
             rk = rk.reshape(H, n, C, D).permute(1, 0, 2, 3)  # (n, H, C, D)
         ids = self.win_ids[r, start:stop].reshape(n, C).clone()
         w_r = int(self.win_valid[r].sum())
         first = int(self.n_real[r]) - w_r + (start - (self.win_valid.shape[1] - w_r))  # token index of column start
         spans = torch.stack([torch.arange(n) * C + first, torch.arange(n) * C + first + C], 1)
         return Evicted(row=r, keys=ks, values=vs, ids=ids, spans=spans, retr_keys=rk)
+
+    def _partial_chunk(self, r: int, start: int, t: int) -> Evicted:
+        """Row r's last ``t`` (< C) window tokens from column ``start`` as one chunk padded with zeros to C."""
+        C, stop = self.C, start + t
+
+        def pad(x: torch.Tensor) -> torch.Tensor:  # (..., t, D) -> (..., C, D)
+            return torch.nn.functional.pad(x, (0, 0, 0, C - t))
+
+        ks = torch.stack([pad(self._kv(l)[0][r, :, start:stop]) for l in self.memory_layers], 0)[None]  # (1, Lm, H, C, D)
+        vs = torch.stack([pad(self._kv(l)[1][r, :, start:stop]) for l in self.memory_layers], 0)[None]
+        rk = None
+        if self.retriever_layer is not None:
+            rk = self._kv(self.retriever_layer)[0][r, :, start:stop][None]  # (1, H, t, D): real tokens only
+        ids = torch.full((1, C), -1, dtype=torch.long, device=self.win_ids.device)
+        ids[0, :t] = self.win_ids[r, start:stop]
+        w_r = int(self.win_valid[r].sum())
+        first = int(self.n_real[r]) - w_r + (start - (self.win_valid.shape[1] - w_r))
+        self._copy_sinks(r, start, first, t)
+        return Evicted(row=r, keys=ks, values=vs, ids=ids, spans=torch.tensor([[first, first + t]]), retr_keys=rk)
 
     def _copy_sinks(self, r: int, start_col: int, first_tok: int, count: int) -> None:
         """Copy window columns holding tokens [first_tok, first_tok+count) ∩ [0, S) into the sink buffers."""
@@ -268,13 +343,14 @@ class CallState:
             return
         c0 = start_col + (lo - first_tok)
         for layer in range(self.L):
-            k, v = self.win_k[layer], self.win_v[layer]
-            if self.sink_k[layer] is None:
+            k, v = self._kv(layer)
+            sk, sv = self.sink_k[layer], self.sink_v[layer]
+            if sk is None or sv is None:
                 b, h, _, d = k.shape
-                self.sink_k[layer] = k.new_zeros(b, h, self.S, d)
-                self.sink_v[layer] = v.new_zeros(b, h, self.S, d)
-            self.sink_k[layer][r, :, lo:hi] = k[r, :, c0:c0 + hi - lo]
-            self.sink_v[layer][r, :, lo:hi] = v[r, :, c0:c0 + hi - lo]
+                sk = self.sink_k[layer] = k.new_zeros(b, h, self.S, d)
+                sv = self.sink_v[layer] = v.new_zeros(b, h, self.S, d)
+            sk[r, :, lo:hi] = k[r, :, c0:c0 + hi - lo]
+            sv[r, :, lo:hi] = v[r, :, c0:c0 + hi - lo]
         self.sink_valid[r, lo:hi] = True
 
     def _evict(self, keep: int) -> list[Evicted]:
@@ -298,8 +374,8 @@ class CallState:
         self.win_valid = self.win_valid[:, Wb - keep_cols:]
         self.win_ids = self.win_ids[:, Wb - keep_cols:]
         for layer in range(self.L):
-            self.win_k[layer] = self.win_k[layer][:, :, Wb - keep_cols:]
-            self.win_v[layer] = self.win_v[layer][:, :, Wb - keep_cols:]
+            k, v = self._kv(layer)
+            self.win_k[layer], self.win_v[layer] = k[:, :, Wb - keep_cols:], v[:, :, Wb - keep_cols:]
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -25,10 +25,11 @@ import logging
 from typing import Any
 
 import torch
-from memkit.integrations.long_forward import _progress, check_ids
 from transformers.cache_utils import Cache
 
 from memkit.errors import InvalidInputError
+
+from .long_forward import check_ids, progress_bar
 
 __all__ = ["MemkitCache", "generate"]
 
@@ -62,8 +63,8 @@ class MemkitCache(Cache):
         return False
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        state = self.runtime.state
-        return int(state.cols) if state is not None else 0
+        call = self.runtime.call
+        return int(call.cols) if call is not None else 0
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return query_length, 0
@@ -123,21 +124,21 @@ def generate(rt: Any, input_ids: Any = None, attention_mask: Any = None, *, name
     if attention_mask is None and B > 1:
         attention_mask = torch.ones_like(input_ids)
     tail = min(N, max(1, int(kwargs.pop("memkit_tail", rt.config.chunk_size))))
-    rt.begin_call(B, namespaces, mode="generate", prompt_cols=N, prompt_ids=input_ids,
-                  progress=_progress(rt, N, "memkit prompt", -(-N // rt.config.block_size), progress))
+    flush = kwargs.pop("flush_window", None)
     cache_kw = {rt.cache_kwarg: cache}  # `cache=` from transformers 5.24, `past_key_values=` before
     quiet = _NoLengthReminder()
     logging.getLogger("transformers.generation.stopping_criteria").addFilter(quiet)
     try:
-        # Prefill all but the prompt's tail in blocks ourselves; generate() then reads the tail in one step
-        # (its retrieval query includes the question at the end of the prompt) and decodes.
-        bs = rt.config.block_size
-        with torch.no_grad():
+        with rt.calling(B, namespaces, mode="generate", prompt_cols=N, prompt_ids=input_ids, flush_window=flush,
+                        progress=progress_bar(rt, N, "memkit prompt", -(-N // rt.config.block_size), progress)), \
+                torch.no_grad():
+            # Prefill all but the prompt's tail in blocks ourselves; generate() then reads the tail in one step
+            # (its retrieval query includes the question at the end of the prompt) and decodes.
+            bs = rt.config.block_size
             for s in range(0, N - tail, bs):
                 e = min(N - tail, s + bs)
                 rt.base(input_ids=input_ids[:, s:e], use_cache=True,
                         attention_mask=None if attention_mask is None else attention_mask[:, :e], **cache_kw)
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kw, **kwargs)
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_kw, **kwargs)
     finally:
         logging.getLogger("transformers.generation.stopping_criteria").removeFilter(quiet)
-        rt.end_call()

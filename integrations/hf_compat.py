@@ -80,7 +80,7 @@ def cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def resolve_decoder(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+def resolve_decoder(model: Any) -> tuple[Any, torch.nn.Module]:
     """(causal LM, decoder) memkit hooks for ``model``: the model itself, or the model inside a ``PeftModel``.
 
     The decoder is the module whose forward runs once per step (``LlamaModel`` in ``LlamaForCausalLM``). For a

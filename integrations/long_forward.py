@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from memkit.errors import CapacityError, InvalidInputError
 
-__all__ = ["check_ids", "long_forward", "ingest"]
+__all__ = ["check_ids", "long_forward", "ingest", "progress_bar"]
 
 _LARGE_LOGITS = 1 << 30  # below 1 GiB of logits, no memory check
 _REFUSED = ("past_key_values", "cache", "inputs_embeds", "cache_position")
@@ -35,7 +35,7 @@ def check_ids(input_ids: Any, attention_mask: Any, vocab_size: int | None, devic
     if isinstance(input_ids, (list, tuple)):
         try:
             input_ids = torch.tensor(input_ids, dtype=torch.long)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise InvalidInputError(f"input_ids must be a (batch, tokens) integer tensor or nested list: {exc}") \
                 from exc
     if not isinstance(input_ids, torch.Tensor):
@@ -52,18 +52,37 @@ def check_ids(input_ids: Any, attention_mask: Any, vocab_size: int | None, devic
         raise InvalidInputError(f"token ids must lie in [0, {vocab_size}) for this model's vocabulary; got "
                                 f"min {int(input_ids.min())}, max {int(input_ids.max())} (wrong tokenizer?)")
     if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor):
-            attention_mask = torch.as_tensor(attention_mask)
+        attention_mask = _as_int_tensor(attention_mask, "attention_mask")
+        if attention_mask.shape == input_ids.shape[1:]:
+            attention_mask = attention_mask[None]
         if attention_mask.shape != input_ids.shape:
             raise InvalidInputError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
                                     f"{tuple(input_ids.shape)}; pass one 0/1 entry per token")
+        if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise InvalidInputError("attention_mask holds 1 for a token and 0 for padding; other values are not masks")
         attention_mask = attention_mask.to(device)
         if bool(attention_mask.all()):
             attention_mask = None
     return input_ids, attention_mask
 
 
-def _progress(rt: Any, total: int, desc: str, blocks: int, force: bool | None) -> Any:
+def _as_int_tensor(x: Any, name: str) -> torch.Tensor:
+    """``x`` as an integer (or bool) tensor, or an InvalidInputError that names ``name``."""
+    if not isinstance(x, torch.Tensor):
+        if isinstance(x, (str, bytes, dict)) or x is None:
+            raise InvalidInputError(f"{name} must be a (batch, tokens) tensor or nested list of integers, got "
+                                    f"{type(x).__name__}")
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise InvalidInputError(f"{name} must be a (batch, tokens) tensor of integers: {exc}") from exc
+    if x.is_floating_point() or x.is_complex():
+        raise InvalidInputError(f"{name} must hold integers, got dtype {x.dtype}")
+    return x
+
+
+def progress_bar(rt: Any, total: int, desc: str, blocks: int, force: bool | None) -> Any:
+    """A tqdm bar over ``total`` tokens when ``force`` (or the config's ``progress`` with 16+ blocks) asks for it."""
     show = rt.config.progress if force is None else force
     if not show or (force is None and blocks < 16):
         return None
@@ -116,7 +135,8 @@ def _check_logits_fit(B: int, K: int, vocab: int, dtype: torch.dtype, device: to
 
 def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: Any = None, *,
                  namespaces: list[str] | None = None, progress: bool | None = None,
-                 token_losses: bool = False, logits_to_keep: Any = None, **kwargs: Any) -> Any:
+                 token_losses: bool = False, logits_to_keep: Any = None, flush_window: bool | None = None,
+                 **kwargs: Any) -> Any:
     """Blockwise forward of the wrapped model; see the module docstring."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -131,7 +151,7 @@ def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: An
     vocab = getattr(model.config.get_text_config(decoder=True), "vocab_size", None)
     input_ids, attention_mask = check_ids(input_ids, attention_mask, vocab, rt.device)
     if labels is not None:
-        labels = torch.as_tensor(labels).to(rt.device)
+        labels = _as_int_tensor(labels, "labels").to(device=rt.device, dtype=torch.long)
         if labels.dim() == 1:
             labels = labels[None]
         if labels.shape != input_ids.shape:
@@ -158,9 +178,8 @@ def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: An
             raise InvalidInputError("token_losses=True needs labels: pass labels=input_ids")
         per_token = torch.full((B, N), float("nan"), dtype=torch.float32, device=rt.device)  # (B, N)
     order = None if kept is None else torch.sort(kept, stable=True)
-    rt.begin_call(B, namespaces, mode="forward", prompt_cols=N,
-                  progress=_progress(rt, N, "memkit forward", len(starts), progress))
-    try:
+    with rt.calling(B, namespaces, mode="forward", prompt_cols=N, flush_window=flush_window,
+                    progress=progress_bar(rt, N, "memkit forward", len(starts), progress)):
         for s in starts:
             e = min(N, s + bs)
             call_kw = dict(kwargs)
@@ -196,13 +215,12 @@ def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: An
             elif len(local):
                 pieces.append(logits[:, local.to(logits.device)])
             del out
-    finally:
-        rt.end_call()
     loss = None
     if labels is not None:
         loss = loss_sum / count if count else loss_sum * float("nan")
     logits = torch.cat(pieces, 1) if pieces else input_ids.new_zeros(B, 0, int(vocab or 0)).float()  # (B, K, V)
-    if order is not None and not bool((order.indices == torch.arange(len(kept), device=kept.device)).all()):
+    if order is not None and not bool((order.indices == torch.arange(len(order.indices), device=order.indices.device)
+                                       ).all()):
         logits = logits[:, torch.argsort(order.indices).to(logits.device)]  # back to the caller's order
     result = CausalLMOutputWithPast(loss=loss, logits=logits)
     if per_token is not None:
@@ -211,30 +229,19 @@ def long_forward(rt: Any, input_ids: Any, attention_mask: Any = None, labels: An
 
 
 def ingest(rt: Any, input_ids: torch.Tensor, namespace: str, *, progress: bool | None = None) -> dict[str, Any]:
-    """Read ``input_ids`` (1, N) into memory ``namespace``: blockwise decoder forward, then flush the window."""
+    """Read ``input_ids`` (1, N) into memory ``namespace``: blockwise decoder forward, then store the whole window
+    (the last chunk may be partial), so every token read is in memory afterwards."""
     import time
-    import warnings
 
     N = input_ids.shape[1]
     bs = rt.config.block_size
     t0 = time.perf_counter()
     before = rt.memory.num_chunks(namespace)
-    rt.begin_call(1, [namespace], mode="ingest", prompt_cols=N,
-                  progress=_progress(rt, N, "memkit ingest", -(-N // bs),
-                                     rt.config.progress if progress is None else progress))
-    try:
-        with torch.no_grad():
-            for s in range(0, N, bs):
-                rt.base(input_ids=input_ids[:, s:s + bs], use_cache=False)
-            state = rt.state
-            rest = state.flush()
-            if rest:
-                rt._store(rest)
-    finally:
-        rt.end_call()
-    if N < rt.config.chunk_size:
-        warnings.warn(f"ingest: {N} tokens are fewer than chunk_size={rt.config.chunk_size}; nothing was stored "
-                      "(pages hold whole chunks)", stacklevel=3)
+    with rt.calling(1, [namespace], mode="ingest", prompt_cols=N, flush_window=True,
+                    progress=progress_bar(rt, N, "memkit ingest", -(-N // bs),
+                                          rt.config.progress if progress is None else progress)), torch.no_grad():
+        for s in range(0, N, bs):
+            rt.base(input_ids=input_ids[:, s:s + bs], use_cache=False)
     seconds = time.perf_counter() - t0
     return {"namespace": namespace, "tokens": N, "chunks_added": rt.memory.num_chunks(namespace) - before,
             "seconds": seconds, "tokens_per_s": N / seconds if seconds else float("inf")}

@@ -73,7 +73,6 @@ class Rotary:
         rotaries = find_rotary_modules(base)
         self.enabled = bool(rotaries)
         self.layers: list[_LayerRope | None] = []
-        self._cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         if not self.enabled:
             self.layers = [None] * len(attn_modules)
             return
@@ -95,33 +94,35 @@ class Rotary:
                 layer_type = layer_types[i]
             self.layers.append(_LayerRope(rotary, layer_type, apply_fn))
 
-    def clear(self) -> None:
-        """Forget cached cos/sin (called once per step: positions change between steps)."""
-        self._cache.clear()
+    def add_layers(self, sources: list[int]) -> None:
+        """Append rope entries for extra attention layers that copy layers ``sources`` (LongMem's SideNet)."""
+        self.layers.extend(self.layers[s] for s in sources)
 
-    def _cos_sin(self, layer: int, positions: torch.Tensor, device: torch.device, tag: str | None):
+    def _cos_sin(self, layer: int, positions: torch.Tensor, device: torch.device, tag: str | None,
+                 cache: dict[Any, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
         rope = self.layers[layer]
         assert rope is not None
-        key = (rope.key, tag) if tag is not None else None
-        if key is not None and key in self._cache:
-            return self._cache[key]
+        key = (rope.key, tag) if tag is not None and cache is not None else None
+        if key is not None and cache is not None and key in cache:
+            return cache[key]  # type: ignore[no-any-return]
         out = rope.cos_sin(positions, device)
-        if key is not None:
-            self._cache[key] = out
+        if key is not None and cache is not None:
+            cache[key] = out
         return out
 
     def rotate(self, layer: int, x: torch.Tensor, positions: torch.Tensor, *, inverse: bool = False,
-               tag: str | None = None) -> torch.Tensor:
+               tag: str | None = None, cache: dict[Any, Any] | None = None) -> torch.Tensor:
         """Rotate ``x`` (B, H, N, D) by ``positions`` (B, N) (by ``-positions`` when ``inverse``).
 
         Computed in float32 and cast back to ``x.dtype``. ``tag`` names a (layer-rope, positions) pair that is
-        reused within one step (e.g. ``"win"``) so cos/sin are computed once per rope kind, not per layer.
+        reused within one step (e.g. ``"win"``): its cos/sin are kept in ``cache`` (the step's own dict, held by
+        the call state) and computed once per rope kind, not per layer.
         """
         if not self.enabled or x.shape[-2] == 0:
             return x
         rope = self.layers[layer]
         assert rope is not None
-        cos, sin = self._cos_sin(layer, positions, x.device, tag)  # (B, N, D)
+        cos, sin = self._cos_sin(layer, positions, x.device, tag, cache)  # (B, N, D)
         if inverse:
             sin = -sin
         xf = x.float()

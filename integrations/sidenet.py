@@ -70,14 +70,10 @@ class SideNet(nn.Module):
         # The copies share the HF config object (the attention implementation is read from it at call time).
         self.layers = nn.ModuleList(copy.deepcopy(layers[s], memo={id(config): config}) for s in self.sources)
         self.first_index = first_index
-        for j, layer in enumerate(self.layers):
-            layer._forward_hooks.clear()
-            layer._forward_pre_hooks.clear()
+        for j, layer in enumerate(self.layers):  # copied before memkit hooks or attributes are installed
             for m in layer.modules():
                 if getattr(m, "layer_idx", None) is not None and type(m).__name__.endswith("Attention"):
-                    m.layer_idx = first_index + j  # its own slot in memkit's per-layer window
-                if hasattr(m, "_memkit_runtime"):
-                    del m._memkit_runtime
+                    setattr(m, "layer_idx", first_index + j)  # noqa: B010 - its own slot in memkit's per-layer window
             for p in layer.parameters():
                 p.requires_grad_(True)
         ref = next(iter(layers[0].parameters()))

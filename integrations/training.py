@@ -21,9 +21,9 @@ at block boundaries (the window's K/V are kept detached), as in both papers' seg
 
 Gradient checkpointing (``gradient_checkpointing=True``, :func:`enable_gradient_checkpointing`): every decoder
 layer (backbone and SideNet) runs under non-reentrant ``torch.utils.checkpoint`` and is recomputed in backward.
-memkit's attention reads per-step state that has moved on by then (the block was committed, the call ended),
-so each checkpointed call records what its attention read and what the LongMem memory search returned, and
-the recomputation replays exactly that: gradients equal those without checkpointing (tested). Mixed precision:
+The runtime declares the replay this needs (:meth:`Runtime.enable_gradient_checkpointing`, :mod:`.replay`): each
+checkpointed call records what its attention read and what the LongMem memory search returned, and the
+recomputation replays exactly that, so gradients equal those without checkpointing (tested). Mixed precision:
 ``"bf16"`` runs under ``torch.autocast`` on CPU and CUDA, ``"fp16"`` (with a gradient scaler) on CUDA only;
 ``"auto"`` picks bf16/fp16 on CUDA and full precision on CPU, where autocast is usually slower.
 
@@ -33,7 +33,6 @@ parameters) and pass the wrapped model; its ``forward(input_ids, attention_mask,
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -47,9 +46,13 @@ import torch
 
 from memkit.errors import ConfigError, CorruptFileError, IncompatibleMemoryError, InvalidInputError, MissingDependencyError
 
-__all__ = ["TrainResult", "train", "prepare_for_training", "enable_gradient_checkpointing", "trainable_parameters",
+__all__ = ["LONGMEM_RECIPE", "TrainResult", "train", "prepare_for_training", "enable_gradient_checkpointing", "trainable_parameters",
            "save_weights", "load_weights", "WEIGHTS_FILE", "TRAINING_FILE"]
 
+# memkit.train keywords of the LongMem + SideNet recipe (steps aside): `memkit bench train` and
+# `memkit eval styles --train-steps` use them
+LONGMEM_RECIPE: dict[str, Any] = dict(segment_len=256, segments_per_doc=4, lr=3e-4, gate_lr=0.5, scale_lr=0.005,
+                                      weight_decay=0.0)
 WEIGHTS_FILE = "memkit_weights.safetensors"
 TRAINING_FILE = "memkit_training.json"
 _LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "c_attn", "c_proj", "query_key_value", "dense", "Wqkv")
@@ -71,18 +74,17 @@ class TrainResult:
 
 
 def _rt(model: Any) -> Any:
-    from memkit.integrations.wrap import MemkitModel
-
-    if not isinstance(model, MemkitModel):
+    rt = getattr(type(model), "memkit_runtime", None)
+    if rt is None:
         raise InvalidInputError(f"expected a model returned by memkit.wrap, got {type(model).__name__}")
-    return model._live()
+    return model.memkit_runtime
 
 
 # ---------------------------------------------------------------------------------------------- parameters
 def _lora_names(model: Any) -> list[str]:
     """Full names of the attention projections of the retrieval layers (MemLong's fine-tuned layers)."""
     rt = _rt(model)
-    layers = set(rt.retrieval_layers)
+    layers = set(rt.style.describe().get("retrieval_layers", []))
     by_id = {id(m): i for i, m in enumerate(rt.attn) if i in layers}
     out = []
     for name, module in model.hf_model.named_modules():
@@ -105,7 +107,7 @@ def _add_lora(model: Any, lora: dict[str, Any]) -> None:
     cfg = LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)), lora_dropout=0.0,
                      target_modules=list(targets), fan_in_fan_out=type(model.hf_model).__name__.startswith("GPT2"))
     inject_adapter_in_model(cfg, model.hf_model)
-    model._memkit_lora = {"r": cfg.r, "alpha": cfg.lora_alpha, "target_modules": sorted(targets)}
+    model.memkit_lora = {"r": cfg.r, "alpha": cfg.lora_alpha, "target_modules": sorted(targets)}
 
 
 def trainable_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
@@ -126,7 +128,7 @@ def prepare_for_training(model: Any, *, lora: bool | dict[str, Any] | None = Non
     if lora and rt.config.style != "memlong":
         raise ConfigError("LoRA is for style='memlong' (its retrieval layers); style='longmem' trains its gate and "
                           "SideNet with the backbone frozen")
-    if lora and getattr(model, "_memkit_lora", None) is None:
+    if lora and model.memkit_lora is None:
         _add_lora(model, {} if lora is True else dict(lora))
     params = trainable_parameters(model)
     if not params:
@@ -149,7 +151,7 @@ def save_weights(model: Any, directory: Path) -> None:
         return
     save_file({n: p.detach().float().cpu().contiguous() for n, p in params.items()}, str(directory / WEIGHTS_FILE),
               metadata={"format": "memkit-weights", "version": "1"})
-    meta = {"format": "memkit-training", "version": 1, "lora": getattr(model, "_memkit_lora", None),
+    meta = {"format": "memkit-training", "version": 1, "lora": model.memkit_lora,
             "parameters": {n: list(p.shape) for n, p in params.items()}}
     (directory / TRAINING_FILE).write_text(json.dumps(meta, indent=1))
 
@@ -168,7 +170,7 @@ def load_weights(model: Any, directory: Path) -> bool:
         raise CorruptFileError(f"could not read memkit weights in {directory}: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != "memkit-training":
         raise CorruptFileError(f"{mpath} is not a memkit training file")
-    if meta.get("lora") and getattr(model, "_memkit_lora", None) is None:
+    if meta.get("lora") and model.memkit_lora is None:
         _add_lora(model, meta["lora"])
     params = trainable_parameters(model)
     missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
@@ -184,127 +186,13 @@ def load_weights(model: Any, directory: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing
-class _Replay:
-    """What one checkpointed layer call read from memkit's per-step state, in call order.
-
-    The first run of the layer records (``memo`` runs the function and keeps its value); the recomputation in
-    backward, which happens after the block was committed or the call ended, gets the same values back in the
-    same order instead of reading state that has moved on.
-    """
-
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-        self.pos = 0
-        self.replaying = False
-        self.step_active = False
-
-    def memo(self, fn: Callable[[], Any]) -> Any:
-        if not self.replaying:
-            value = fn()
-            self.items.append(value)
-            return value
-        value = self.items[self.pos]
-        self.pos += 1
-        return value
-
-
-# Runtime attributes a layer's attention reads that change from step to step (``state`` is snapshotted).
-_STEP_ATTRS = ("mode", "namespaces", "call_base", "_mem_rows")
-
-
-def _snapshot(rt: Any) -> dict[str, Any]:
-    """The per-step state one attention call reads, frozen: later commits replace (never edit) these tensors,
-    except the sinks, which are written in place once and are cloned here (a few tokens)."""
-    st = copy.copy(rt.state)
-    st.win_k, st.win_v = list(st.win_k), list(st.win_v)
-    st.sink_k = [None if t is None else t.clone() for t in st.sink_k]
-    st.sink_v = [None if t is None else t.clone() for t in st.sink_v]
-    st.mem_k, st.mem_v = dict(st.mem_k), dict(st.mem_v)
-    st.pending_k, st.pending_v, st.pending_q = {}, {}, None  # replay writes go here, never to the live state
-    out = {n: getattr(rt, n) for n in _STEP_ATTRS if hasattr(rt, n)}
-    out["state"] = st
-    return out
-
-
-def _checkpointed_forward(rt: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
-    from torch.utils.checkpoint import checkpoint
-
-    def run_layer(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        rec = _Replay()
-
-        def run(*a: Any) -> Any:
-            prev = rt._ckpt_replay, rt.step_active
-            rt._ckpt_replay = rec
-            if rec.replaying:  # backward's recomputation: route attention to memkit as in the first run
-                rec.pos = 0
-                rt.step_active = rec.step_active
-            else:
-                rec.step_active = rt.step_active
-            try:
-                return forward(*a, **kwargs)
-            finally:
-                rt._ckpt_replay, rt.step_active = prev
-                rec.replaying = True
-
-        return checkpoint(run, *args, use_reentrant=False)
-
-    return run_layer
-
-
 def enable_gradient_checkpointing(model: Any) -> Callable[[], None]:
     """Checkpoint every decoder layer of a wrapped model (and of its SideNet); returns a function that undoes it.
 
-    Non-reentrant ``torch.utils.checkpoint`` per layer: activations inside a layer are recomputed in backward.
-    memkit's attention reads per-step state (window, sinks, retrieved memory, positions) that has moved on by
-    the time backward runs, so each checkpointed call records what its attention read (and, in the LongMem
-    style, what its memory search returned) and the recomputation replays exactly that: gradients equal
-    those without checkpointing.
+    Same gradients as without checkpointing: the runtime replays what each layer's attention read
+    (:meth:`memkit.integrations.runtime.Runtime.enable_gradient_checkpointing`).
     """
-    from memkit.integrations.sidenet import decoder_layers
-
-    rt = _rt(model)
-    if getattr(rt, "_ckpt_undo", None) is not None:
-        return rt._ckpt_undo
-    layers = decoder_layers(rt.base, rt.attn)
-    if getattr(rt, "sidenet", None) is not None:
-        layers += list(rt.sidenet.layers)
-    attend = rt.attend
-    rt._ckpt_replay = None
-
-    def replaying_attend(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         **kwargs: Any) -> Any:
-        rec = rt._ckpt_replay
-        if rec is None:
-            return attend(module, query, key, value, **kwargs)
-        step = rec.memo(lambda: _snapshot(rt))
-        if not rec.replaying:
-            return attend(module, query, key, value, **kwargs)
-        saved, cache = {n: getattr(rt, n) for n in step}, rt.rotary._cache
-        try:
-            for n, v in step.items():
-                setattr(rt, n, v)
-            rt.rotary._cache = {}  # cos/sin of the replayed step's positions, not of the last step
-            return attend(module, query, key, value, **kwargs)
-        finally:
-            for n, v in saved.items():
-                setattr(rt, n, v)
-            rt.rotary._cache = cache
-
-    rt.attend = replaying_attend
-    for layer in layers:
-        layer.forward = _checkpointed_forward(rt, layer.forward)
-
-    def undo() -> None:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
-        rt.__dict__.pop("attend", None)
-        rt._ckpt_replay = None
-        rt._ckpt_undo = None
-
-    rt._ckpt_undo = undo
-    return undo
+    return _rt(model).enable_gradient_checkpointing()  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -9,10 +9,13 @@
 Training-free MemLong-style memory (Liu et al. 2024) with StreamingLLM attention sinks (Xiao et al. 2023)
 and InfLLM-style position-free K/V offloading (Xiao et al. 2024). The wrapper is used like the HF model
 (``__call__``, ``generate``, ``.config``, ``.device`` and every other attribute pass through) and adds
-``.memory``. Memory persists across calls until ``model.memory.reset()``: every call adds the chunks that
-left its window to the namespace of each batch row (``"default"`` for batch 1, ``"row{i}"`` otherwise, or the
-``namespaces=[...]`` you pass). ``memkit.unwrap(model)`` gives back the plain model with its original
-attention; ``with model.memory_disabled():`` runs the plain model temporarily.
+``.memory``. Memory persists across calls until ``model.memory.reset()``: every call stores what it read in
+the namespace of each batch row (``"default"`` for batch 1, ``"row{i}"`` otherwise, or the ``namespaces=[...]``
+you pass): chunks that left the window as it read, and at the end what is still in the window
+(``flush_window``, the default), so a chat turn of any length is remembered by the next call. A chunk whose
+tokens are already stored is not stored twice. ``memkit.unwrap(model)`` gives back the plain model with its
+original attention; ``with model.memory_disabled():`` runs the plain model temporarily. A wrapped model may be
+shared between threads: calls run one after another.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from memkit.integrations.generate import generate as _generate
-from memkit.integrations.long_forward import check_ids, ingest, long_forward
-from memkit.integrations.runtime import Runtime
 
 from memkit.config import MemoryConfig, load_config
 from memkit.errors import ConfigError, InvalidInputError, UnsupportedModelError
+
+from .generate import generate as _generate
+from .long_forward import check_ids, ingest, long_forward
+from .runtime import Runtime
+from .training import load_weights, save_weights
 
 __all__ = ["MemkitModel", "MemoryView", "wrap", "unwrap", "from_pretrained", "CONFIG_FILE"]
 
@@ -40,8 +45,12 @@ CONFIG_FILE = "memkit_config.json"
 class MemoryView:
     """``model.memory``: what the wrapped model remembers, per namespace."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self._rt = rt
+    def __init__(self, model: MemkitModel) -> None:
+        self._model = model
+
+    @property
+    def _rt(self) -> Runtime:
+        return self._model.memkit_runtime
 
     @property
     def manager(self) -> Any:
@@ -53,6 +62,7 @@ class MemoryView:
         """Read a document into memory (blockwise, with a progress bar); returns counts and timing.
 
         ``text_or_ids``: a string (needs the tokenizer given to ``wrap``), a list of ids or a (1, N) tensor.
+        Every token ends up in memory (the last chunk may be partial).
         """
         rt = self._rt
         if isinstance(text_or_ids, str):
@@ -62,10 +72,11 @@ class MemoryView:
             ids = rt.tokenizer(text_or_ids, return_tensors="pt", add_special_tokens=False)["input_ids"]
         else:
             ids = text_or_ids
-        vocab = getattr(rt.model.config.get_text_config(decoder=True), "vocab_size", None)
-        ids, _ = check_ids(ids, None, vocab, rt.device)
+        ids, _ = check_ids(ids, None, rt.vocab_size, rt.device)
         if ids.shape[0] != 1:
             raise InvalidInputError(f"ingest reads one document at a time; got a batch of {ids.shape[0]}")
+        if not isinstance(namespace, str) or not namespace:
+            raise InvalidInputError(f"namespace must be a non-empty string, got {namespace!r}")
         return ingest(rt, ids, namespace, progress=progress)
 
     def reset(self, namespace: str | None = None) -> None:
@@ -73,26 +84,34 @@ class MemoryView:
         self._rt.memory.reset(namespace)
 
     def save(self, directory: str | Path) -> None:
-        self._rt.memory.save(directory)
+        """Save the memory with a record of the model and set-up it belongs to (``load`` checks it)."""
+        rt = self._rt
+        rt.memory.save(directory, owner=rt.fingerprint())
 
-    def load(self, directory: str | Path) -> None:
-        self._rt.memory.load(directory)
+    def load(self, directory: str | Path, *, check_model: bool = True) -> None:
+        """Load a memory saved by ``save``; one saved by another model or set-up is refused (unless
+        ``check_model=False``) with a message saying what differs."""
+        rt = self._rt
+        if not isinstance(check_model, bool):
+            raise InvalidInputError(f"check_model must be True or False, got {check_model!r}")
+        rt.memory.load(directory, owner_check=rt.check_owner if check_model else None)
 
     def stats(self) -> dict[str, Any]:
-        out = dict(self._rt.memory.stats())
-        out.update(memory_layers=self._rt.memory_layers, retrieval_layers=self._rt.retrieval_layers,
-                   retriever=self._rt.retriever_kind)
+        rt = self._rt
+        out = dict(rt.memory.stats())
+        out.update(rt.style.describe())
         return out
 
     def trace(self, namespace: str = "default") -> list[dict[str, Any]]:
-        """The last retrieval in ``namespace``: chunk ids, scores, token spans and texts, in time order."""
-        return self._rt.memory.trace(namespace)
+        """The last retrieval in ``namespace``: the chunks attended, with ids, scores, token spans and texts,
+        in time order."""
+        return self._rt.memory.trace(namespace)  # type: ignore[no-any-return]
 
     def num_chunks(self, namespace: str | None = None) -> int:
-        return self._rt.memory.num_chunks(namespace)
+        return int(self._rt.memory.num_chunks(namespace))
 
     def __repr__(self) -> str:
-        return f"MemoryView({self._rt.memory!r})"
+        return f"MemoryView({self._model._runtime.memory!r})"
 
 
 class MemkitModel(torch.nn.Module):
@@ -101,32 +120,36 @@ class MemkitModel(torch.nn.Module):
     def __init__(self, hf_model: Any, runtime: Runtime) -> None:
         super().__init__()
         self.hf_model = hf_model
-        object.__setattr__(self, "_rt", runtime)
-        object.__setattr__(self, "memory", MemoryView(runtime))
-        if getattr(runtime, "trainable", None) is not None:  # LongMem gate / SideNet (memkit.integrations.training)
-            self.memkit_modules = runtime.trainable
+        object.__setattr__(self, "_runtime", runtime)
+        object.__setattr__(self, "memory", MemoryView(self))
+        object.__setattr__(self, "memkit_lora", None)  # LoRA settings once memkit.train injected adapters
+        if runtime.style.trainable is not None:  # LongMem gate / SideNet (memkit.integrations.training)
+            self.memkit_modules = runtime.style.trainable
 
     @property
     def memkit_config(self) -> MemoryConfig:
-        return self._rt.config
+        return self._runtime.config
+
+    @property
+    def memkit_runtime(self) -> Runtime:
+        """The runtime behind this wrapper (for memkit's own training and evaluation code)."""
+        rt = self._runtime
+        if rt.model is None:
+            raise InvalidInputError("this memkit model was unwrapped; use the model memkit.unwrap returned")
+        return rt
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["hf_model"], name)
-
-    def _live(self) -> Runtime:
-        rt = self._rt
-        if rt.model is None:
-            raise InvalidInputError("this memkit model was unwrapped; use the model memkit.unwrap returned")
-        return rt
+            return getattr(self.get_submodule("hf_model"), name)
 
     def forward(self, input_ids: Any = None, attention_mask: Any = None, labels: Any = None, *,
                 namespaces: list[str] | None = None, progress: bool | None = None, **kwargs: Any) -> Any:
         """Like the HF forward, for inputs of any length: ``.logits`` has one row per position unless
-        ``logits_to_keep`` is given (``logits_to_keep=1`` for the last only); ``.loss`` covers every token."""
-        rt = self._live()
+        ``logits_to_keep`` is given (``logits_to_keep=1`` for the last only); ``.loss`` covers every token.
+        ``flush_window=False`` leaves the end of the input out of memory (default: the config's)."""
+        rt = self.memkit_runtime
         if rt.disabled:
             return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         if input_ids is None:
@@ -141,7 +164,7 @@ class MemkitModel(torch.nn.Module):
     def generate(self, input_ids: Any = None, attention_mask: Any = None, *, namespaces: list[str] | None = None,
                  progress: bool | None = None, **kwargs: Any) -> Any:
         """transformers' ``generate`` with memory; prompts of any length. Same keyword arguments."""
-        rt = self._live()
+        rt = self.memkit_runtime
         if rt.disabled:
             return self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         return _generate(rt, input_ids, attention_mask, namespaces=namespaces, progress=progress, **kwargs)
@@ -149,7 +172,7 @@ class MemkitModel(torch.nn.Module):
     @contextlib.contextmanager
     def memory_disabled(self) -> Iterator[MemkitModel]:
         """Within the block the model is the plain HF model (no memory, no window, original attention)."""
-        rt = self._live()
+        rt = self.memkit_runtime
         old, rt.disabled = rt.disabled, True
         try:
             yield self
@@ -157,20 +180,22 @@ class MemkitModel(torch.nn.Module):
             rt.disabled = old
 
     def save_pretrained(self, directory: str | Path, *, save_memory: bool = False) -> None:
-        """Write memkit's config (JSON) and, with ``save_memory``, the memory; the HF weights are not written."""
+        """Write memkit's config (JSON) and trained parameters, with ``save_memory`` the memory too; the HF weights
+        are not written. Only memkit's own files are written in ``directory``."""
+        rt = self.memkit_runtime
         d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise InvalidInputError(f"{str(d)!r} is a file; save_pretrained writes into a directory")
         d.mkdir(parents=True, exist_ok=True)
-        (d / CONFIG_FILE).write_text(json.dumps(self._rt.config.to_dict(), indent=2))
-        from memkit.integrations.training import save_weights
-
+        (d / CONFIG_FILE).write_text(json.dumps(rt.config.to_dict(), indent=2))
         save_weights(self, d)  # memkit's trained parameters only (gates, SideNet, LoRA), if any
         if save_memory:
-            self._rt.memory.save(d / "memory")
+            self.memory.save(d / "memory")
 
     def __repr__(self) -> str:
-        rt = self._rt
-        return (f"MemkitModel({type(self.hf_model).__name__}, memory_layers={rt.memory_layers}, "
-                f"top_k={rt.config.top_k}, window={rt.config.window}, retriever={rt.retriever_kind!r})")
+        rt = self._runtime
+        return (f"MemkitModel({type(self.hf_model).__name__}, style={rt.config.style!r}, top_k={rt.config.top_k}, "
+                f"window={rt.config.window}, {rt.style.describe()})")
 
 
 def wrap(model: Any, config: MemoryConfig | dict[str, Any] | str | Path | None = None, *, tokenizer: Any = None,
@@ -178,8 +203,9 @@ def wrap(model: Any, config: MemoryConfig | dict[str, Any] | str | Path | None =
     """Wrap a HF causal LM so it reads inputs of any length through chunk memory.
 
     ``config``: a MemoryConfig, a dict, or a YAML/JSON path; ``overrides`` change single fields
-    (``top_k=16``, ``window=1024``...). ``tokenizer`` enables the text retriever (MiniLM of chunk text) and
-    ``memory.ingest(text)``. ``memory`` injects an existing MemoryManager (or a compatible store).
+    (``top_k=16``, ``window=1024``, ``backend="usearch"``...). ``tokenizer`` enables the text retriever (MiniLM
+    of chunk text) and ``memory.ingest(text)``. ``memory`` injects an existing MemoryManager. Every setting is
+    checked here (the bank backend is built once), so a bad one fails now, not at the first stored chunk.
     """
     if isinstance(model, MemkitModel):
         raise InvalidInputError("this model is already wrapped by memkit; call memkit.unwrap(model) first")
@@ -189,12 +215,7 @@ def wrap(model: Any, config: MemoryConfig | dict[str, Any] | str | Path | None =
     if any(getattr(m, "_memkit_runtime", None) is not None for m in model.modules()):
         raise InvalidInputError("this HF model is already wrapped by memkit; unwrap the existing wrapper first")
     cfg = load_config(config, **overrides)
-    if cfg.style != "memlong":
-        try:
-            from memkit.integrations.longmem import LongMemRuntime
-        except ImportError as exc:
-            raise ConfigError(f"style={cfg.style!r} is not available in this build; use style='memlong'") from exc
-    rt = (Runtime if cfg.style == "memlong" else LongMemRuntime)(model, cfg, tokenizer=tokenizer, memory=memory)
+    rt = Runtime(model, cfg, tokenizer=tokenizer, memory=memory)
     return _wrapper_class(model)(model, rt)
 
 
@@ -215,11 +236,12 @@ def unwrap(model: Any) -> Any:
     """Return the plain HF model with its original attention implementation, hooks removed."""
     if not isinstance(model, MemkitModel):
         raise InvalidInputError(f"memkit.unwrap expects a model returned by memkit.wrap, got {type(model).__name__}")
-    rt = model._rt
-    hf = model._modules["hf_model"]
+    rt = model._runtime
+    hf = model.get_submodule("hf_model")
     if rt.model is not None:
-        rt.remove()
-        rt.model = None
+        with rt.lock:  # never while another thread's call runs
+            rt.remove()
+            rt.model = None
     return hf
 
 
@@ -244,8 +266,6 @@ def from_pretrained(base_model: Any, directory: str | Path | None = None, *, tok
         mem_dir = d / "memory" if (d / "memory").is_dir() else None
     wrapped = wrap(base_model, cfg, tokenizer=tokenizer, **overrides)
     if directory is not None:
-        from memkit.integrations.training import load_weights
-
         load_weights(wrapped, Path(directory))  # trained gates / SideNet / LoRA written by save_pretrained
     if mem_dir is not None:
         wrapped.memory.load(mem_dir)

@@ -36,6 +36,7 @@ from memkit.errors import (
     MemkitError,
     MissingDependencyError,
     ReadOnlyError,
+    SaveTargetError,
     UnknownBackendError,
     UnknownParameterError,
 )
@@ -50,6 +51,7 @@ from memkit.files import (
     verify_files,
     write_json,
 )
+from memkit.registry import Registry
 
 __all__ = [
     "MemoryBank",
@@ -59,6 +61,9 @@ __all__ = [
     "load_bank",
     "register_backend",
     "available_backends",
+    "get_backend_class",
+    "check_bank_config",
+    "BACKENDS",
     "MANIFEST",
 ]
 
@@ -116,6 +121,7 @@ class BaseBank(ABC):
 
     name: ClassVar[str] = "base"
     exact: ClassVar[bool] = True  # exact backends must equal numpy brute force in the conformance suite
+    probe_on_check: ClassVar[bool] = True  # check_bank_config may build one (cheap, in memory) to validate values
 
     def __init__(self, *, dim: int, metric: str = "ip") -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
@@ -259,7 +265,13 @@ class BaseBank(ABC):
 
         ``path`` must be new, empty, or a previous memkit save (anything else raises SaveTargetError)."""
         with atomic_save(path, f"a {self.name!r} bank") as tmp, self._lock.read():
-            self._save_files(tmp)
+            try:
+                self._save_files(tmp)
+            except (MemkitError, OSError):
+                raise
+            except Exception as exc:  # a native library refused (its own error types): nothing was replaced
+                raise SaveTargetError(f"the {self.name!r} library could not write its index ({exc}); nothing was "
+                                      "changed at the target") from exc
             write_json(tmp / MANIFEST, dict(self._manifest(), files=file_digests(tmp)))
 
     def _manifest(self) -> dict[str, Any]:
@@ -359,77 +371,38 @@ def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[
 
 
 # ---------------------------------------------------------------------- registry
-# name -> ("module:Class", pip extra). Imported on first use only.
-_KNOWN: dict[str, tuple[str, str | None]] = {
-    "faiss-flat": ("memkit.backends.faiss_bank:FaissFlatBank", "faiss"),
-    "faiss-hnsw": ("memkit.backends.faiss_bank:FaissHNSWBank", "faiss"),
-    "faiss-ivf": ("memkit.backends.faiss_bank:FaissIVFBank", "faiss"),
-    "hnswlib": ("memkit.backends.hnswlib_bank:HnswlibBank", "hnswlib"),
-    "usearch": ("memkit.backends.usearch_bank:UsearchBank", "usearch"),
-    "disk": ("memkit.backends.disk_bank:DiskBank", "disk"),
-    "qdrant": ("memkit.backends.qdrant_bank:QdrantBank", "qdrant"),
-}
-_REGISTERED: dict[str, type[BaseBank]] = {}
-_entry_points_loaded = False
+# name -> "module:Class" with its pip extra; imported on first use (memkit.registry). Third parties add backends
+# with register_backend or the `memkit.backends` entry-point group.
+BACKENDS: Registry[type[BaseBank]] = Registry("backend", base=BaseBank, entry_point_group=ENTRY_POINT_GROUP,
+                                              unknown_error=UnknownBackendError,
+                                              hint="or register one with memkit.register_backend")
+for _name, _path, _extra in (
+    ("faiss-flat", "memkit.backends.faiss_bank:FaissFlatBank", "faiss"),
+    ("faiss-hnsw", "memkit.backends.faiss_bank:FaissHNSWBank", "faiss"),
+    ("faiss-ivf", "memkit.backends.faiss_bank:FaissIVFBank", "faiss"),
+    ("hnswlib", "memkit.backends.hnswlib_bank:HnswlibBank", "hnswlib"),
+    ("usearch", "memkit.backends.usearch_bank:UsearchBank", "usearch"),
+    ("disk", "memkit.backends.disk_bank:DiskBank", "disk"),
+    ("qdrant", "memkit.backends.qdrant_bank:QdrantBank", "qdrant"),
+):
+    BACKENDS.register(_name, _path, extra=_extra)
 
 
 def register_backend(name: str, cls: type[BaseBank] | str, *, extra: str | None = None) -> None:
     """Register a backend class (or a lazy ``"module:Class"`` path) under a lowercase name."""
-    if not isinstance(name, str) or not name or name != name.lower():
-        raise ConfigError(f"backend names are non-empty lowercase strings, got {name!r}")
-    if isinstance(cls, str):
-        if ":" not in cls:
-            raise ConfigError(f"lazy backend path must look like 'package.module:Class', got {cls!r}")
-        _KNOWN[name] = (cls, extra)
-        _REGISTERED.pop(name, None)
-    elif isinstance(cls, type) and issubclass(cls, BaseBank):
-        _REGISTERED[name] = cls
-    else:
-        raise ConfigError(f"register_backend needs a BaseBank subclass or 'module:Class', got {cls!r}")
-
-
-def _load_entry_points() -> None:
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _KNOWN and ep.name not in _REGISTERED:
-            _KNOWN[ep.name] = (ep.value, None)
+    BACKENDS.register(name, cls, extra=extra)
 
 
 def available_backends() -> list[str]:
     """Names of every known backend (installed or not)."""
-    _load_entry_points()
-    return sorted(set(_KNOWN) | set(_REGISTERED))
+    return BACKENDS.names()
 
 
 def get_backend_class(name: str) -> type[BaseBank]:
-    key = name.lower() if isinstance(name, str) else name
-    if key in _REGISTERED:
-        return _REGISTERED[key]
-    _load_entry_points()
-    if key not in _KNOWN:
-        raise UnknownBackendError(
-            f"unknown backend {name!r}; known backends: {available_backends()} "
-            "(or register one with memkit.register_backend)"
-        )
-    target, extra = _KNOWN[key]
-    module_name, _, cls_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except MissingDependencyError:
-        raise
-    except ImportError as exc:
-        hint = f"pip install 'memkit[{extra}]'" if extra else f"install the package providing {module_name}"
-        raise MissingDependencyError(f"backend {name!r} needs a library that is not installed ({exc}); {hint}") from exc
-    cls = getattr(module, cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, BaseBank)):
-        raise ConfigError(f"{target} is not a memkit BaseBank subclass")
-    _REGISTERED[key] = cls
-    return cls
+    """The backend class registered under ``name`` (imports its library now)."""
+    if not isinstance(name, str):
+        raise UnknownBackendError(f"a backend name is a string like 'faiss-flat', got {name!r}")
+    return BACKENDS.get(name)
 
 
 def require(module: str, extra: str) -> Any:
@@ -501,6 +474,24 @@ def create_bank(spec: str | dict[str, Any] | BankConfig = "faiss-flat", *, dim: 
     cfg_params.update(params)
     cls = get_backend_class(name)
     return _construct(cls, dim, metric or "ip", cfg_params)
+
+
+def check_bank_config(spec: BankConfig, dim: int) -> None:
+    """Fail now on what ``create_bank(spec, dim=dim)`` would refuse later: an unknown backend, a missing library, a
+    misspelt parameter, a bad value. Backends that keep everything in memory are built once and closed; one whose
+    parameters name a place (a path, a server) is checked by its signature only, so checking writes nothing."""
+    name, params = spec.backend, dict(spec.params)
+    if "://" in name:
+        name, uri_params = _parse_uri(name)
+        params.update(uri_params)
+    cls = get_backend_class(name)
+    accepted = {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "dim", "metric")}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise UnknownParameterError(f"backend {cls.name!r} does not accept parameter(s) {unknown}; it accepts "
+                                    f"{sorted(accepted)}")
+    if not set(params) & LOCATION_PARAMS and cls.probe_on_check:
+        cls(dim=dim, metric=spec.metric, **params).close()
 
 
 def load_bank(path: str | os.PathLike[str], *, mmap: bool = False) -> BaseBank:

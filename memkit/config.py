@@ -1,133 +1,60 @@
-"""Dataclass configs for memkit: BankConfig, KVStoreConfig, MemoryConfig.
+"""Dataclass configs for memkit: BankConfig, KVStoreConfig, MemoryConfig (with its style's block).
 
-Config is data: each default carries its reason inline, ``__post_init__`` validates, and every
-config round-trips through ``to_dict``/``from_dict`` and JSON/YAML files (``save``/``load``).
-Behaviour lives elsewhere (backends are registered in :mod:`memkit.bank`).
+Config is data: each default carries its reason inline, ``__post_init__`` validates every field where it is
+given, and every config round-trips through ``to_dict``/``from_dict`` and JSON/YAML files (``save``/``load``).
+Behaviour is registered elsewhere: backends in :data:`memkit.bank.BACKENDS`, policies in
+:data:`memkit.policy.POLICIES`, retrievers in :data:`memkit.retrievers.RETRIEVERS`, styles in
+:data:`memkit.styles.STYLES` (each style brings its own config block, e.g. :class:`~memkit.styles.MemLongConfig`).
+
+Keys that moved into a style's block in memkit 0.2 (``memory_layers``, ``gate_init``, ``longmem_layer``...)
+are still accepted at top level by ``from_dict``/``load_config``/``wrap(**overrides)``, with a FutureWarning
+that names the new place. ``backend: usearch`` is shorthand for ``bank: {backend: usearch}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field
+import os
+import re
+import warnings
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar
 
-from memkit.errors import ConfigError, UnknownParameterError
+from memkit.configbase import (
+    ConfigBase,
+    check_bool,
+    check_choice,
+    check_number,
+    check_positive,
+    is_cosine_setting,
+    read_mapping,
+)
+from memkit.errors import ConfigError
+from memkit.styles import STYLES, LayerSpec, LongMemConfig, MemLongConfig, StyleConfig, style_config_class
 
-__all__ = ["BankConfig", "KVStoreConfig", "MemoryConfig", "load_config"]
+__all__ = ["BankConfig", "KVStoreConfig", "MemoryConfig", "MemLongConfig", "LongMemConfig", "load_config",
+           "resolve_layers", "is_cosine_setting"]
 
-Metric = Literal["ip", "cosine", "l2"]
 METRICS = ("ip", "cosine", "l2")
 KV_DTYPES = ("fp32", "fp16", "bf16", "int8")
-STYLES = ("memlong", "longmem")
 POSITION_SCHEMES = ("contiguous", "zero", "original")
-POLICIES = ("fifo", "lru", "recency_frequency")
+MAX_TOP_K = 1024  # chunks per block; 1,024 x 128 tokens is far past any model's trained positions
+MAX_TOKENS = 1 << 20  # window, block, chunk and sink sizes
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|meta)(:\d+)?")
 
-C = TypeVar("C", bound="_ConfigBase")
-
-
-class _ConfigBase:
-    """Shared dict/JSON/YAML round trip for the config dataclasses."""
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            out[f.name] = value.to_dict() if isinstance(value, _ConfigBase) else _plain(value)
-        return out
-
-    @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise UnknownParameterError(
-                f"{cls.__name__} has no field(s) {unknown}; valid fields are {sorted(names)}"
-            )
-        kwargs = dict(data)
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            sub = _SUBCONFIGS.get((cls.__name__, f.name))
-            if sub is not None and isinstance(kwargs.get(f.name), dict):
-                kwargs[f.name] = sub.from_dict(kwargs[f.name])
-        return cls(**kwargs)
-
-    def save(self, path: str | Path) -> None:
-        """Write the config as JSON (``.json``) or YAML (``.yaml``/``.yml``)."""
-        path = Path(path)
-        data = self.to_dict()
-        if path.suffix in (".yaml", ".yml"):
-            yaml = _yaml()
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
-        else:
-            path.write_text(json.dumps(data, indent=2))
-
-    @classmethod
-    def load(cls: type[C], path: str | Path) -> C:
-        """Read a config written by :meth:`save` (JSON or YAML; never executes code)."""
-        return cls.from_dict(_read_mapping(path))
-
-    def replace(self: C, **changes: Any) -> C:
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _yaml() -> Any:
-    try:
-        import yaml
-    except ImportError as exc:  # pragma: no cover - pyyaml is a core dependency
-        from memkit.errors import MissingDependencyError
-
-        raise MissingDependencyError("YAML configs need PyYAML: pip install pyyaml") from exc
-    return yaml
-
-
-def _read_mapping(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass a path to a .yaml or .json file")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            data = _yaml().safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
-        raise ConfigError(f"could not parse config file {str(path)!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level")
-    return data
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
-
-
-def is_cosine_setting(value: Any) -> bool:
-    """A max-similarity setting: None (off), "auto", or a cosine in (-1, 1]."""
-    if value is None or value == "auto":
-        return True
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and -1.0 < value <= 1.0
-
-
-def _check_positive(name: str, value: Any, *, allow_zero: bool = False, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else ">= 1"
-        raise ConfigError(f"{name} must be an integer {bound}, got {value!r}")
+# Old top-level keys -> (style, key in that style's block)
+LEGACY_KEYS: dict[str, tuple[str, str]] = {
+    "memory_layers": ("memlong", "memory_layers"), "retrieval_layers": ("memlong", "retrieval_layers"),
+    "retriever_layer": ("memlong", "retriever_layer"), "gate_init": ("longmem", "gate_init"),
+    "longmem_positions": ("longmem", "positions"), "sidenet": ("longmem", "sidenet"),
+    "longmem_layer": ("longmem", "layer"), "longmem_chunk": ("longmem", "chunk"),
+    "longmem_tokens": ("longmem", "tokens"),
+}
 
 
 @dataclass
-class BankConfig(_ConfigBase):
+class BankConfig(ConfigBase):
     """Which vector store holds the chunk embeddings, and how it is set up."""
 
     backend: str = "faiss-flat"  # exact search: memory banks are small enough that exact is cheap
@@ -138,14 +65,14 @@ class BankConfig(_ConfigBase):
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str) or not self.backend:
             raise ConfigError("BankConfig.backend must be a non-empty backend name or URI, e.g. 'faiss-flat'")
-        _check_choice("BankConfig.metric", self.metric, METRICS)
-        _check_positive("BankConfig.dim", self.dim, allow_none=True)
-        if not isinstance(self.params, dict):
-            raise ConfigError("BankConfig.params must be a dict of backend parameters")
+        check_choice("BankConfig.metric", self.metric, METRICS)
+        check_positive("BankConfig.dim", self.dim, allow_none=True)
+        if not isinstance(self.params, dict) or not all(isinstance(k, str) for k in self.params):
+            raise ConfigError("BankConfig.params must be a dict of backend parameters (string keys)")
 
 
 @dataclass
-class KVStoreConfig(_ConfigBase):
+class KVStoreConfig(ConfigBase):
     """Byte budgets per tier of the K/V page store, and how pages are stored."""
 
     device: str | None = None  # compute device; None = the model's device
@@ -158,21 +85,31 @@ class KVStoreConfig(_ConfigBase):
     prefetch: bool = True  # start copies for the next block while the current one computes
 
     def __post_init__(self) -> None:
-        _check_choice("KVStoreConfig.dtype", self.dtype, KV_DTYPES)
-        _check_choice("KVStoreConfig.int8_scale", self.int8_scale, ("page", "channel"))
+        check_choice("KVStoreConfig.dtype", self.dtype, KV_DTYPES)
+        check_choice("KVStoreConfig.int8_scale", self.int8_scale, ("page", "channel"))
         for name in ("device_bytes", "host_bytes", "disk_bytes"):
-            _check_positive(f"KVStoreConfig.{name}", getattr(self, name), allow_zero=True)
-
-
-LayerSpec = str | list[int] | None
+            check_positive(f"KVStoreConfig.{name}", getattr(self, name), allow_zero=True)
+        check_bool("KVStoreConfig.prefetch", self.prefetch)
+        if self.device is not None and (not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device)):
+            raise ConfigError(f"KVStoreConfig.device={self.device!r} is not a torch device; use None (the model's "
+                              "device), 'cpu', 'cuda' or 'cuda:N'")
+        if self.disk_dir is not None:
+            if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir).strip():
+                raise ConfigError(f"KVStoreConfig.disk_dir must be a directory path or None, got {self.disk_dir!r}")
+            self.disk_dir = os.fspath(self.disk_dir)
+            if os.path.exists(self.disk_dir) and not os.path.isdir(self.disk_dir):
+                raise ConfigError(f"KVStoreConfig.disk_dir={self.disk_dir!r} is a file; give a directory (memkit "
+                                  "creates its spill files in a new subdirectory there)")
 
 
 @dataclass
-class MemoryConfig(_ConfigBase):
+class MemoryConfig(ConfigBase):
     """Everything :func:`memkit.wrap` needs. Defaults are the best training-free setup measured here."""
 
-    style: str = "memlong"  # retrieval causal attention (MemLong); "longmem" = gated joint attention
-    backend: str = "faiss-flat"  # shorthand for bank.backend; ignored when bank.backend is set explicitly
+    nested: ClassVar[dict[str, type[ConfigBase]]] = {"bank": BankConfig, "kvstore": KVStoreConfig}
+
+    style: str = "memlong"  # registered style: "memlong" (retrieval causal attention) or "longmem" (gated joint)
+    style_config: StyleConfig | None = None  # the style's block (MemLongConfig, LongMemConfig); None = defaults
     bank: BankConfig = field(default_factory=BankConfig)
     kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
     chunk_size: int = 128  # MemLong's chunk; a 5-digit passkey plus its sentence fits in one chunk
@@ -185,70 +122,166 @@ class MemoryConfig(_ConfigBase):
     sink_tokens: int = 128  # first tokens always attended (as InfLLM's 128 initial tokens): 4 keep perplexity
     # calibrated (without any it doubles), 128 also keep a prompt's opening instruction visible; with 4 the
     # passkey failed at 4k, with 128 it passed (integrations measurements). Must be <= chunk_size.
-    memory_layers: LayerSpec = "all"  # layers whose K/V are stored: all layers closed 46% of the ppl gap on Richard III
-    # vs 29% for the upper half (top_k 8, block 512), and found the 16k depth-0.5 passkey the upper half missed
-    retrieval_layers: LayerSpec = None  # layers attending memory; None = the memory layers
+    position_scheme: str = "contiguous"  # memory placed just before the window: keeps distances < 8k
+    retriever: str = "auto"  # registered retriever: "text" (MiniLM of chunk text), "keys" (mean of keys), "auto" =
+    # text if a tokenizer exists
     max_chunk_similarity: float | str | None = "auto"  # skip a retrieved chunk whose embedding has cosine >= this
     # with a better one already chosen (the next candidate takes the slot): repeated text fills one slot, not k.
     # "auto" = 0.9 for text retrievers (MiniLM here: distinct Shakespeare chunks <= 0.73, shifted repeats of a
     # filler >= 0.96) and off for "keys" (mean keys of distinct chunks reach 0.997: no threshold separates them)
-    position_scheme: str = "contiguous"  # memory placed just before the window: keeps distances < 8k
-    retriever: str = "auto"  # "text" (MiniLM of chunk text), "keys" (mean of keys), "auto" = text if a tokenizer exists
-    retriever_layer: int | None = None  # layer whose keys the "keys" retriever averages; None = middle
     policy: str = "recency_frequency"  # MemLong's dynamic update, run for real
-    capacity_tokens: int | None = None  # None = unbounded (bounded by the K/V store budgets)
+    capacity_tokens: int | None = None  # None = unbounded (bounded by the K/V store budgets); else >= chunk_size
     protect_recent: float = 0.5  # recency_frequency: newest fraction never evicted
-    gate_init: float = -8.0  # longmem: gate logit; sigmoid(-8)=3e-4, so untrained memory changes ~nothing
-    longmem_positions: str = "none"  # longmem: "none" = memory keys un-rotated (LongMem); "scheme" = position_scheme
-    sidenet: bool = False  # longmem: add the trainable residual SideNet
-    longmem_layer: int | None = None  # longmem: memory-augmented layer; None = about 2/3 of depth
-    longmem_chunk: int = 4  # longmem: tokens per memory chunk (the paper's value)
-    longmem_tokens: int = 64  # longmem: memory tokens retrieved per query token
+    flush_window: bool = True  # at the end of a call, store what is still in the window (the last chunk may be
+    # partial) so a short chat turn is remembered; False = only chunks that left the window are stored
     progress: bool = True  # tqdm progress bars on long inputs
+    backend: InitVar[str | None] = None  # shorthand for bank.backend (not a field of its own)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, backend: str | None) -> None:
         if isinstance(self.bank, dict):
             self.bank = BankConfig.from_dict(self.bank)
         if isinstance(self.kvstore, dict):
             self.kvstore = KVStoreConfig.from_dict(self.kvstore)
-        _check_choice("MemoryConfig.style", self.style, STYLES)
-        _check_choice("MemoryConfig.position_scheme", self.position_scheme, POSITION_SCHEMES)
-        _check_choice("MemoryConfig.policy", self.policy, POLICIES)
-        _check_choice("MemoryConfig.retriever", self.retriever, ("auto", "text", "keys"))
-        _check_choice("MemoryConfig.longmem_positions", self.longmem_positions, ("none", "scheme"))
-        for name in ("chunk_size", "window", "block_size", "longmem_chunk", "longmem_tokens"):
-            _check_positive(f"MemoryConfig.{name}", getattr(self, name))
-        _check_positive("MemoryConfig.top_k", self.top_k, allow_zero=True)
-        _check_positive("MemoryConfig.sink_tokens", self.sink_tokens, allow_zero=True)
-        _check_positive("MemoryConfig.capacity_tokens", self.capacity_tokens, allow_none=True)
+        if not isinstance(self.bank, BankConfig) or not isinstance(self.kvstore, KVStoreConfig):
+            raise ConfigError("MemoryConfig.bank and .kvstore must be BankConfig / KVStoreConfig objects or dicts")
+        if backend is not None:
+            if not isinstance(backend, str) or not backend:
+                raise ConfigError(f"backend must be a backend name or URI such as 'faiss-flat', got {backend!r}")
+            if self.bank.backend not in (BankConfig.backend, backend):
+                raise ConfigError(f"backend={backend!r} and bank.backend={self.bank.backend!r} disagree; give one")
+            self.bank = dataclasses.replace(self.bank, backend=backend)
+        if not isinstance(self.style, str) or self.style not in STYLES:
+            raise ConfigError(f"MemoryConfig.style={self.style!r} is not a registered style; choose one of "
+                              f"{STYLES.names()}")
+        block_cls = style_config_class(self.style)
+        if self.style_config is None:
+            self.style_config = block_cls()
+        elif isinstance(self.style_config, dict):
+            self.style_config = block_cls.from_dict(self.style_config)
+        if not isinstance(self.style_config, block_cls):
+            raise ConfigError(f"style={self.style!r} takes a {block_cls.__name__} block, got "
+                              f"{type(self.style_config).__name__}")
+        self._validate_numbers()
+        self._validate_names()
+
+    def _validate_numbers(self) -> None:
+        for name in ("chunk_size", "window", "block_size"):
+            check_positive(f"MemoryConfig.{name}", getattr(self, name), maximum=MAX_TOKENS)
+        check_positive("MemoryConfig.top_k", self.top_k, allow_zero=True, maximum=MAX_TOP_K)
+        check_positive("MemoryConfig.sink_tokens", self.sink_tokens, allow_zero=True, maximum=MAX_TOKENS)
+        check_positive("MemoryConfig.capacity_tokens", self.capacity_tokens, allow_none=True)
+        if self.capacity_tokens is not None and self.capacity_tokens < self.chunk_size:
+            raise ConfigError(f"MemoryConfig.capacity_tokens={self.capacity_tokens} is below one chunk "
+                              f"({self.chunk_size} tokens): memory would always be empty. Use None (unbounded) or at "
+                              "least chunk_size")
         if not is_cosine_setting(self.max_chunk_similarity):
             raise ConfigError(f"MemoryConfig.max_chunk_similarity must be a cosine in (-1, 1], 'auto' or None "
                               f"(keep near-duplicate chunks), got {self.max_chunk_similarity!r}")
-        if not 0.0 <= float(self.protect_recent) < 1.0:
-            raise ConfigError(f"MemoryConfig.protect_recent must be in [0, 1), got {self.protect_recent}")
-        for name in ("memory_layers", "retrieval_layers"):
-            value = getattr(self, name)
-            ok = value is None or value in ("all", "upper_half", "lower_half", "middle") or (
-                isinstance(value, (list, tuple)) and all(isinstance(i, int) for i in value)
-            )
-            if not ok:
-                raise ConfigError(
-                    f"MemoryConfig.{name}={value!r}: use 'all', 'upper_half', 'lower_half', 'middle' "
-                    "or a list of layer indices"
-                )
-            if isinstance(value, tuple):
-                setattr(self, name, list(value))
-        # `backend` is the shorthand users type; keep bank.backend in sync with it.
-        if self.bank.backend == BankConfig.backend and self.backend != BankConfig.backend:
-            self.bank = dataclasses.replace(self.bank, backend=self.backend)
-        elif self.bank.backend != BankConfig.backend:
-            self.backend = self.bank.backend
+        check_number("MemoryConfig.protect_recent", self.protect_recent, low=0.0, high=1.0, high_open=True)
+        check_bool("MemoryConfig.flush_window", self.flush_window)
+        check_bool("MemoryConfig.progress", self.progress)
+
+    def _validate_names(self) -> None:
+        from memkit.policy import POLICIES
+        from memkit.retrievers import RETRIEVERS
+
+        check_choice("MemoryConfig.position_scheme", self.position_scheme, POSITION_SCHEMES)
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
+            raise ConfigError(f"MemoryConfig.policy={self.policy!r} is not valid; choose one of {POLICIES.names()}")
+        if not isinstance(self.retriever, str) or (self.retriever != "auto" and self.retriever not in RETRIEVERS):
+            raise ConfigError(f"MemoryConfig.retriever={self.retriever!r} is not valid; choose 'auto' or one of "
+                              f"{RETRIEVERS.names()}")
+
+    # ------------------------------------------------------------------ round trip
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"style": self.style}
+        assert self.style_config is not None
+        out[self.style] = self.style_config.to_dict()
+        for f in dataclasses.fields(self):
+            if f.name in ("style", "style_config"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, ConfigBase) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MemoryConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"MemoryConfig.from_dict expects a dict, got {type(data).__name__}")
+        data = _migrate_legacy(dict(data))
+        style = data.get("style", "memlong")
+        if not isinstance(style, str) or style not in STYLES:
+            raise ConfigError(f"style={style!r} is not a registered style; choose one of {STYLES.names()}")
+        blocks = [n for n in STYLES.names() if n in data]
+        stray = [n for n in blocks if n != style]
+        if stray:
+            raise ConfigError(f"the config has a {stray[0]!r} block but style={style!r}; set style: {stray[0]} or "
+                              f"remove the block")
+        block = data.pop(style, None)
+        if block is not None and not isinstance(block, (dict, StyleConfig)):
+            raise ConfigError(f"the {style!r} block must be a mapping of its settings, got {type(block).__name__}")
+        if isinstance(block, dict):
+            block = style_config_class(style).from_dict(block)
+        if block is not None:
+            data["style_config"] = block
+        names = {f.name for f in dataclasses.fields(cls)} | {"backend"}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            from memkit.errors import UnknownParameterError
+
+            raise UnknownParameterError(f"MemoryConfig has no field(s) {unknown}; valid fields are "
+                                        f"{sorted(names - {'style_config'})} and the style block {style!r}")
+        for name, sub in cls.nested.items():
+            if isinstance(data.get(name), dict):
+                data[name] = sub.from_dict(data[name])
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> MemoryConfig:
+        """A copy with fields changed; a new ``style`` without ``style_config`` gets that style's default block."""
+        if "style" in changes and changes["style"] != self.style and "style_config" not in changes:
+            changes["style_config"] = None
+        return dataclasses.replace(self, **changes)
+
+    def with_style(self, style: str, **settings: Any) -> MemoryConfig:
+        """A copy using ``style``, its block built from ``settings`` (over this config's block if the style is the
+        same), e.g. ``cfg.with_style("longmem", sidenet=True)``."""
+        base = self.style_block().to_dict() if style == self.style else {}
+        return self.replace(style=style, style_config=style_config_class(style).from_dict({**base, **settings}))
+
+    def style_block(self) -> Any:
+        """The style's config block (a :class:`~memkit.styles.StyleConfig`)."""
+        assert self.style_config is not None
+        return self.style_config
 
 
-_SUBCONFIGS: dict[tuple[str, str], type[_ConfigBase]] = {
-    ("MemoryConfig", "bank"): BankConfig,
-    ("MemoryConfig", "kvstore"): KVStoreConfig,
-}
+def _migrate_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """Move memkit 0.1's flat style keys into their style's block, warning once with the new spelling."""
+    moved = [k for k in data if k in LEGACY_KEYS]
+    if not moved:
+        return data
+    style = data.get("style", "memlong")
+    dropped = []
+    for key in moved:
+        owner, new = LEGACY_KEYS[key]
+        value = data.pop(key)
+        if owner != style:
+            dropped.append(key)
+            continue
+        block = data.setdefault(owner, {})
+        if isinstance(block, StyleConfig):
+            block = data[owner] = block.to_dict()
+        if isinstance(block, dict):
+            block.setdefault(new, value)
+    kept = [k for k in moved if k not in dropped]
+    parts = []
+    if kept:
+        parts.append("moved into the style's block: " + ", ".join(f"{k} -> {LEGACY_KEYS[k][0]}.{LEGACY_KEYS[k][1]}"
+                                                                  for k in kept))
+    if dropped:
+        parts.append(f"ignored (they belong to another style than {style!r}): {dropped}")
+    warnings.warn("memkit config keys " + "; ".join(parts) + ". Write them in the style block, e.g. "
+                  "`memlong: {memory_layers: all}` or `longmem: {gate_init: -8}`", FutureWarning, stacklevel=4)
+    return data
 
 
 def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
@@ -268,7 +301,7 @@ def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
 
 
 def load_config(source: str | Path | dict[str, Any] | MemoryConfig | None = None, **overrides: Any) -> MemoryConfig:
-    """Build a MemoryConfig from a config object, dict, YAML/JSON path or keywords."""
+    """Build a MemoryConfig from a config object, dict, YAML/JSON path or keywords (keywords override)."""
     if source is None:
         base: dict[str, Any] = {}
     elif isinstance(source, MemoryConfig):
@@ -276,10 +309,21 @@ def load_config(source: str | Path | dict[str, Any] | MemoryConfig | None = None
     elif isinstance(source, dict):
         base = dict(source)
     elif isinstance(source, (str, Path)):
-        base = _read_mapping(source)
+        base = read_mapping(source)
     else:
         raise ConfigError(
             f"config must be a MemoryConfig, dict or path to a YAML/JSON file, got {type(source).__name__}"
         )
-    base.update(overrides)
+    if "style" in overrides and overrides["style"] != base.get("style", "memlong"):
+        base.pop(base.get("style", "memlong"), None)  # switching style: the old style's block does not apply
+    for key, value in overrides.items():
+        if key in ("bank", "kvstore", *STYLES.names()) and isinstance(value, dict) and isinstance(
+                base.get(key), dict):
+            base[key] = {**base[key], **value}  # a partial block overrides single settings
+        else:
+            base[key] = value
+    if "backend" in overrides and isinstance(base.get("bank"), dict):
+        base["bank"] = {**base["bank"], "backend": overrides["backend"]}
+        base.pop("backend")
     return MemoryConfig.from_dict(base)
+

@@ -7,10 +7,16 @@ standard-library source files, deduplicated, in a fixed order, so every run sees
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from memkit.resources import kjv_verses, shakespeare_texts, stdlib_sources
 
-__all__ = ["paragraphs", "long_text", "play_text"]
+__all__ = ["paragraphs", "long_text", "play_text", "play_ids", "TRAIN_PLAYS", "HELD_OUT"]
+
+# Plays memkit trains on and plays it holds out for evaluation (disjoint; `memkit eval styles` scores a held-out one).
+TRAIN_PLAYS = ("hamlet", "othello", "macbeth", "lear", "tempest", "twelfth_night", "merchant_of_venice",
+               "much_ado_about_nothing", "as_you_like_it", "richard_ii", "henry_v", "coriolanus")
+HELD_OUT = ("romeo_and_juliet", "julius_caesar")
 
 _WS = re.compile(r"\s+")
 
@@ -55,4 +61,16 @@ def paragraphs(n: int, *, min_chars: int = 40, max_chars: int = 600) -> list[str
     for path in stdlib_sources(20_000):
         if take(path.read_text(encoding="utf-8", errors="replace").split("\n\n")):
             return out
+    return out
+
+
+def play_ids(tok: Any, names: Any, n: int | None) -> dict[str, Any]:
+    """{play: first ``n`` token ids (1-D tensor)} of the named plays of the shakespeare package."""
+    out = {}
+    for name in names:
+        text = play_text(name)
+        if n:  # tokenise a prefix: a token spans at least one character, and 8n characters give well over n tokens
+            text = text[:8 * n + 256]
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        out[name] = ids[:n] if n else ids
     return out

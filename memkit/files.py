@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -283,7 +285,7 @@ def replace_dir(tmp: Path, target: Path) -> None:
             fsync_dir(target.parent)
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        old = target.with_name(f".{target.name}.old-{owner_tag()}-{threading.get_ident()}")
+        old = target.with_name(f".{_stem(target)}.old-{owner_tag()}-{threading.get_ident()}")
         os.replace(target, old)
         os.replace(tmp, target)
         fsync_dir(target.parent)
@@ -326,6 +328,12 @@ def owner_tag() -> str:
     return f"{host}-{os.getpid()}"
 
 
+def _stem(target: Path) -> str:
+    """``target``'s name as it appears in its temporary siblings: ASCII-safe, so native libraries can open them."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", target.name)[:48]
+    return safe if safe == target.name else f"{safe}-{hashlib.sha256(os.fsencode(target.name)).hexdigest()[:8]}"
+
+
 def make_tmp_dir(target: Path) -> Path:
     """A fresh hidden sibling of ``target`` to write a save into, after tidying up crashed saves.
 
@@ -334,7 +342,7 @@ def make_tmp_dir(target: Path) -> Path:
     """
     recover_dir(target)
     _remove_stale(target)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{owner_tag()}-", dir=target.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{_stem(target)}.tmp-{owner_tag()}-", dir=target.parent))
 
 
 def _stale_siblings(target: Path, kind: str) -> list[Path]:
@@ -342,11 +350,11 @@ def _stale_siblings(target: Path, kind: str) -> list[Path]:
     host = owner_tag().rsplit("-", 1)[0]
     out = []
     try:
-        siblings = list(target.parent.glob(f".{target.name}.{kind}-{host}-*"))
+        siblings = list(target.parent.glob(f".{glob.escape(_stem(target))}.{kind}-{host}-*"))
     except OSError:  # pragma: no cover
         return []
     for p in siblings:
-        pid = p.name[len(f".{target.name}.{kind}-{host}-"):].split("-", 1)[0]
+        pid = p.name[len(f".{_stem(target)}.{kind}-{host}-"):].split("-", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid() or not p.is_dir() or p.is_symlink():
             continue
         try:

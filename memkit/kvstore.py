@@ -59,10 +59,10 @@ import numpy as np
 import torch
 
 from memkit._arrays import as_ids
-from memkit._pages import FORMAT, FORMAT_VERSION, META_FILE, PageCodec, _DiskTier, _Entry, _MemTier, _read_meta
 from memkit.config import KVStoreConfig
 from memkit.errors import CapacityError, ConfigError, CorruptFileError, IncompatibleMemoryError, InvalidInputError
 from memkit.files import atomic_save, file_digests, save_path, write_json
+from memkit.pages import FORMAT, FORMAT_VERSION, META_FILE, DiskTier, Entry, MemTier, PageCodec, read_meta
 
 __all__ = ["KVStore", "PageCodec", "TIERS"]
 
@@ -92,8 +92,8 @@ class KVStore:
 
     def _init_tiers(self) -> None:
         cfg, pb = self.config, self.page_bytes
-        self._tiers: list[_MemTier] = [_MemTier("device", cfg.device_bytes, pb), _MemTier("host", cfg.host_bytes, pb),
-                                       _DiskTier(cfg.disk_dir, cfg.disk_bytes, pb)]
+        self._tiers: list[MemTier] = [MemTier("device", cfg.device_bytes, pb), MemTier("host", cfg.host_bytes, pb),
+                                       DiskTier(cfg.disk_dir, cfg.disk_bytes, pb)]
         self._where: dict[int, int] = {}  # id -> tier index
         self._moved = {"host_to_device": 0, "device_to_host": 0, "host_to_disk": 0, "disk_to_host": 0,
                        "device_to_disk": 0, "input": 0, "output": 0}
@@ -114,7 +114,7 @@ class KVStore:
         ev.record(self._copy_stream)
         return ev
 
-    def _wait_compute(self, entry: _Entry) -> None:
+    def _wait_compute(self, entry: Entry) -> None:
         """Make the compute stream wait for the copy that fills a device-tier entry."""
         if self._cuda:
             if entry.event is not None:
@@ -122,19 +122,21 @@ class KVStore:
                 entry.event = None
             entry.buf.record_stream(torch.cuda.current_stream(self.device))
 
-    def _to_host(self, buf: torch.Tensor) -> _Entry:
+    def _to_host(self, buf: torch.Tensor) -> Entry:
         if buf.device.type != "cuda":
             if self._cuda and not buf.is_pinned():  # pinned so later host->device copies are asynchronous
-                return _Entry(torch.empty(buf.shape, dtype=torch.uint8, pin_memory=True).copy_(buf))
-            return _Entry(buf if buf.is_contiguous() and buf._base is None else buf.clone())
+                return Entry(torch.empty(buf.shape, dtype=torch.uint8, pin_memory=True).copy_(buf))
+            return Entry(buf if buf.is_contiguous() and buf._base is None else buf.clone())
         host = torch.empty(buf.shape, dtype=torch.uint8, pin_memory=True)
-        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        stream = self._copy_stream
+        assert stream is not None  # CUDA buffers exist only where a copy stream was made
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with self._side():
             host.copy_(buf, non_blocking=True)
-        buf.record_stream(self._copy_stream)
-        return _Entry(host, self._event())
+        buf.record_stream(stream)  # type: ignore[arg-type]
+        return Entry(host, self._event())
 
-    def _host_numpy(self, entry: _Entry) -> np.ndarray:
+    def _host_numpy(self, entry: Entry) -> np.ndarray:
         if entry.event is not None:
             entry.event.synchronize()
             entry.event = None
@@ -144,7 +146,7 @@ class KVStore:
         return torch.empty(self.page_bytes, dtype=torch.uint8, pin_memory=self._cuda)
 
     # ------------------------------------------------------------------ tier moves (lock held)
-    def _place(self, t: int, page_id: int, entry: _Entry, src: str) -> None:
+    def _place(self, t: int, page_id: int, entry: Entry, src: str) -> None:
         """Put an entry into tier ``t``, which must have a free slot."""
         tier = self._tiers[t]
         if t == 0:
@@ -152,9 +154,9 @@ class KVStore:
                 with self._side():
                     dev = torch.empty(self.page_bytes, dtype=torch.uint8, device=self.device)
                     dev.copy_(entry.buf, non_blocking=self._cuda)
-                entry = _Entry(dev, self._event())
+                entry = Entry(dev, self._event())
             elif entry.buf._base is not None:
-                entry = _Entry(entry.buf.clone(), entry.event)
+                entry = Entry(entry.buf.clone(), entry.event)
             tier.entries[page_id] = entry
         elif t == 1:
             tier.entries[page_id] = self._to_host(entry.buf)
@@ -166,16 +168,16 @@ class KVStore:
         if src != "input":
             self._moved[f"{src}_to_{TIERS[t]}"] += self.page_bytes
 
-    def _take(self, page_id: int) -> _Entry:
+    def _take(self, page_id: int) -> Entry:
         """Remove a page from its tier and return its bytes (a disk page is read into host memory)."""
         t = self._where.pop(page_id)
         if t < 2:
             return self._tiers[t].entries.pop(page_id)
-        disk: _DiskTier = self._tiers[2]  # type: ignore[assignment]
+        disk: DiskTier = self._tiers[2]  # type: ignore[assignment]
         buf = self._staging()
         disk.read_into(page_id, buf)
         disk.pop(page_id)
-        return _Entry(buf)
+        return Entry(buf)
 
     def _make_room(self, t: int, protect: set[int] | frozenset[int] = frozenset()) -> bool:
         """Free one slot in tier ``t`` by moving its LRU page (unprotected first) one tier down."""
@@ -192,7 +194,7 @@ class KVStore:
         self._place(below, victim, entry, TIERS[t])
         return True
 
-    def _insert(self, page_id: int, entry: _Entry, src: str, protect: set[int] | frozenset[int] = frozenset(),
+    def _insert(self, page_id: int, entry: Entry, src: str, protect: set[int] | frozenset[int] = frozenset(),
                 top: int = 0) -> int:
         for t in range(top, 3):
             if self._tiers[t].slots > 0 and self._make_room(t, protect):
@@ -226,7 +228,7 @@ class KVStore:
             for j, pid in enumerate(arr.tolist()):
                 if pid in self._where:
                     self._take(pid)
-                self._insert(pid, _Entry(enc[j]), "input")
+                self._insert(pid, Entry(enc[j]), "input")
             self._moved["input"] += len(arr) * self.page_bytes
 
     def _full_message(self, new: int) -> str:
@@ -241,11 +243,11 @@ class KVStore:
         if missing:
             raise InvalidInputError(f"page ids {missing[:5]} are not in the K/V store; check `id in store` first")
 
-    def _fetch(self, uniq: list[int], protect: set[int]) -> dict[int, _Entry]:
+    def _fetch(self, uniq: list[int], protect: set[int]) -> dict[int, Entry]:
         """Copy pages not on the device tier to the device; promote those that fit. Returns id -> entry."""
         dev = self._tiers[0]
         room = dev.slots - sum(1 for i in protect if self._where.get(i) == 0)
-        out: dict[int, _Entry] = {}
+        out: dict[int, Entry] = {}
         for pid in uniq:
             t = self._where[pid]
             if t == 0:
@@ -255,12 +257,12 @@ class KVStore:
             else:
                 buf = self._staging()
                 self._tiers[2].read_into(pid, buf)  # type: ignore[attr-defined]
-                src = _Entry(buf)
+                src = Entry(buf)
                 self._moved["disk_to_host"] += self.page_bytes
             with self._side():
                 buf_dev = torch.empty(self.page_bytes, dtype=torch.uint8, device=self.device)
                 buf_dev.copy_(src.buf, non_blocking=self._cuda)
-            out[pid] = _Entry(buf_dev)
+            out[pid] = Entry(buf_dev)
             self._moved["host_to_device"] += self.page_bytes
             if room > 0:  # promote: the page now lives on the device tier
                 room -= 1
@@ -427,7 +429,7 @@ class KVStore:
         with self._lock:
             order = self._lru_order()
             per = max(1, SHARD_BYTES // self.page_bytes)
-            shards = []
+            shards: list[dict[str, Any]] = []
             for s in range(0, max(len(order), 1), per):
                 chunk = order[s : s + per]
                 data = np.empty((len(chunk), self.page_bytes), np.uint8)
@@ -452,7 +454,7 @@ class KVStore:
         from safetensors import safe_open
 
         directory = save_path(path, "loading a K/V store")
-        meta = _read_meta(directory)
+        meta = read_meta(directory)
         if tuple(meta["page_shape"]) != self.page_shape:
             raise IncompatibleMemoryError(
                 f"saved pages have shape {tuple(meta['page_shape'])} but this store holds {self.page_shape} "
@@ -497,7 +499,7 @@ class KVStore:
                     if saved.dtype != self.codec.dtype or saved.int8_scale != self.codec.int8_scale:
                         pages = self.codec.encode(saved.decode(pages))
                     for j, pid in enumerate(sids):
-                        self._insert(int(pid), _Entry(pages[j].clone()), "input", top=first_tier[k])
+                        self._insert(int(pid), Entry(pages[j].clone()), "input", top=first_tier[k])
                         k += 1
             except Exception as exc:
                 self._tiers[2].close()  # type: ignore[attr-defined]

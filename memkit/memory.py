@@ -29,13 +29,16 @@ index only; every file is checksummed in ``manifest.json``)::
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
 import re
 import threading
+import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +47,9 @@ import numpy as np
 import torch
 
 from memkit._arrays import as_vectors, check_k
-from memkit.bank import BaseBank, create_bank, load_bank
-from memkit.config import BankConfig, MemoryConfig, is_cosine_setting
+from memkit.bank import BaseBank, check_bank_config, create_bank, load_bank
+from memkit.config import BankConfig, MemoryConfig
+from memkit.configbase import is_cosine_setting
 from memkit.errors import (
     ConfigError,
     CorruptFileError,
@@ -57,6 +61,7 @@ from memkit.errors import (
 from memkit.files import atomic_save, file_digests, read_versioned_json, save_path, verify_files, write_json
 from memkit.kvstore import KVStore
 from memkit.policy import EvictionPolicy, RecencyFrequencyPolicy, make_policy
+from memkit.retrievers import RETRIEVERS, make_retriever, retriever_input
 
 __all__ = ["MemoryManager", "Retrieved"]
 
@@ -105,6 +110,7 @@ class _Namespace:
         self.name, self.bank, self.policy = name, bank, policy
         self.spans: dict[int, tuple[int, int]] = {}  # id -> (start, end), insertion order
         self.texts: dict[int, str | None] = {}
+        self.digests: dict[str, int] = {}  # sha256 of a chunk's token ids -> its id: the same text is stored once
         self.tokens = 0
         self.trace: list[dict[str, Any]] = []
 
@@ -148,6 +154,31 @@ class MemoryManager:
         self._bank_serial = 0  # makes per-namespace bank paths/collections unique
         self._lock = threading.RLock()
         self._counters = {"added": 0, "evicted": 0, "retrievals": 0}
+        self._timers: list[Callable[[str, float], None]] = []
+        check_bank_config(self._bank_config("__check__"), self.embed_dim)  # a bad backend fails now, not at a store
+
+    # ------------------------------------------------------------------ timing hook
+    def add_timer(self, callback: Callable[[str, float], None]) -> Callable[[], None]:
+        """Call ``callback(event, seconds)`` after every ``"search"`` (retrieve_batch, search_many: bank search and
+        page fetch) and ``"embed"`` (retriever); returns the function that removes it. Benchmarks time memory
+        through this hook."""
+        if not callable(callback):
+            raise InvalidInputError(f"add_timer needs a callable(event, seconds), got {callback!r}")
+        self._timers.append(callback)
+        return lambda: self._timers.remove(callback) if callback in self._timers else None
+
+    @contextlib.contextmanager
+    def _timed(self, event: str) -> Iterator[None]:
+        if not self._timers:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            for cb in list(self._timers):
+                cb(event, dt)
 
     # ------------------------------------------------------------------ namespaces
     def _bank_config(self, name: str) -> BankConfig:
@@ -196,11 +227,14 @@ class MemoryManager:
         return x
 
     def add_chunks(self, keys: Any, values: Any, embeddings: Any, spans: Any, *, namespace: str = "default",
-                   texts: Sequence[str | None] | None = None) -> torch.Tensor:
+                   texts: Sequence[str | None] | None = None, token_ids: Any = None) -> torch.Tensor:
         """Store n chunks; returns their (n,) int64 ids. Then enforces capacity_tokens with the policy.
 
-        keys/values: (n, L, H, C, D); embeddings: (n, embed_dim); spans: (n, 2) token [start, end).
-        Chunks evicted by this call's capacity check (possibly some of these) are gone from memory.
+        keys/values: (n, L, H, C, D); embeddings: (n, embed_dim); spans: (n, 2) token [start, end) with
+        end - start <= C (a shorter span is a partial chunk whose pages are padded). ``token_ids`` (n, C), -1 for
+        padding: a chunk whose tokens equal a chunk already stored in the namespace is not stored again (its
+        existing id is returned), so text sent twice does not double memory. Chunks evicted by this call's
+        capacity check (possibly some of these) are gone from memory.
         """
         keys, values = self._check_kv(keys, "keys"), self._check_kv(values, "values")
         n = keys.shape[0]
@@ -216,14 +250,31 @@ class MemoryManager:
         sp = sp.astype(np.int64)
         if n and ((sp[:, 0] < 0).any() or (sp[:, 1] <= sp[:, 0]).any()):
             raise InvalidInputError("spans need 0 <= start < end for every chunk")
+        if n and (sp[:, 1] - sp[:, 0] > self.chunk_size).any():
+            raise InvalidInputError(f"a chunk span covers at most chunk_size={self.chunk_size} tokens")
+        digests = _digests(token_ids, n) if token_ids is not None else [None] * n
         if texts is not None:
             texts = list(texts)
             if len(texts) != n or not all(t is None or isinstance(t, str) for t in texts):
                 raise InvalidInputError(f"texts must be a list of {n} strings (or None), one per chunk")
-        pages = torch.stack([keys, values], dim=2)  # (n, L, 2, H, C, D)
         with self._lock:
             ns = self._namespace(namespace, create=True)
             assert ns is not None
+            known = [ns.digests.get(d) if d is not None else None for d in digests]
+            fresh = [j for j in range(n) if known[j] is None and (digests[j] is None or digests[j] not in digests[:j])]
+            if len(fresh) < n:  # some chunks are stored already: store the rest, report the existing ids
+                out = np.asarray([-1 if k is None else k for k in known], np.int64)
+                if fresh:
+                    sel = torch.as_tensor(fresh)
+                    new_ids = self.add_chunks(keys[sel], values[sel], emb[fresh], sp[fresh], namespace=namespace,
+                                              texts=[texts[j] for j in fresh] if texts is not None else None,
+                                              token_ids=[digests[j] for j in fresh]).numpy()
+                    out[fresh] = new_ids
+                for j in range(n):
+                    if out[j] < 0:
+                        out[j] = ns.digests.get(digests[j], -1)  # type: ignore[arg-type]
+                return torch.from_numpy(out)
+            pages = torch.stack([keys, values], dim=2)  # (n, L, 2, H, C, D)
             ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
             if n == 0:
                 return torch.from_numpy(ids)
@@ -237,6 +288,9 @@ class MemoryManager:
             for j, cid in enumerate(ids.tolist()):
                 ns.spans[cid] = (int(sp[j, 0]), int(sp[j, 1]))
                 ns.texts[cid] = texts[j] if texts is not None else None
+                digest = digests[j]
+                if digest is not None:
+                    ns.digests[digest] = cid
             ns.tokens += int((sp[:, 1] - sp[:, 0]).sum())
             ns.policy.on_add(ids)
             self._counters["added"] += n
@@ -263,10 +317,13 @@ class MemoryManager:
         ns.bank.remove(arr)
         self.store.remove(arr)
         ns.policy.on_remove(arr)
+        gone = set(ids)
         for cid in ids:
             s, e = ns.spans.pop(cid)
             ns.texts.pop(cid, None)
             ns.tokens -= e - s
+        for d in [d for d, cid in ns.digests.items() if cid in gone]:
+            del ns.digests[d]
 
     def remove_chunks(self, ids: Any, *, namespace: str = "default") -> int:
         """Remove chunks of a namespace by id (ids of other namespaces are ignored). Returns the count."""
@@ -308,31 +365,37 @@ class MemoryManager:
                                     f"got {value!r}")
         if value != "auto":
             return None if value is None else float(value)
-        from memkit.retrievers import KeyMeanRetriever
-
-        keys = isinstance(self.retriever, KeyMeanRetriever) or self.config.retriever == "keys"
+        kind = getattr(self.retriever, "input", None) or (self.config.retriever if self.config.retriever != "auto"
+                                                           else "text")
+        keys = kind == "keys" or (kind in RETRIEVERS and retriever_input(kind) == "keys")
         return None if keys else TEXT_MAX_SIMILARITY
 
     def retrieve_batch(self, queries: Any, namespaces: Sequence[str], k: int | None = None,
                        device: str | torch.device | None = None, *, dtype: torch.dtype = torch.float32,
-                       max_similarity: float | str | None = "config") -> list[Retrieved]:
+                       max_similarity: float | str | None = "config",
+                       exclude: Sequence[tuple[int, int] | None] | None = None) -> list[Retrieved]:
         """One retrieval per row: queries (B, embed_dim), namespaces (B,) -> B Retrieved, each in time order.
 
         Rows of the same namespace are searched in one batched bank call; pages are fetched once for all.
         ``max_similarity`` (default: ``config.max_chunk_similarity``; None turns it off): a candidate whose
         retrieval embedding has cosine >= this with a better-scoring chunk already chosen is skipped and the
         next candidate takes its slot, so near-duplicate chunks (repeated boilerplate, filler) do not fill
-        the k slots with the same content.
+        the k slots with the same content. ``exclude`` (one token range [lo, hi) or None per row): chunks whose
+        span lies inside it are skipped (the caller attends them anyway), and the next candidates take their
+        slots. The policy and the trace see exactly the chunks returned.
         """
         k = check_k(self.config.top_k if k is None else k)
         sim = self._max_similarity(max_similarity)
-        fetch = k if sim is None else k + max(k, DISTINCT_EXTRA)  # candidates scanned for k distinct chunks
+        ex = list(exclude) if exclude is not None else [None] * len(namespaces)
+        extra = max((1 + (hi - lo) // self.chunk_size for lo, hi in (e for e in ex if e is not None)), default=0)
+        fetch = (k if sim is None else k + max(k, DISTINCT_EXTRA)) + extra  # candidates scanned for k usable chunks
         q = as_vectors(queries, self.embed_dim, name="queries")  # (B, E)
         names = list(namespaces) if not isinstance(namespaces, str) else [namespaces]
-        if len(names) != q.shape[0]:
-            raise InvalidInputError(f"got {q.shape[0]} queries but {len(names)} namespaces; pass one per row")
+        if len(names) != q.shape[0] or len(ex) != len(names):
+            raise InvalidInputError(f"got {q.shape[0]} queries, {len(names)} namespaces and {len(ex)} exclusions; "
+                                    "pass one of each per row")
         target = torch.device(device) if device is not None else self.device
-        with self._lock:
+        with self._timed("search"), self._lock:
             rows: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(names)
             groups: dict[str, list[int]] = {}
             for b, name in enumerate(names):
@@ -343,6 +406,10 @@ class MemoryManager:
                 scores, ids = ns.bank.search(q[idx], fetch)  # (m, fetch), (m, fetch), best first
                 for j, b in enumerate(idx):
                     ok = ids[j] >= 0
+                    if ex[b] is not None:
+                        lo, hi = ex[b]  # type: ignore[misc]
+                        ok &= np.asarray([not (ns.spans[int(c)][0] >= lo and ns.spans[int(c)][1] <= hi)
+                                          if c >= 0 else False for c in ids[j]], bool)
                     s, i = scores[j][ok], ids[j][ok]
                     best = np.argsort(-s, kind="stable")
                     s, i = s[best], i[best]
@@ -376,23 +443,63 @@ class MemoryManager:
             self._counters["retrievals"] += len(names)
             return out
 
+    def search_many(self, queries: Any, namespace: str, k: int, *, device: torch.device, dtype: torch.dtype,
+                    trace_max: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """One bank search for many queries (n, embed_dim) of one namespace, e.g. every token of a block (LongMem's
+        token-to-chunk retrieval). None when the namespace is empty, else ids (n, k) int64 ascending (= time
+        order; -1 pads last), slot (n, k) long index into pages (pads -> 0), pages (u, L, 2, H, C, D) of the u
+        distinct chunks on ``device``, starts (n, k) long token start of each chunk. The trace lists the
+        ``trace_max`` chunks most queries chose (``hits``); the policy sees every distinct chunk once."""
+        q = as_vectors(queries, self.embed_dim, name="queries")  # (n, E)
+        with self._timed("search"), self._lock:
+            ns = self._ns.get(namespace)
+            if ns is None or not ns.spans:
+                return None
+            scores, raw = ns.bank.search(q, k)  # (n, k), (n, k)
+            big = np.iinfo(np.int64).max
+            ids = np.sort(np.where(raw >= 0, raw, big), axis=1)
+            ok = ids != big
+            uniq = np.unique(ids[ok])  # (u,)
+            slot = np.searchsorted(uniq, np.where(ok, ids, uniq[0]))  # (n, k)
+            ids = np.where(ok, ids, -1)
+            pages = self.store.get(uniq, device, dtype=dtype)  # (u, L, 2, H, C, D)
+            starts = np.asarray([ns.spans[int(i)][0] for i in uniq], np.int64)[slot]  # (n, k)
+            ns.policy.on_retrieve(uniq)
+            hits = np.bincount(slot[ok], minlength=len(uniq))  # how many queries chose each chunk
+            best = np.full(len(uniq), -np.inf, np.float32)
+            np.maximum.at(best, np.searchsorted(uniq, raw[raw >= 0]), scores[raw >= 0])
+            order = np.argsort(-hits, kind="stable")[:trace_max].tolist()
+            rank = {j: t for t, j in enumerate(order)}
+            ns.trace = [{"id": int(uniq[j]), "score": float(best[j]) if np.isfinite(best[j]) else None,
+                         "hits": int(hits[j]), "span": list(ns.spans[int(uniq[j])]),
+                         "text": ns.texts.get(int(uniq[j])), "rank": rank[j]}
+                        for j in sorted(order, key=lambda j: int(uniq[j]))]
+            self._counters["retrievals"] += 1
+        return torch.from_numpy(ids), torch.from_numpy(slot).long(), pages, torch.from_numpy(starts)
+
     def trace(self, namespace: str = "default") -> list[dict[str, Any]]:
         """The last retrieval of ``namespace``: [{id, score, span, text, rank}] in time order ([] if none)."""
+        namespace = _name(namespace)  # type: ignore[assignment]
         with self._lock:
             ns = self._ns.get(namespace)
             return [dict(t) for t in ns.trace] if ns is not None else []
 
     def embed(self, *, texts: Sequence[str] | None = None, keys: Any = None) -> np.ndarray:
-        """Embed chunks with the retriever: texts (text retriever) or keys (n, H, C, D) (key-mean retriever)."""
-        if self.retriever is None:
-            from memkit.retrievers import KeyMeanRetriever, get_text_retriever
+        """Embed chunks with the retriever: texts (a text retriever) or keys (n, H, C, D) (a key retriever).
 
-            use_keys = self.config.retriever == "keys" or (texts is None and keys is not None)
-            self.retriever = KeyMeanRetriever(self.embed_dim) if use_keys else get_text_retriever()
-        return np.asarray(self.retriever(list(texts) if texts is not None else keys), np.float32)
+        Without a retriever given at construction, the config's registered one is made on first use ("auto":
+        a key retriever when keys are given, else the text retriever)."""
+        if self.retriever is None:
+            name = self.config.retriever
+            if name == "auto":
+                name = "keys" if texts is None and keys is not None else "text"
+            self.retriever = make_retriever(name, key_dim=self.embed_dim)
+        with self._timed("embed"):
+            return np.asarray(self.retriever(list(texts) if texts is not None else keys), np.float32)
 
     # ------------------------------------------------------------------ bookkeeping
     def num_chunks(self, namespace: str | None = None) -> int:
+        namespace = _name(namespace, allow_none=True)
         with self._lock:
             if namespace is None:
                 return sum(len(ns.spans) for ns in self._ns.values())
@@ -400,6 +507,7 @@ class MemoryManager:
             return len(ns.spans) if ns is not None else 0
 
     def num_tokens(self, namespace: str | None = None) -> int:
+        namespace = _name(namespace, allow_none=True)
         with self._lock:
             if namespace is None:
                 return sum(ns.tokens for ns in self._ns.values())
@@ -408,12 +516,14 @@ class MemoryManager:
 
     def spans(self, namespace: str = "default") -> list[tuple[int, int]]:
         """Token spans [start, end) of a namespace's chunks in insertion order ([] if it does not exist)."""
+        namespace = _name(namespace)  # type: ignore[assignment]
         with self._lock:
             ns = self._ns.get(namespace)
             return list(ns.spans.values()) if ns is not None else []
 
     def span_end(self, namespace: str = "default") -> int | None:
         """End of the latest span stored in ``namespace`` (0 if it holds none), or None if it does not exist."""
+        namespace = _name(namespace)  # type: ignore[assignment]
         with self._lock:
             ns = self._ns.get(namespace)
             if ns is None:
@@ -422,12 +532,14 @@ class MemoryManager:
 
     def chunk_ids(self, namespace: str = "default") -> torch.Tensor:
         """Ids of a namespace's chunks in insertion order (int64)."""
+        namespace = _name(namespace)  # type: ignore[assignment]
         with self._lock:
             ns = self._ns.get(namespace)
             return torch.as_tensor(list(ns.spans) if ns is not None else [], dtype=torch.int64)
 
     def reset(self, namespace: str | None = None) -> None:
         """Forget one namespace (or everything when None). Ids are never reused."""
+        namespace = _name(namespace, allow_none=True)  # type: ignore[assignment]
         with self._lock:
             names = list(self._ns) if namespace is None else [namespace] if namespace in self._ns else []
             for name in names:
@@ -470,8 +582,10 @@ class MemoryManager:
                 ids = np.asarray(list(ns.spans), np.int64)
                 spans = np.asarray([ns.spans[i] for i in ids.tolist()], np.int64).reshape(-1, 2)
                 save_file({"ids": ids, "spans": spans}, str(d / "meta.safetensors"))
+                by_id = {cid: dg for dg, cid in ns.digests.items()}
                 (d / "meta.json").write_text(json.dumps({
                     "name": ns.name, "texts": [ns.texts.get(i) for i in ids.tolist()],
+                    "digests": [by_id.get(i) for i in ids.tolist()],
                     "policy": ns.policy.state_dict(), "trace": ns.trace, "tokens": ns.tokens}))
                 entries.append({"name": ns.name, "dir": d.name})
             manifest = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config.to_dict(),
@@ -489,17 +603,23 @@ class MemoryManager:
         if device is not None:
             config.kvstore.device = None
         d = manifest["dims"]
-        mm = cls(config, num_layers=d["num_layers"], kv_heads=d["kv_heads"], head_dim=d["head_dim"],
-                 embed_dim=d["embed_dim"], device=device or config.kvstore.device or "cpu", retriever=retriever)
+        mm: MemoryManager = cls(config, num_layers=d["num_layers"], kv_heads=d["kv_heads"],  # type: ignore[operator]
+                                head_dim=d["head_dim"], embed_dim=d["embed_dim"],
+                                device=device or config.kvstore.device or "cpu", retriever=retriever)
         mm._load_into(path, _manifest=manifest)
         return mm
 
-    def _load_into(self, path: str | os.PathLike[str], *, _manifest: dict[str, Any] | None = None) -> None:
-        """Replace this manager's memory with a saved one. On any error the current memory is kept."""
+    def _load_into(self, path: str | os.PathLike[str], *, owner_check: Any = None,
+                   _manifest: dict[str, Any] | None = None) -> None:
+        """Replace this manager's memory with a saved one. On any error the current memory is kept.
+
+        ``owner_check(saved_owner)`` (optional) raises IncompatibleMemoryError when the save belongs elsewhere."""
         from safetensors.numpy import load_file
 
         directory = save_path(path, "loading memory")
         manifest = _manifest or _read_manifest(directory)
+        if owner_check is not None:
+            owner_check(manifest.get("owner"))
         mine, saved = self._dims(), manifest["dims"]
         diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if diff:
@@ -542,6 +662,11 @@ class MemoryManager:
                 ns = _Namespace(str(entry["name"]), bank, policy)
                 ns.spans = {int(i): (int(s), int(e)) for i, (s, e) in zip(ids, spans)}
                 ns.texts = {int(i): t for i, t in zip(ids, texts)}
+                digests = meta.get("digests") or [None] * len(ids)
+                if len(digests) != len(ids) or not all(dg is None or (isinstance(dg, str) and len(dg) == 64)
+                                                       for dg in digests):
+                    raise CorruptFileError(f"{d}/meta.json: digests do not match the chunks")
+                ns.digests = {dg: int(i) for i, dg in zip(ids, digests) if dg is not None}
                 ns.tokens = int((spans[:, 1] - spans[:, 0]).sum()) if len(ids) else 0
                 ns.trace = list(meta.get("trace") or [])
                 spaces[ns.name] = ns
@@ -568,6 +693,27 @@ class MemoryManager:
     def __repr__(self) -> str:
         return (f"MemoryManager(page_shape={self.page_shape}, namespaces={len(self._ns)}, "
                 f"chunks={self.num_chunks()}, policy={self.config.policy!r})")
+
+
+def _name(namespace: Any, *, allow_none: bool = False) -> str | None:
+    """A namespace argument: a non-empty string (or None where "every namespace" is meant)."""
+    if namespace is None and allow_none:
+        return None
+    if not isinstance(namespace, str) or not namespace:
+        raise InvalidInputError(f"a namespace is a non-empty string such as 'default', got {namespace!r}")
+    return namespace
+
+
+def _digests(token_ids: Any, n: int) -> list[str | None]:
+    """sha256 of each chunk's token ids (padding -1 dropped); ``token_ids`` (n, C) or n digests already made."""
+    if isinstance(token_ids, list) and all(isinstance(d, str) or d is None for d in token_ids):
+        if len(token_ids) != n:
+            raise InvalidInputError(f"got {len(token_ids)} token-id digests for {n} chunks")
+        return list(token_ids)
+    arr = np.asarray(token_ids.cpu() if torch.is_tensor(token_ids) else token_ids)
+    if arr.ndim != 2 or arr.shape[0] != n or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidInputError(f"token_ids must be an (n, chunk) integer array, one row per chunk; got {arr.shape}")
+    return [hashlib.sha256(row[row >= 0].astype(np.int64).tobytes()).hexdigest() for row in arr]
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

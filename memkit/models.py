@@ -56,7 +56,7 @@ def _torch_dtype(dtype: Any) -> Any:
 
 def converted_dir(gguf: Path) -> Path:
     """Cache folder for the HF conversion of one GGUF file (keyed by its name, size and mtime)."""
-    from memkit.testing.data import cache_dir
+    from memkit.resources import cache_dir
 
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]

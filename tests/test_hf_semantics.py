@@ -9,10 +9,10 @@ import warnings
 
 import pytest
 import torch
-from memkit.integrations.generate import MemkitCache
-from memkit.integrations.hf_compat import TESTED_TRANSFORMERS
 
 import memkit
+from memkit.integrations.generate import MemkitCache
+from memkit.integrations.hf_compat import TESTED_TRANSFORMERS
 from memkit.testing.tiny_models import one_thread, tiny_hf_folder, tiny_model
 
 CFG = dict(window=32, chunk_size=8, block_size=16, top_k=3, sink_tokens=2, progress=False)
@@ -28,10 +28,11 @@ def _ids(n: int, seed: int, batch: int = 1, vocab: int = 256) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _stored_chunks_expected(tokens: int) -> int:
-    """Chunks that leave a window of W tokens after ``tokens`` tokens were read (each exactly once)."""
+def _stored_chunks_expected(tokens: int, flush: bool = True) -> int:
+    """Chunks stored after ``tokens`` distinct tokens were read once each: every token when the window is flushed
+    at the end of the call (the last chunk partial), else only the chunks that left a window of W tokens."""
     W, C = CFG["window"], CFG["chunk_size"]
-    return max(0, (tokens - W) // C)
+    return -(-tokens // C) if flush else max(0, (tokens - W) // C)
 
 
 # ---------------------------------------------------------------------------------------------- generate
@@ -45,9 +46,9 @@ def test_generate_reads_every_prompt_token_once(arch: str) -> None:
     assert out.shape == (1, N + new)
     read = N + new - 1  # the last generated token is returned, never fed back
     assert wrapped.memory.num_chunks() == _stored_chunks_expected(read)
-    spans = wrapped.memory.manager.spans("default")
-    starts = sorted(int(s) for s, _ in spans)
-    assert starts == list(range(0, _stored_chunks_expected(read) * CFG["chunk_size"], CFG["chunk_size"]))
+    spans = sorted(wrapped.memory.manager.spans("default"))
+    C = CFG["chunk_size"]
+    assert spans == [(s, min(s + C, read)) for s in range(0, read, C)]  # each token once, the last chunk partial
 
 
 def test_generate_twice_reads_the_second_prompt_once() -> None:
@@ -63,19 +64,15 @@ def test_a_token_handed_over_twice_raises_naming_the_version() -> None:
     import transformers
 
     wrapped = memkit.wrap(tiny_model("llama"), **CFG)
-    rt = wrapped._rt
+    rt = wrapped.memkit_runtime
     ids = _ids(60, 14)
     cache = {rt.cache_kwarg: MemkitCache(rt)}
-    rt.begin_call(1, None, mode="generate", prompt_cols=60, prompt_ids=ids)
-    try:
-        with torch.no_grad():
+    with pytest.raises(memkit.IncompatibleLibraryError, match=transformers.__version__) as err:
+        with rt.calling(1, None, mode="generate", prompt_cols=60, prompt_ids=ids), torch.no_grad():
             wrapped.hf_model(input_ids=ids[:, :40], **cache)
-            with pytest.raises(memkit.IncompatibleLibraryError, match=transformers.__version__) as err:
-                wrapped.hf_model(input_ids=ids, **cache)  # the whole prompt again, as 5.24 did
-    finally:
-        rt.end_call()
+            wrapped.hf_model(input_ids=ids, **cache)  # the whole prompt again, as 5.24 did
     assert TESTED_TRANSFORMERS in str(err.value)
-    assert wrapped.memory.num_chunks() == _stored_chunks_expected(40)  # the refused step stored nothing
+    assert wrapped.memory.num_chunks() == _stored_chunks_expected(40, flush=False)  # the refused step stored nothing
 
 
 def test_generate_raises_when_transformers_stops_slicing_the_prompt(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,7 +82,7 @@ def test_generate_raises_when_transformers_stops_slicing_the_prompt(monkeypatch:
     wrapped = memkit.wrap(tiny_model("llama"), **CFG)
     with pytest.raises(memkit.IncompatibleLibraryError, match="already read"):
         wrapped.generate(_ids(100, 15), max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert wrapped.memory.num_chunks() == _stored_chunks_expected(100 - CFG["chunk_size"])  # prefill only
+    assert wrapped.memory.num_chunks() == _stored_chunks_expected(100 - CFG["chunk_size"], flush=False)  # prefill
 
 
 def test_memkit_calls_raise_no_deprecation_warnings() -> None:

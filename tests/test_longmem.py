@@ -9,8 +9,22 @@ import torch
 import memkit
 from memkit.testing.tiny_models import ARCHITECTURES, one_thread, tiny_model
 
-CFG = dict(style="longmem", window=32, chunk_size=8, block_size=16, sink_tokens=2, longmem_chunk=4,
-           longmem_tokens=8, progress=False)
+CFG: dict = dict(style="longmem", window=32, chunk_size=8, block_size=16, sink_tokens=2,
+                 longmem={"chunk": 4, "tokens": 8}, progress=False, flush_window=False)
+BLOCK_KEYS = {"sidenet": "sidenet", "longmem_positions": "positions", "longmem_layer": "layer", "gate_init": "gate_init"}
+
+
+def _cfg(**kw: object) -> dict:
+    """CFG with overrides; LongMem settings go into the style's block."""
+    out = dict(CFG, longmem=dict(CFG["longmem"]))
+    for k, v in kw.items():
+        if k in BLOCK_KEYS:
+            out["longmem"][BLOCK_KEYS[k]] = v
+        else:
+            out[k] = v
+    if out["style"] != "longmem":
+        out.pop("longmem")
+    return out
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,7 +43,7 @@ def _open_gate(wrapped: memkit.integrations.wrap.MemkitModel, logit: float = 4.0
 
 
 def _run(model: torch.nn.Module, ids: torch.Tensor, gate: float | None = 4.0, **cfg: object) -> torch.Tensor:
-    wrapped = memkit.wrap(model, **{**CFG, **cfg})
+    wrapped = memkit.wrap(model, **_cfg(**cfg))
     if gate is not None:
         _open_gate(wrapped, gate)
     try:
@@ -47,7 +61,7 @@ def test_empty_memory_equals_plain(arch: str, sidenet: bool) -> None:
     ids = _ids(30)
     with torch.no_grad():
         ref = model(ids, labels=ids)
-        wrapped = memkit.wrap(model, **CFG, sidenet=sidenet)
+        wrapped = memkit.wrap(model, **_cfg(sidenet=sidenet))
         _open_gate(wrapped, 10.0)  # even a wide-open gate: no memory, no change
         out = wrapped(ids, labels=ids)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
@@ -83,11 +97,12 @@ def test_untrained_sidenet_equals_window_only_and_its_memory_layer_copies_the_me
     model = tiny_model("llama", layers=layers)
     ids = _ids(120, 3)
     window = _run(model, ids, top_k=0)
-    wrapped = memkit.wrap(model, **CFG, sidenet=True)
-    rt = wrapped._rt
-    side = rt.sidenet
-    assert rt.aug_layer >= rt.L and len(side.layers) == layers // 2
-    assert side.sources[rt.aug_layer - rt.L] == rt.mem_layer
+    wrapped = memkit.wrap(model, **_cfg(sidenet=True))
+    rt = wrapped.memkit_runtime
+    style = rt.style
+    side = style.sidenet
+    assert style.aug_layer >= rt.L and len(side.layers) == layers // 2
+    assert side.sources[style.aug_layer - rt.L] == style.mem_layer
     assert all(b - a == 2 for a, b in zip(side.sources, side.sources[1:]))  # every second backbone layer
     _open_gate(wrapped, 10.0)
     with torch.no_grad():
@@ -124,7 +139,7 @@ def test_batch_rows_match_their_solo_runs(sidenet: bool) -> None:
     batch = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)], 0)
     mask = torch.ones_like(batch)
     mask[1, :pad] = 0
-    wrapped = memkit.wrap(model, **CFG, sidenet=sidenet)
+    wrapped = memkit.wrap(model, **_cfg(sidenet=sidenet))
     _open_gate(wrapped)
     with torch.no_grad():
         both = wrapped(batch, attention_mask=mask).logits
@@ -154,8 +169,9 @@ def test_token_to_chunk_retrieval_is_exact_per_head() -> None:
     queries = torch.zeros(5 * H, H, D)
     for h in range(H):
         queries[torch.arange(5) * H + h, h] = q[:, h]
-    got, slot, pg, _ = mm.search_chunks(queries.reshape(5 * H, H * D).numpy(), "default", 3, device=torch.device("cpu"),
-                                        dtype=torch.float32)
+    got, slot, pg, _ = mm.search_many(queries.reshape(5 * H, H * D).numpy(), "default", 3, device=torch.device("cpu"),
+                                      dtype=torch.float32)
+    pg = pg[:, 0]  # (u, 2, H, c, D): the one stored layer
     for i in range(5):
         for h in range(H):
             scores = kbar[:, h] @ q[i, h]  # (n,)
@@ -195,5 +211,5 @@ def test_bad_configs_raise_memkit_errors() -> None:
     for bad in (dict(chunk_size=6), dict(longmem_layer=9), dict(bank={"backend": "faiss-flat", "metric": "cosine"}),
                 dict(longmem_positions="rope")):
         with pytest.raises(memkit.MemkitError):
-            memkit.wrap(model, **{**CFG, **bad})
+            memkit.wrap(model, **_cfg(**bad))
     assert not any(hasattr(m, "_memkit_runtime") for m in model.modules())

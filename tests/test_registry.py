@@ -102,7 +102,7 @@ def test_entry_point_group(monkeypatch: pytest.MonkeyPatch) -> None:
 
     ep = EntryPoint(name="ep-test", value="thirdparty_bank_mod:_DictBank", group=bank_module.ENTRY_POINT_GROUP)
     monkeypatch.setitem(sys.modules, "thirdparty_bank_mod", sys.modules[__name__])
-    monkeypatch.setattr(bank_module, "_entry_points_loaded", False)
     monkeypatch.setattr("importlib.metadata.entry_points", lambda group=None: [ep] if group == ep.group else [])
+    bank_module.BACKENDS.refresh()
     assert "ep-test" in memkit.available_backends()
     assert memkit.create_bank("ep-test", dim=2).name == "dict-test"

@@ -12,10 +12,15 @@ import torch
 import memkit
 from memkit.testing.tiny_models import one_thread, tiny_model
 
-LONGMEM = dict(style="longmem", window=32, chunk_size=8, block_size=16, sink_tokens=2, longmem_chunk=4,
-               longmem_tokens=8, progress=False)
-MEMLONG = dict(style="memlong", window=32, chunk_size=8, block_size=16, sink_tokens=2, top_k=2, memory_layers=[1],
-               retrieval_layers=[2, 3], retriever="keys", progress=False)
+LONGMEM: dict = dict(style="longmem", window=32, chunk_size=8, block_size=16, sink_tokens=2,
+                     longmem={"chunk": 4, "tokens": 8}, progress=False)
+MEMLONG: dict = dict(style="memlong", window=32, chunk_size=8, block_size=16, sink_tokens=2, top_k=2,
+                     memlong={"memory_layers": [1], "retrieval_layers": [2, 3]}, retriever="keys", progress=False)
+
+
+def _with(cfg: dict, **block: object) -> dict:
+    """cfg with settings of its style's block changed."""
+    return dict(cfg, **{cfg["style"]: {**cfg[cfg["style"]], **block}})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,7 +42,7 @@ def _backbone(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_longmem_sidenet_trains_only_memkit_parameters(tmp_path: Path) -> None:
     model = tiny_model("llama")
     before = _backbone(model)
-    wrapped = memkit.wrap(model, **LONGMEM, sidenet=True)
+    wrapped = memkit.wrap(model, **_with(LONGMEM, sidenet=True))
     doc = _doc()
     with torch.no_grad():
         loss0 = float(wrapped(doc[None], labels=doc[None]).loss)
@@ -100,8 +105,9 @@ def test_memlong_lora_on_retrieval_layers(tmp_path: Path) -> None:
 
 
 def test_hf_trainer_runs_on_a_wrapped_model(tmp_path: Path) -> None:
-    from memkit.integrations.training import prepare_for_training
     from transformers import Trainer, TrainingArguments
+
+    from memkit.integrations.training import prepare_for_training
 
     model = tiny_model("llama")
     wrapped = memkit.wrap(model, **LONGMEM)
@@ -131,7 +137,7 @@ def _grads(wrapped: memkit.integrations.wrap.MemkitModel, params: list[torch.nn.
 @pytest.mark.parametrize(("arch", "cfg", "extra"), [
     ("llama", LONGMEM, {"sidenet": True}),
     ("llama", LONGMEM, {}),  # the gate inside a backbone layer: backbone layers 2-3 are recomputed
-    ("gemma3", LONGMEM, {"sidenet": True, "longmem_positions": "scheme"}),
+    ("gemma3", LONGMEM, {"sidenet": True, "positions": "scheme"}),
     ("qwen2", MEMLONG, {}),  # LoRA on the retrieval layers
 ])
 def test_gradient_checkpointing_gives_the_same_gradients(arch: str, cfg: dict, extra: dict) -> None:
@@ -139,7 +145,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch: str, cfg: dict, e
     recomputation replays what attention read (window, sinks, memory, retrieval) and gradients are unchanged."""
     from memkit.integrations.training import enable_gradient_checkpointing, prepare_for_training
 
-    wrapped = memkit.wrap(tiny_model(arch), **cfg, **extra, **({"gate_init": 0.0} if cfg is LONGMEM else {}))
+    wrapped = memkit.wrap(tiny_model(arch), **_with(cfg, **extra, **({"gate_init": 0.0} if cfg is LONGMEM else {})))
     params = prepare_for_training(wrapped, lora={"r": 4} if cfg is MEMLONG else None)
     if extra.get("sidenet"):
         with torch.no_grad():
@@ -153,14 +159,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch: str, cfg: dict, e
     assert sum(g is not None and bool(g.abs().sum() > 0) for g in ref) == len(params)
     undo = enable_gradient_checkpointing(wrapped)
     replays = []
-    from memkit.integrations import training
+    from memkit.integrations.replay import Replay
 
-    memo = training._Replay.memo
-    training._Replay.memo = lambda self, fn: (replays.append(self.replaying), memo(self, fn))[1]  # count, same call
+    memo = Replay.memo
+    Replay.memo = lambda self, fn: (replays.append(self.replaying), memo(self, fn))[1]  # type: ignore[method-assign]
     try:
         loss1, got = _grads(wrapped, params, doc)
     finally:
-        training._Replay.memo = memo
+        Replay.memo = memo  # type: ignore[method-assign]
         undo()
     assert any(replays) and not all(replays)  # recorded in forward, replayed in backward
     assert loss1 == loss0
@@ -175,7 +181,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch: str, cfg: dict, e
 
 def test_bf16_autocast_on_cpu() -> None:
     """mixed_precision='bf16' trains under CPU autocast; its loss stays close to the fp32 loss."""
-    wrapped = memkit.wrap(tiny_model("llama"), **LONGMEM, sidenet=True)
+    wrapped = memkit.wrap(tiny_model("llama"), **_with(LONGMEM, sidenet=True))
     doc = _doc(120, seed=3)
     with torch.no_grad():
         ref = float(wrapped(doc[None], labels=doc[None]).loss)
@@ -207,9 +213,9 @@ def test_training_errors_are_typed(tmp_path: Path) -> None:
         memkit.train(wrapped, [_doc()], steps=1, lora=True)  # LoRA is for the MemLong style
     with pytest.raises(memkit.MemkitError):
         memkit.train(wrapped, ["text"], steps=1)  # no tokenizer
-    plain = memkit.wrap(tiny_model("gpt2"), **{**MEMLONG, "memory_layers": [1], "retrieval_layers": [2]})
+    plain = memkit.wrap(tiny_model("gpt2"), **_with(MEMLONG, memory_layers=[1], retrieval_layers=[2]))
     with pytest.raises(memkit.MemkitError):
         memkit.train(plain, [_doc()], steps=1)  # memlong without LoRA: nothing to train
     wrapped.save_pretrained(tmp_path)
     with pytest.raises(memkit.MemkitError):  # weights of a 4-layer model do not fit a 2-layer one
-        memkit.from_pretrained(tiny_model("llama", layers=2), tmp_path, longmem_layer=1, sidenet=True)
+        memkit.from_pretrained(tiny_model("llama", layers=2), tmp_path, longmem={"layer": 1, "sidenet": True})

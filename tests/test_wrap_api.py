@@ -35,7 +35,7 @@ def test_config_sources_and_passthrough(tmp_path: Path) -> None:
     assert wrapped.model is model.model and wrapped.lm_head is model.lm_head  # attribute passthrough
     assert "MemkitModel" in repr(wrapped)
     memkit.unwrap(wrapped)
-    wrapped = memkit.wrap(model, {**CFG, "memory_layers": "all"})
+    wrapped = memkit.wrap(model, {**CFG, "memlong": {"memory_layers": "all"}})
     assert wrapped.memory.stats()["memory_layers"] == [0, 1, 2, 3]
     memkit.unwrap(wrapped)
     with pytest.raises(memkit.ConfigError):
@@ -113,7 +113,7 @@ def test_paged_and_unpaged_kv_agree(tmp_path: Path) -> None:
 def test_memlong_paper_layers_and_schemes() -> None:
     """MemLong's own set-up: one middle layer stored, the upper layers retrieve from it."""
     model = tiny_model("llama")
-    wrapped = memkit.wrap(model, **CFG, memory_layers=[1], retrieval_layers=[2, 3])
+    wrapped = memkit.wrap(model, **CFG, memlong={"memory_layers": [1], "retrieval_layers": [2, 3]})
     with torch.no_grad():
         wrapped(_ids(120))
     stats = wrapped.memory.stats()
@@ -127,7 +127,7 @@ def test_memlong_paper_layers_and_schemes() -> None:
 
 
 def test_gemma3_memory_skips_sliding_layers() -> None:
-    wrapped = memkit.wrap(tiny_model("gemma3"), **CFG, memory_layers="all")
+    wrapped = memkit.wrap(tiny_model("gemma3"), **CFG, memlong={"memory_layers": "all"})
     assert wrapped.memory.stats()["memory_layers"] == [1, 3]  # the global-attention layers
 
 
@@ -145,18 +145,20 @@ def test_memory_facade_ingest_trace_save_load(tmp_path: Path) -> None:
     assert info["chunks_added"] == wrapped.memory.num_chunks("doc") > 10
     q = tok("the secret word of room 17 is", return_tensors="pt", add_special_tokens=False)["input_ids"]
     wrapped.generate(q, max_new_tokens=2, do_sample=False, namespaces=["doc"], pad_token_id=0)
-    trace = wrapped.memory.trace("doc")  # top_k + 1 fetched: a chunk inside the sinks would be dropped
-    assert 0 < len(trace) <= 4 and all({"id", "score", "span", "text"} <= set(t) for t in trace)
+    trace = wrapped.memory.trace("doc")  # exactly the chunks attended: top_k of them
+    assert len(trace) == 3 and all({"id", "score", "span", "text"} <= set(t) for t in trace)
     assert any("17" in (t["text"] or "") for t in trace)  # MiniLM found the chunk about room 17
+    stored = wrapped.memory.num_chunks("doc")  # the document, and the question (flush_window)
+    assert stored == info["chunks_added"] + 1
     wrapped.save_pretrained(tmp_path / "mk", save_memory=True)
     assert json.loads((tmp_path / "mk" / memkit.integrations.wrap.CONFIG_FILE).read_text())["top_k"] == 3
     memkit.unwrap(wrapped)
     again = memkit.from_pretrained(model, tmp_path / "mk", tokenizer=tok)
-    assert again.memory.num_chunks("doc") == info["chunks_added"]
+    assert again.memory.num_chunks("doc") == stored
     again.memory.reset()
     assert again.memory.num_chunks() == 0
     again.memory.load(tmp_path / "mk" / "memory")
-    assert again.memory.num_chunks("doc") == info["chunks_added"]
+    assert again.memory.num_chunks("doc") == stored
 
 
 def test_calls_into_one_namespace_keep_time_order() -> None:
@@ -186,26 +188,29 @@ def test_reset_restarts_spans_at_zero() -> None:
     assert all(0 <= t["span"][0] < t["span"][1] <= 120 for t in wrapped.memory.trace())
 
 
-@pytest.mark.parametrize("max_sim", ["auto", None])
-def test_repeated_text_fills_one_retrieval_slot(max_sim: str | None) -> None:
-    """A document of one repeated 8-token sentence plus one fact: the fact and one copy of the filler are
-    retrieved with the default near-duplicate collapse; without it copies of the filler take the other slots."""
+@pytest.mark.parametrize("max_sim", [0.85, None])
+def test_repeated_text_fills_one_retrieval_slot(max_sim: float | None) -> None:
+    """A document of a repeated 7-token sentence (so chunks are shifted copies) plus one fact: the fact and one
+    copy of the filler are retrieved with the default near-duplicate collapse; without it shifted copies take the
+    other slots. Exact repeats are stored once. (Shifts of a 7-token sentence in 8-token chunks reach MiniLM
+    cosine 0.87-0.98, so this uses 0.85; "auto" = 0.9 is tuned on 128-token chunks, where shifts reach >= 0.96.)"""
     from transformers import AutoTokenizer
 
     from memkit.resources import minilm_dir
 
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    filler = enc("the grass is green and the sky is blue today")[:8]  # one chunk exactly
+    filler = enc("the grass is green and the sky is blue today")[:7]  # 7 tokens: each 8-token chunk is a shift
     fact = enc("the secret word of the vault is amber")[:8]
-    doc = filler * 12 + fact + filler * 12
+    doc = filler * 24 + fact + filler * 24  # the fact is chunk 21 exactly (24 * 7 = 21 * 8)
     wrapped = memkit.wrap(tiny_model("llama", vocab_size=tok.vocab_size), tokenizer=tok,
                           **dict(CFG, max_chunk_similarity=max_sim))
     with torch.no_grad():
         wrapped.memory.ingest(doc, namespace="doc", progress=False)
+        assert wrapped.memory.num_chunks("doc") == 8  # 42 filler chunks are 7 distinct shifts, plus the fact
         q = torch.tensor([enc("what is the secret word of the vault")])
         wrapped.generate(q, max_new_tokens=1, do_sample=False, namespaces=["doc"], pad_token_id=0)
     texts = [t["text"] for t in wrapped.memory.trace("doc")]
     assert sum("vault" in t for t in texts) == 1
-    copies = sum(t == tok.decode(filler) for t in texts)
-    assert copies == 1 if max_sim == "auto" else copies >= 2
+    copies = sum("grass" in t for t in texts)
+    assert copies == 1 if max_sim is not None else copies >= 2

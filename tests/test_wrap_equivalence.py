@@ -36,7 +36,7 @@ def test_empty_memory_equals_plain_over_several_blocks(arch: str) -> None:
         wrapped = memkit.wrap(model, **SMALL)
         out = wrapped(ids)
     torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=1e-5)
-    assert wrapped.memory.num_chunks() == 0
+    assert wrapped.memory.num_chunks() == 48 // 16  # stored when the call ended (flush_window), never read
 
 
 def test_single_block_logits_and_loss_equal_plain(arch: str) -> None:

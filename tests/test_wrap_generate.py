@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from memkit.integrations.generate import MemkitCache
 
 import memkit
+from memkit.integrations.generate import MemkitCache
 from memkit.testing.tiny_models import ARCHITECTURES, one_thread, tiny_model
 
 CFG = dict(window=32, chunk_size=8, block_size=16, top_k=3, sink_tokens=2, progress=False)
@@ -37,27 +37,23 @@ def _manual_greedy(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Ten
                    steps: int) -> torch.Tensor:
     """Reference loop: the same memkit steps generate takes (prefill in blocks, the prompt's last chunk, then
     one token at a time)."""
-    rt = wrapped._rt
+    rt = wrapped.memkit_runtime
     hf = wrapped.hf_model
     B, N = ids.shape
     bs = rt.config.block_size
     seq, m = ids, mask if mask is not None else torch.ones_like(ids)
-    rt.begin_call(B, None, mode="generate", prompt_cols=N, prompt_ids=ids)
     cache = {rt.cache_kwarg: MemkitCache(rt)}
-    try:
-        with torch.no_grad():
-            tail = min(N, rt.config.chunk_size)  # generate reads the prompt's last chunk in one step
-            for s in range(0, N - tail, bs):
-                e = min(N - tail, s + bs)
-                hf(input_ids=ids[:, s:e], attention_mask=m[:, :e], **cache)
-            out = hf(input_ids=ids[:, N - tail:], attention_mask=m, **cache)
-            for _ in range(steps):
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-                seq = torch.cat([seq, nxt], 1)
-                m = torch.cat([m, torch.ones_like(nxt)], 1)
-                out = hf(input_ids=nxt, attention_mask=m, **cache)
-    finally:
-        rt.end_call()
+    with rt.calling(B, None, mode="generate", prompt_cols=N, prompt_ids=ids), torch.no_grad():
+        tail = min(N, rt.config.chunk_size)  # generate reads the prompt's last chunk in one step
+        for s in range(0, N - tail, bs):
+            e = min(N - tail, s + bs)
+            hf(input_ids=ids[:, s:e], attention_mask=m[:, :e], **cache)
+        out = hf(input_ids=ids[:, N - tail:], attention_mask=m, **cache)
+        for _ in range(steps):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+            seq = torch.cat([seq, nxt], 1)
+            m = torch.cat([m, torch.ones_like(nxt)], 1)
+            out = hf(input_ids=nxt, attention_mask=m, **cache)
     return seq
 
 

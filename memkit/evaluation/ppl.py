@@ -144,8 +144,8 @@ def _score_ranges(m: Any, mode: str, name: str, ids: Any, ranges: list[tuple[int
     """One read of one text through one set-up, scored on each range (``--ranges``)."""
     import torch
 
-    recs = [{"text": name, "mode": mode, "start": lo, "end": hi, "scored_tokens": hi - max(lo, 1)}
-            for lo, hi in ranges]
+    recs: list[dict[str, Any]] = [{"text": name, "mode": mode, "start": lo, "end": hi,
+                                   "scored_tokens": hi - max(lo, 1)} for lo, hi in ranges]
     N = ids.shape[1]
     for r in recs:
         if r["end"] > N:
@@ -237,22 +237,23 @@ def run(args: argparse.Namespace) -> int:
     npos = max_positions(model)
     progress = not args.no_progress
     results: list[dict[str, Any]] = []
-    docs = []
+    docs: list[tuple[Path, Any]] = []
     for path in paths:
         assert path is not None
-        ids = _tokens(tok, path)
-        stop = len(ids) if end is None else end
+        token_ids = _tokens(tok, path)
+        stop = len(token_ids) if end is None else end
         if ranges is not None:  # ranges beyond a text's end are skipped for that text, not an error
-            stop = min(stop, len(ids))
+            stop = min(stop, len(token_ids))
             if all(hi > stop for _, hi in ranges):
-                raise InvalidInputError(f"{path.name} has {len(ids)} tokens, fewer than the end of every range in "
-                                        "--ranges; use a longer text or shorter ranges")
-        if stop > len(ids):
-            raise InvalidInputError(f"{path.name} has {len(ids)} tokens, fewer than --end {stop}; "
+                raise InvalidInputError(f"{path.name} has {len(token_ids)} tokens, fewer than the end of every range "
+                                        "in --ranges; use a longer text or shorter ranges")
+        if stop > len(token_ids):
+            raise InvalidInputError(f"{path.name} has {len(token_ids)} tokens, fewer than --end {stop}; "
                                     "lower --end or use a longer text")
         if stop <= start + 1:
-            raise InvalidInputError(f"{path.name} has {len(ids)} tokens; --start {start} leaves nothing to score")
-        docs.append((path, torch.tensor([ids[:stop]], device=model.device)))
+            raise InvalidInputError(f"{path.name} has {len(token_ids)} tokens; --start {start} leaves nothing to "
+                                    "score")
+        docs.append((path, torch.tensor([token_ids[:stop]], device=model.device)))
     for mode in modes:
         with make_runner(model, tok, mode, config, progress=progress) as m:
             for path, ids in docs:
@@ -262,14 +263,15 @@ def run(args: argparse.Namespace) -> int:
                     results.extend(_score_ranges(m, mode, path.name, ids, ranges, npos, config, progress))
     rows, gaps = [], []
     for path, _ids in docs:
-        for lo, hi in ranges or [(start, None)]:
+        spans: list[tuple[int, int | None]] = list(ranges) if ranges else [(start, None)]
+        for lo, hi in spans:
             by = {r["mode"]: r for r in results if r["text"] == path.name and "ppl" in r and r["start"] == lo}
             gap = None
             if {"window", "memkit", "full"} <= set(by) and by["window"]["ppl"] != by["full"]["ppl"]:
                 gap = (by["window"]["ppl"] - by["memkit"]["ppl"]) / (by["window"]["ppl"] - by["full"]["ppl"])
                 gaps.append(gap)
-            where = path.name if ranges is None else f"{path.name} [{lo}, {hi})"
-            rows.append([where, *[f"{by[m]['ppl']:.3f}" if m in by else "skip" for m in modes],
+            label = path.name if ranges is None else f"{path.name} [{lo}, {hi})"
+            rows.append([label, *[f"{by[m]['ppl']:.3f}" if m in by else "skip" for m in modes],
                          "-" if gap is None else f"{gap:.0%}"])
     table = format_table(["text", *[f"ppl {m}" for m in modes], "gap closed"], rows)
     print()

@@ -73,7 +73,7 @@ def style_configs(base: Any) -> dict[str, Any]:
     return {
         "window-only": base.replace(style="memlong", top_k=0),
         "memlong": base.replace(style="memlong", top_k=top_k),
-        "longmem untrained": base.replace(style="longmem", top_k=top_k, sidenet=False),
+        "longmem untrained": base.with_style("longmem", sidenet=False).replace(top_k=top_k),
     }
 
 
@@ -120,7 +120,8 @@ def score_row(name: str, wrapped: Any, tok: Any, ids: Any, start: int, *, passke
     loss = _loss(wrapped, ids, start, progress)
     secs = time.perf_counter() - t0
     keys = _passkey(wrapped, tok, passkey_length, depths or [])
-    row = {"style": name, "memory": cfg.style if cfg.top_k else "none", "sidenet": bool(cfg.sidenet),
+    row = {"style": name, "memory": cfg.style if cfg.top_k else "none",
+           "sidenet": bool(getattr(cfg.style_block(), "sidenet", False)),
            "window": cfg.window, "top_k": cfg.top_k, "loss": loss, "ppl": math.exp(loss), "seconds": round(secs, 2),
            "passkey": [{k: r[k] for k in ("length", "depth", "key", "answer", "correct")} for r in keys],
            "passkey_accuracy": sum(r["correct"] for r in keys) / len(keys) if keys else None}
@@ -149,12 +150,14 @@ def score_styles(model: Any, tok: Any, ids: Any, start: int, base: Any, *, passk
 def _train_here(model: Any, tok: Any, base: Any, steps: int, exclude: str, log: Any) -> tuple[Any, Any]:
     """LongMem + SideNet trained with the `memkit bench train` recipe on plays other than ``exclude``."""
     import memkit
-    from memkit.bench.train import LONGMEM_RECIPE, TRAIN_PLAYS, play_ids
+    from memkit.corpora import TRAIN_PLAYS, play_ids
+    from memkit.integrations.training import LONGMEM_RECIPE
 
     names = [n for n in TRAIN_PLAYS if n != exclude]
     recipe = dict(LONGMEM_RECIPE)
     docs = list(play_ids(tok, names, recipe["segment_len"] * recipe["segments_per_doc"] + 1).values())
-    wrapped = memkit.wrap(model, base.replace(style="longmem", sidenet=True, top_k=base.top_k or 8, progress=False))
+    wrapped = memkit.wrap(model, base.with_style("longmem", sidenet=True).replace(top_k=base.top_k or 8,
+                                                                                  progress=False))
     res = memkit.train(wrapped, docs, steps=steps, **recipe)
     log(f"[train] LongMem + SideNet: {res.steps} steps, {res.tokens} tokens, {res.seconds:.0f}s on {', '.join(names)}")
     return wrapped, res
@@ -175,7 +178,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    from memkit.bench.report import pyplot
+    from memkit.evaluation.machine import pyplot
 
     plt = pyplot()
     names = [r["style"] for r in rows]
@@ -209,9 +212,9 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- command
 def run(args: argparse.Namespace) -> int:
-    from memkit.bench.report import machine_info, machine_line
     from memkit.evaluation.common import load_config_arg, set_threads
     from memkit.evaluation.haystack import parse_depths, parse_length
+    from memkit.evaluation.machine import machine_info, machine_line
     from memkit.models import resolve_model_path
 
     start, end = parse_length(args.start) if str(args.start).strip() != "0" else 0, parse_length(args.end)
@@ -244,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--text {args.text!r} has {len(ids_list)} tokens, fewer than --end {end}")
     ids = torch.tensor([ids_list[:end]], device=model.device)
     progress = not args.no_progress
-    kw = dict(passkey_length=pk_len, depths=depths, progress=progress)
+    kw: dict[str, Any] = dict(passkey_length=pk_len, depths=depths, progress=progress)
     train_info, trained_rows = None, []
     with torch.no_grad():  # the trained row first: its wrap must come off before the others wrap the model
         if trained_dir is not None:
@@ -278,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
            "longmem_untrained_minus_window": untrained["loss"] - window["loss"]}
     table = _table(rows)
     (out / "styles.json").write_text(json.dumps(doc, indent=1) + "\n")
-    notes = [f"untrained LongMem (gate logit {base.gate_init:g}) minus window-only: "
+    gate_init = base.with_style("longmem").style_block().gate_init
+    notes = [f"untrained LongMem (gate logit {gate_init:g}) minus window-only: "
              f"{doc['longmem_untrained_minus_window']:+.5f} nats (must be <= 0 up to rounding)"]
     if train_info:
         notes.append(f"trained here: {train_info['steps']} steps, {train_info['tokens']} tokens, "

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
 
+from memkit.resources import cache_dir
+
 __all__ = ["cache_dir", "real_embeddings"]
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("MEMKIT_CACHE", Path.home() / ".cache" / "memkit"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def real_embeddings(n: int, *, max_chars: int = 300) -> np.ndarray:

@@ -15,6 +15,7 @@ is ever unpickled.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -125,15 +126,15 @@ def file_cases(base: Path, marker: str, outside: Path) -> Iterator[Case]:
 
         for re_hash in (False, True):
             tag = "crafted" if re_hash else "damaged"
-            yield f"{rel}:{tag}:empty", write(lambda b: b"", re_hash), True
-            yield f"{rel}:{tag}:truncated-half", write(lambda b: b[: len(b) // 2], re_hash), True
+            yield f"{rel}:{tag}:empty", write(_empty, re_hash), True
+            yield f"{rel}:{tag}:truncated-half", write(_half, re_hash), True
             yield f"{rel}:{tag}:truncated-16", write(lambda b: b[:16], re_hash), size > 16
             for at in (0.0, 0.01, 0.5, 0.99):
-                yield f"{rel}:{tag}:bitflip@{at}", write(lambda b, at=at: flip(b, at), re_hash), not re_hash
+                yield f"{rel}:{tag}:bitflip@{at}", write(functools.partial(flip, at=at), re_hash), not re_hash
             yield f"{rel}:{tag}:appended", write(lambda b: b + b"\x00garbage" * 8, re_hash), not re_hash
         rng = np.random.default_rng(len(rel))
         noise = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-        yield f"{rel}:crafted:random-bytes", write(lambda b, noise=noise: noise, True), True
+        yield f"{rel}:crafted:random-bytes", write(_const(noise), True), True
         yield f"{rel}:crafted:all-ff", write(lambda b: b"\xff" * len(b), True), True
         yield f"{rel}:crafted:pickle", write(lambda b: pickle_bytes(marker), True), True
         yield f"{rel}:crafted:npy-object-array", write(lambda b: _npy_object(marker), True), True
@@ -255,11 +256,11 @@ def bank_manifest_cases(backend: str) -> Iterator[Case]:
         ("next_id", 2**70, True), ("next_id", "x", True), ("params", [], True), ("params", None, True),
     ]:
         yield f"manifest:{key}={value!r}", _edit_json(m, _set([key], value), re_hash=False), must
-    hostile_params = [
+    hostile_params: list[dict[str, Any]] = [
         {"path": "/tmp/memkit-hostile-elsewhere"}, {"url": "http://127.0.0.1:9"}, {"api_key": "x"},
         {"bogus": 1}, {"__class__": "x"},
     ]
-    per_backend = {
+    per_backend: dict[str, list[dict[str, Any]]] = {
         "faiss-hnsw": [{"m": 10**6}, {"m": -1}, {"ef_search": 0}, {"rebuild_fraction": 5}],
         "faiss-ivf": [{"train_size": 0}, {"nlist": 10**9}, {"nlist": -3}, {"nprobe": -1}],
         "hnswlib": [{"initial_capacity": 2**40}, {"m": 10**6}, {"ef_construction": 2**31}, {"growth": 0.5},
@@ -268,7 +269,8 @@ def bank_manifest_cases(backend: str) -> Iterator[Case]:
         "disk": [{"block_rows": -1}, {"block_rows": 10**12}],
         "qdrant": [{"collection": "../../x"}, {"batch_size": -1}, {"collection": ""}],
     }
-    for p in hostile_params + per_backend.get(backend, []):
+    params: list[dict[str, Any]] = hostile_params + per_backend.get(backend, [])
+    for p in params:
         def add(m: Any, p: dict[str, Any] = p) -> Any:
             m["params"] = {**m["params"], **p}
             return m
@@ -280,7 +282,7 @@ def bank_manifest_cases(backend: str) -> Iterator[Case]:
 
 def memory_manifest_cases() -> Iterator[Case]:
     m = MANIFEST
-    for path, value, must in [
+    edits: list[tuple[list[Any], Any, bool]] = [
         (["version"], 3, True), (["version"], 1, True), (["format"], "memkit-bank", True), (["dims", "num_layers"], 3, True),
         (["dims", "kv_heads"], 1, True), (["dims", "head_dim"], 2**40, True), (["dims", "embed_dim"], -4, True),
         (["dims", "chunk_size"], "8", True), (["dims"], {}, True), (["dims"], [], True), (["next_id"], -1, True),
@@ -288,7 +290,8 @@ def memory_manifest_cases() -> Iterator[Case]:
         (["namespaces", 0, "dir"], "ns-00009", True), (["namespaces", 0, "dir"], "/etc", True),
         (["namespaces", 0, "name"], 5, True), (["namespaces", 1, "name"], "alpha", True),
         (["namespaces", 1, "dir"], "ns-00000", True), (["config"], None, True), (["counters"], "x", False),
-    ]:
+    ]
+    for path, value, must in edits:
         yield f"manifest:{'.'.join(map(str, path))}={value!r}", _edit_json(m, _set(path, value), re_hash=False), must
     for path, value in [  # only MemoryManager.load(dir) reads the saved config; mm.load(dir) keeps its own
         (["config", "chunk_size"], -1), (["config", "kvstore", "dtype"], "fp64"), (["config", "policy"], "os.system"),
@@ -332,7 +335,20 @@ def _write_raw(rel: str, data: bytes) -> Callable[[Path], None]:
     return mutate
 
 
-def _write_safetensors(rel: str, tensors: Callable[[Path, str], dict[str, np.ndarray]]) -> Callable[[Path], None]:
+def _const(data: bytes) -> Callable[[bytes], bytes]:
+    return lambda b: data
+
+
+def _empty(b: bytes) -> bytes:
+    return b""
+
+
+def _half(b: bytes) -> bytes:
+    return b[: len(b) // 2]
+
+
+def _write_safetensors(rel: str, tensors: Callable[[dict[str, np.ndarray], str], dict[str, np.ndarray]]
+                       ) -> Callable[[Path], None]:
     def mutate(d: Path) -> None:
         from safetensors.numpy import load_file, save_file
 
@@ -434,8 +450,8 @@ def run_memory(backend: str, work: Path, marker: str, skip: set[str]) -> None:
     from memkit.memory import MemoryManager
 
     L, H, C, D, E = 2, 2, 4, 4, 8
-    cfg = MemoryConfig(chunk_size=C, top_k=3, policy="fifo", bank={"backend": backend},
-                       kvstore={"dtype": "fp16", "host_bytes": 1 << 20})
+    cfg = MemoryConfig.from_dict(dict(chunk_size=C, top_k=3, policy="fifo", bank={"backend": backend},
+                                      kvstore={"dtype": "fp16", "host_bytes": 1 << 20}))
     g = torch.Generator().manual_seed(0)
     base = work / "base"
 

@@ -22,7 +22,7 @@ def tiny_config(arch: str, *, vocab_size: int = 256, layers: int = 4, max_positi
     """A small transformers config of architecture ``arch`` (one of :data:`ARCHITECTURES`)."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, max_position_embeddings=max_positions)
     if arch == "llama":
         return tf.LlamaConfig(num_key_value_heads=2, **common)

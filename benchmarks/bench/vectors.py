@@ -189,7 +189,8 @@ def _run_layers(model: object, windows: list[np.ndarray], layer: int, *, want: s
 
 
 def _windows(streams: list[np.ndarray], n_tokens: int) -> list[np.ndarray]:
-    out, left = [], n_tokens
+    out: list[np.ndarray] = []
+    left = n_tokens
     for ids in streams:
         for s in range(0, len(ids), WINDOW):
             if left <= 0:

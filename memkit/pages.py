@@ -2,7 +2,7 @@
 
 * :class:`PageCodec` — (n, *page_shape) float pages <-> (n, page_bytes) uint8 buffers in fp32, fp16,
   bf16 or int8 with a per-page or per-channel scale (error bounds in the kvstore docstring).
-* ``_MemTier`` / ``_DiskTier`` — LRU-ordered containers with a byte budget; the disk tier keeps pages in
+* ``MemTier`` / ``DiskTier`` — LRU-ordered containers with a byte budget; the disk tier keeps pages in
   fixed-size slots of memory-mapped segment files (InfLLM-style offloading, Xiao et al. 2024, plus disk).
 """
 
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 from memkit.errors import ConfigError, CorruptFileError
+
+__all__ = ["PageCodec", "MemTier", "DiskTier", "Entry", "read_meta", "FORMAT", "FORMAT_VERSION", "META_FILE"]
 
 FORMAT, FORMAT_VERSION = "memkit-kvstore", 2  # 2: sealed kvstore.json
 META_FILE = "kvstore.json"
@@ -84,12 +86,12 @@ class PageCodec:
 
 
 @dataclass
-class _Entry:
+class Entry:
     buf: torch.Tensor  # (page_bytes,) uint8 on this tier's memory
     event: Any = None  # CUDA event of the copy that fills `buf`, or None when ready
 
 
-class _MemTier:
+class MemTier:
     def __init__(self, name: str, budget: int, page_bytes: int) -> None:
         self.name, self.budget, self.page_bytes = name, int(budget), page_bytes
         self.slots = self.budget // page_bytes
@@ -110,12 +112,13 @@ class _MemTier:
         self.peak = max(self.peak, self.resident)
 
 
-class _DiskTier(_MemTier):
+class DiskTier(MemTier):
     """Pages in fixed-size slots of memory-mapped segment files; entries map id -> slot."""
 
     def __init__(self, root: str | None, budget: int, page_bytes: int) -> None:
         super().__init__("disk", budget if root else 0, page_bytes)
-        self.root, self.dir = root, None
+        self.root = root
+        self.dir: str | None = None  # created on the first spilled page
         self.seg_slots = max(1, min(self.slots, SEGMENT_BYTES // page_bytes))
         self.maps: list[np.memmap] = []
         self.free_slots: list[int] = []
@@ -129,7 +132,7 @@ class _DiskTier(_MemTier):
                 self.dir = tempfile.mkdtemp(prefix="memkit-kv-", dir=self.root)
                 weakref.finalize(self, shutil.rmtree, self.dir, True)
             k = min(self.seg_slots, self.slots - self.allocated)
-            path = os.path.join(self.dir, f"seg-{len(self.maps):05d}.bin")
+            path = os.path.join(str(self.dir), f"seg-{len(self.maps):05d}.bin")
             self.maps.append(np.memmap(path, dtype=np.uint8, mode="w+", shape=(k, self.page_bytes)))
             self.free_slots = list(range(self.allocated + k - 1, self.allocated - 1, -1))
             self.allocated += k
@@ -163,7 +166,7 @@ class _DiskTier(_MemTier):
         return self.allocated * self.page_bytes
 
 
-def _read_meta(directory: Path) -> dict[str, Any]:
+def read_meta(directory: Path) -> dict[str, Any]:
     from memkit.files import read_versioned_json, verify_files
 
     mpath = directory / META_FILE

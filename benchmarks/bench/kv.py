@@ -179,8 +179,8 @@ def _run_config(dtype: str, frac: float, pages: Any, n_pages: int, trace: list[l
     store = KVStore(cfg, page_shape=shape)
     distinct = pages.shape[0]
     for s in range(0, n_pages, distinct):
-        ids = np.arange(s, min(s + distinct, n_pages))
-        store.put(ids, pages[: len(ids)])
+        fill = np.arange(s, min(s + distinct, n_pages))
+        store.put(fill, pages[: len(fill)])
     warm = max(1, len(trace) // 10)
     for ids in trace[:warm]:
         store.get(ids)

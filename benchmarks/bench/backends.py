@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from memkit.bench import report
+from . import report
 
 ALL_BACKENDS = ["faiss-flat", "faiss-hnsw", "faiss-ivf", "hnswlib", "usearch", "disk", "qdrant"]
 QUICK_BACKENDS = ["faiss-flat", "faiss-hnsw", "hnswlib", "usearch", "disk"]
@@ -111,7 +111,7 @@ def _plan_sizes(dataset: str, sizes: list[int], n_query: int) -> list[tuple[int,
     """(size, reason it cannot run or None); MiniLM sizes are capped by the corpus."""
     if dataset != "minilm":
         return [(n, None) for n in sizes]
-    from memkit.bench.vectors import minilm_available, minilm_cached
+    from .vectors import minilm_available, minilm_cached
 
     cap = minilm_available() - n_query
     out: list[tuple[int, str | None]] = [
@@ -127,7 +127,7 @@ def _plan_sizes(dataset: str, sizes: list[int], n_query: int) -> list[tuple[int,
 
 
 def _stand_in_note(n: int, n_query: int) -> str:
-    from memkit.bench.vectors import minilm_available
+    from .vectors import minilm_available
 
     total = minilm_available()
     if n + n_query >= total:
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
                     rows.append({"dataset": dataset, "n": n, "backend": "all", "status": "impossible", "note": reason})
                     print(f"[{dataset} n={n:,}] {reason}", flush=True)
                     continue
-                from memkit.bench.vectors import load_set
+                from .vectors import load_set
 
                 t0 = time.perf_counter()
                 vs = load_set(dataset, n, args.queries, log=lambda m: print(m, flush=True))
@@ -361,7 +361,7 @@ def _direct_search(bank: Any, backend: str, k: int, batch: int) -> Any:
         if backend == "faiss-hnsw":
             import faiss
 
-            faiss.downcast_index(index.index).hnsw.efSearch = max(bank.ef_search, k)
+            faiss.downcast_index(index.index).hnsw.efSearch = max(bank.ef_search, k)  # type: ignore[attr-defined]
         return lambda q: index.search(q, k)
     if backend == "hnswlib":
         index, threads = bank.index, bank._threads()

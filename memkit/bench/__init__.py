@@ -1,1 +1,0 @@
-"""Benchmarks behind ``memkit bench``: results as JSON, PNG plots and markdown tables."""

@@ -1,0 +1,225 @@
+"""One namespace of a :class:`~memkit.memory.MemoryManager`: its bank, its eviction policy and its chunks' metadata.
+
+A namespace (a batch row, a user, a session) owns the retrieval side of its chunks: the embeddings in its own
+bank, the policy that picks eviction victims, and per chunk its token span, text and token digest. K/V pages
+live in the manager's shared store under the same ids. Chunk selection for a query happens here (MemLong,
+Liu et al. 2024): candidates in score order, minus chunks the caller attends anyway, minus near-duplicates of a
+better chunk (maximal marginal relevance with a hard threshold, Carbonell & Goldstein 1998), then time order.
+Nothing here takes a lock: the manager calls it under its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from memkit.bank import BaseBank
+from memkit.errors import CorruptFileError, InvalidInputError
+from memkit.policy import EvictionPolicy
+
+__all__ = ["Namespace", "Retrieved", "distinct_rows", "token_digests"]
+
+
+def distinct_rows(vectors: np.ndarray, max_similarity: float, k: int) -> np.ndarray:
+    """Greedy pick over candidates in score order (n, dim): up to k row indices, each with cosine <
+    ``max_similarity`` to every row picked before it (maximal marginal relevance with a hard threshold)."""
+    v = np.asarray(vectors, np.float32)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    picked: list[int] = []
+    for t in range(v.shape[0]):
+        if not picked or float((v[picked] @ v[t]).max()) < max_similarity:
+            picked.append(t)
+            if len(picked) == k:
+                break
+    return np.asarray(picked, np.int64)
+
+
+def token_digests(token_ids: Any, n: int) -> list[str | None]:
+    """sha256 of each chunk's token ids (padding -1 dropped); ``token_ids`` (n, C) or n digests already made."""
+    if isinstance(token_ids, list) and all(isinstance(d, str) or d is None for d in token_ids):
+        if len(token_ids) != n:
+            raise InvalidInputError(f"got {len(token_ids)} token-id digests for {n} chunks")
+        return list(token_ids)
+    arr = np.asarray(token_ids.cpu() if torch.is_tensor(token_ids) else token_ids)
+    if arr.ndim != 2 or arr.shape[0] != n or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidInputError(f"token_ids must be an (n, chunk) integer array, one row per chunk; got {arr.shape}")
+    return [hashlib.sha256(row[row >= 0].astype(np.int64).tobytes()).hexdigest() for row in arr]
+
+
+@dataclass
+class Retrieved:
+    """Chunks returned by one retrieval, in time order (span start ascending); k' <= k rows.
+
+    ``ids``/``scores``/``spans`` are CPU tensors; ``keys``/``values`` are on the requested device in the
+    requested dtype (views into one page tensor, not contiguous). A span shorter than C is a partial chunk: only
+    its first ``end - start`` tokens are real.
+    """
+
+    ids: torch.Tensor  # (k',) int64
+    scores: torch.Tensor  # (k',) float32, higher = closer
+    spans: torch.Tensor  # (k', 2) int64 token [start, end) in the input
+    keys: torch.Tensor  # (k', L, H, C, D)
+    values: torch.Tensor  # (k', L, H, C, D)
+    namespace: str = "default"
+    texts: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+class Namespace:
+    """A namespace's bank, policy and chunk metadata; see the module docstring."""
+
+    def __init__(self, name: str, bank: BaseBank, policy: EvictionPolicy) -> None:
+        self.name, self.bank, self.policy = name, bank, policy
+        self.spans: dict[int, tuple[int, int]] = {}  # id -> (start, end), insertion order
+        self.texts: dict[int, str | None] = {}
+        self.digests: dict[str, int] = {}  # sha256 of a chunk's token ids -> its id: the same text is stored once
+        self.tokens = 0
+        self.trace: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ writing
+    def known(self, digests: list[str | None]) -> list[int | None]:
+        """The id already stored for each digest (None: new, or no digest given)."""
+        return [self.digests.get(d) if d is not None else None for d in digests]
+
+    def add(self, ids: np.ndarray, embeddings: np.ndarray, spans: np.ndarray, texts: list[str | None] | None,
+            digests: list[str | None]) -> None:
+        """Index (n,) new ids: embeddings (n, E) in the bank, spans (n, 2), texts and digests, then the policy."""
+        self.bank.add(embeddings, ids=ids)
+        for j, cid in enumerate(ids.tolist()):
+            self.spans[cid] = (int(spans[j, 0]), int(spans[j, 1]))
+            self.texts[cid] = texts[j] if texts is not None else None
+            digest = digests[j]
+            if digest is not None:
+                self.digests[digest] = cid
+        self.tokens += int((spans[:, 1] - spans[:, 0]).sum())
+        self.policy.on_add(ids)
+
+    def victims(self, capacity: int | None, chunk_size: int) -> list[int]:
+        """Chunks to evict so the namespace holds at most ``capacity`` tokens (the policy chooses)."""
+        if capacity is None or self.tokens <= capacity or not len(self.policy):
+            return []
+        need = self.tokens - capacity
+        out, freed = [], 0
+        for cid in self.policy.evict(max(1, math.ceil(need / chunk_size))).tolist():
+            out.append(cid)
+            freed += self.spans[cid][1] - self.spans[cid][0]
+            if freed >= need:
+                break
+        return out
+
+    def drop(self, ids: list[int]) -> None:
+        """Forget ``ids`` in the bank, the policy and the metadata (the caller removes their pages)."""
+        if not ids:
+            return
+        arr = np.asarray(ids, np.int64)
+        self.bank.remove(arr)
+        self.policy.on_remove(arr)
+        gone = set(ids)
+        for cid in ids:
+            s, e = self.spans.pop(cid)
+            self.texts.pop(cid, None)
+            self.tokens -= e - s
+        for d in [d for d, cid in self.digests.items() if cid in gone]:
+            del self.digests[d]
+
+    # ------------------------------------------------------------------ reading
+    def select(self, scores: np.ndarray, ids: np.ndarray, k: int, *, exclude: tuple[int, int] | None,
+               max_similarity: float | None) -> tuple[np.ndarray, np.ndarray]:
+        """From one query's candidates (fetch,) best first: up to k ids and scores, in time order, skipping chunks
+        inside ``exclude`` [lo, hi) and near-duplicates (cosine >= ``max_similarity``) of a better chosen one."""
+        ok = ids >= 0
+        if exclude is not None:
+            lo, hi = exclude
+            ok &= np.asarray([c >= 0 and not (self.spans[int(c)][0] >= lo and self.spans[int(c)][1] <= hi)
+                              for c in ids], bool)
+        s, i = scores[ok], ids[ok]
+        best = np.argsort(-s, kind="stable")
+        s, i = s[best], i[best]
+        keep: Any = distinct_rows(self.bank.get(i), max_similarity, k) if max_similarity is not None and len(i) > 1 \
+            else slice(0, k)
+        s, i = s[keep], i[keep]
+        order = sorted(range(len(i)), key=lambda t: (self.spans[int(i[t])][0], int(i[t])))
+        return i[order], s[order]
+
+    def record(self, ids: np.ndarray, scores: np.ndarray) -> None:
+        """A retrieval returned ``ids`` (time order) with ``scores``: tell the policy, keep the trace."""
+        self.policy.on_retrieve(ids)
+        rank = {int(c): t for t, c in enumerate(ids[np.argsort(-scores, kind="stable")])}
+        self.trace = [{"id": int(c), "score": float(s), "span": list(self.spans[int(c)]),
+                       "text": self.texts.get(int(c)), "rank": rank[int(c)]} for c, s in zip(ids, scores)]
+
+    def record_hits(self, uniq: np.ndarray, hits: np.ndarray, best: np.ndarray, trace_max: int) -> None:
+        """A many-query search chose the distinct chunks ``uniq`` ``hits`` times: the policy sees each once, the
+        trace lists the ``trace_max`` most chosen (with their best score), in time order."""
+        self.policy.on_retrieve(uniq)
+        order = np.argsort(-hits, kind="stable")[:trace_max].tolist()
+        rank = {j: t for t, j in enumerate(order)}
+        self.trace = [{"id": int(uniq[j]), "score": float(best[j]) if np.isfinite(best[j]) else None,
+                       "hits": int(hits[j]), "span": list(self.spans[int(uniq[j])]),
+                       "text": self.texts.get(int(uniq[j])), "rank": rank[j]}
+                      for j in sorted(order, key=lambda j: int(uniq[j]))]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: Path) -> None:
+        """bank/, meta.safetensors (ids, spans) and meta.json (name, texts, digests, policy, trace) into ``directory``."""
+        from safetensors.numpy import save_file
+
+        self.bank.save(directory / "bank")
+        ids = np.asarray(list(self.spans), np.int64)
+        spans = np.asarray([self.spans[i] for i in ids.tolist()], np.int64).reshape(-1, 2)
+        save_file({"ids": ids, "spans": spans}, str(directory / "meta.safetensors"))
+        by_id = {cid: dg for dg, cid in self.digests.items()}
+        (directory / "meta.json").write_text(json.dumps({
+            "name": self.name, "texts": [self.texts.get(i) for i in ids.tolist()],
+            "digests": [by_id.get(i) for i in ids.tolist()], "policy": self.policy.state_dict(),
+            "trace": self.trace, "tokens": self.tokens}))
+
+    @classmethod
+    def load(cls, directory: Path, name: str, bank: BaseBank, policy: EvictionPolicy) -> Namespace:
+        """Rebuild from :meth:`save`'s files (already checksummed); ``bank`` is the loaded bank, ``policy`` a fresh
+        one of the reader's config (the saved state is replayed into it when it is the same policy)."""
+        from safetensors.numpy import load_file
+
+        from memkit.policy import RecencyFrequencyPolicy
+
+        meta = json.loads((directory / "meta.json").read_text())
+        arrays = load_file(str(directory / "meta.safetensors"))
+        if set(arrays) != {"ids", "spans"} or any(a.dtype != np.int64 for a in arrays.values()):
+            raise CorruptFileError(f"{directory}/meta.safetensors must hold int64 'ids' and 'spans' only")
+        ids, spans = arrays["ids"].reshape(-1), arrays["spans"]
+        texts = meta["texts"]
+        if spans.shape != (len(ids), 2) or len(texts) != len(ids) or meta["name"] != name:
+            raise CorruptFileError(f"{directory}: ids, spans and texts disagree")
+        if bank.dim <= 0 or len(bank) != len(ids) or not all(int(i) in bank for i in ids):
+            raise CorruptFileError(f"{directory}: bank does not hold exactly this namespace's chunks")
+        if len(np.unique(ids)) != len(ids):
+            raise CorruptFileError(f"{directory}: chunk ids repeat")
+        if meta["policy"].get("name") == policy.name:
+            protect = getattr(policy, "protect_recent", None)
+            policy.load_state_dict(meta["policy"])
+            if isinstance(policy, RecencyFrequencyPolicy) and protect is not None:  # the reader's setting wins
+                policy.protect_recent = float(protect)
+            if set(policy.ids().tolist()) != set(ids.tolist()):
+                raise CorruptFileError(f"{directory}: the policy tracks other chunks than the namespace holds")
+        else:  # another policy was saved: replay the insertion order into this config's policy
+            policy.on_add(ids)
+        ns = cls(name, bank, policy)
+        ns.spans = {int(i): (int(s), int(e)) for i, (s, e) in zip(ids, spans)}
+        ns.texts = {int(i): t for i, t in zip(ids, texts)}
+        digests = meta.get("digests") or [None] * len(ids)
+        if len(digests) != len(ids) or not all(dg is None or (isinstance(dg, str) and len(dg) == 64)
+                                               for dg in digests):
+            raise CorruptFileError(f"{directory}/meta.json: digests do not match the chunks")
+        ns.digests = {dg: int(i) for i, dg in zip(ids, digests) if dg is not None}
+        ns.tokens = int((spans[:, 1] - spans[:, 0]).sum()) if len(ids) else 0
+        ns.trace = list(meta.get("trace") or [])
+        return ns
