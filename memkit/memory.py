@@ -11,35 +11,33 @@ When a namespace holds more than ``capacity_tokens`` tokens, its eviction
 policy (:mod:`memkit.policy`; MemLong's recency+frequency update by default) picks chunks to drop from
 bank, store and policy together. The K/V paging follows InfLLM (Xiao et al. 2024).
 
-Namespaces isolate batch rows / sessions: each has its own bank, policy and metadata, so a query in one
-namespace can never return another's chunk; pages share one store (one set of byte budgets).
-``capacity_tokens`` applies per namespace.
+Namespaces isolate batch rows / sessions: each has its own bank, policy and metadata
+(:class:`~memkit.namespace.Namespace`), so a query in one namespace can never return another's chunk; pages
+share one store (one set of byte budgets). ``capacity_tokens`` applies per namespace. A chunk whose token ids
+equal one already stored in the namespace is stored once. A short span (end - start < C) is a partial chunk
+(the end of a call): its pages are zero-padded and readers attend only its real tokens.
 
 Shapes: pages are ``(L, 2, H, C, D)`` = (stored layers, key/value, kv heads, chunk_size, head_dim).
 
 Saved layout (``save(dir)``; loading never executes code — JSON, safetensors and the bank's native
 index only; every file is checksummed in ``manifest.json``)::
 
-    manifest.json          format, version, config, dims, next id, namespaces, file checksums
+    manifest.json          format, version, config, dims, owner, next id, namespaces, file checksums, seal
     pages/                 KVStore.save: safetensors shards + kvstore.json
     ns-00000/bank/         bank.save (native index + its own manifest)
     ns-00000/meta.safetensors   ids (n,) int64, spans (n, 2) int64
-    ns-00000/meta.json     name, texts, policy state, last trace
+    ns-00000/meta.json     name, texts, token digests, policy state, last trace
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
-import math
 import os
 import re
 import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ import numpy as np
 import torch
 
 from memkit._arrays import as_vectors, check_k
-from memkit.bank import BaseBank, check_bank_config, create_bank, load_bank
+from memkit.bank import check_bank_config, create_bank, load_bank
 from memkit.config import BankConfig, MemoryConfig
 from memkit.configbase import is_cosine_setting
 from memkit.errors import (
@@ -60,7 +58,8 @@ from memkit.errors import (
 )
 from memkit.files import atomic_save, file_digests, read_versioned_json, save_path, verify_files, write_json
 from memkit.kvstore import KVStore
-from memkit.policy import EvictionPolicy, RecencyFrequencyPolicy, make_policy
+from memkit.namespace import Namespace, Retrieved, token_digests
+from memkit.policy import EvictionPolicy, make_policy
 from memkit.retrievers import RETRIEVERS, make_retriever, retriever_input
 
 __all__ = ["MemoryManager", "Retrieved"]
@@ -69,50 +68,6 @@ FORMAT, FORMAT_VERSION = "memkit-memory", 2  # 2: sealed manifest, owner record
 MANIFEST = "manifest.json"
 TEXT_MAX_SIMILARITY = 0.9  # "auto" for text retrievers: MiniLM puts distinct prose chunks <= 0.73, repeats >= 0.96
 DISTINCT_EXTRA = 16  # with max_chunk_similarity, at least this many candidates beyond k are scanned
-
-
-def distinct_rows(vectors: np.ndarray, max_similarity: float, k: int) -> np.ndarray:
-    """Greedy pick over candidates in score order (n, dim): up to k row indices, each with cosine <
-    ``max_similarity`` to every row picked before it (maximal marginal relevance with a hard threshold)."""
-    v = np.asarray(vectors, np.float32)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-    picked: list[int] = []
-    for t in range(v.shape[0]):
-        if not picked or float((v[picked] @ v[t]).max()) < max_similarity:
-            picked.append(t)
-            if len(picked) == k:
-                break
-    return np.asarray(picked, np.int64)
-
-
-@dataclass
-class Retrieved:
-    """Chunks returned by one retrieval, in time order (span start ascending); k' <= k rows.
-
-    ``ids``/``scores``/``spans`` are CPU tensors; ``keys``/``values`` are on the requested device in the
-    requested dtype (views into one page tensor, not contiguous).
-    """
-
-    ids: torch.Tensor  # (k',) int64
-    scores: torch.Tensor  # (k',) float32, higher = closer
-    spans: torch.Tensor  # (k', 2) int64 token [start, end) in the input
-    keys: torch.Tensor  # (k', L, H, C, D)
-    values: torch.Tensor  # (k', L, H, C, D)
-    namespace: str = "default"
-    texts: list[str | None] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-
-class _Namespace:
-    def __init__(self, name: str, bank: BaseBank, policy: EvictionPolicy) -> None:
-        self.name, self.bank, self.policy = name, bank, policy
-        self.spans: dict[int, tuple[int, int]] = {}  # id -> (start, end), insertion order
-        self.texts: dict[int, str | None] = {}
-        self.digests: dict[str, int] = {}  # sha256 of a chunk's token ids -> its id: the same text is stored once
-        self.tokens = 0
-        self.trace: list[dict[str, Any]] = []
 
 
 class _ClassOrInstance:
@@ -149,7 +104,7 @@ class MemoryManager:
         self.device = torch.device(self.config.kvstore.device or device)
         self.retriever = retriever
         self.store = KVStore(self.config.kvstore, page_shape=self.page_shape, device=self.device)
-        self._ns: dict[str, _Namespace] = {}
+        self._ns: dict[str, Namespace] = {}
         self._next_id = 0
         self._bank_serial = 0  # makes per-namespace bank paths/collections unique
         self._lock = threading.RLock()
@@ -196,12 +151,12 @@ class MemoryManager:
         kw = {"protect_recent": self.config.protect_recent} if self.config.policy == "recency_frequency" else {}
         return make_policy(self.config.policy, **kw)
 
-    def _namespace(self, name: str, create: bool) -> _Namespace | None:
+    def _namespace(self, name: str, create: bool) -> Namespace | None:
         if not isinstance(name, str) or not name:
             raise InvalidInputError(f"namespace must be a non-empty string, got {name!r}")
         ns = self._ns.get(name)
         if ns is None and create:
-            ns = _Namespace(name, create_bank(self._bank_config(name)), self._policy())
+            ns = Namespace(name, create_bank(self._bank_config(name)), self._policy())
             self._ns[name] = ns
         return ns
 
@@ -252,7 +207,7 @@ class MemoryManager:
             raise InvalidInputError("spans need 0 <= start < end for every chunk")
         if n and (sp[:, 1] - sp[:, 0] > self.chunk_size).any():
             raise InvalidInputError(f"a chunk span covers at most chunk_size={self.chunk_size} tokens")
-        digests = _digests(token_ids, n) if token_ids is not None else [None] * n
+        digests = token_digests(token_ids, n) if token_ids is not None else [None] * n
         if texts is not None:
             texts = list(texts)
             if len(texts) != n or not all(t is None or isinstance(t, str) for t in texts):
@@ -260,70 +215,38 @@ class MemoryManager:
         with self._lock:
             ns = self._namespace(namespace, create=True)
             assert ns is not None
-            known = [ns.digests.get(d) if d is not None else None for d in digests]
+            known = ns.known(digests)
             fresh = [j for j in range(n) if known[j] is None and (digests[j] is None or digests[j] not in digests[:j])]
             if len(fresh) < n:  # some chunks are stored already: store the rest, report the existing ids
-                out = np.asarray([-1 if k is None else k for k in known], np.int64)
+                out = np.asarray([-1 if c is None else c for c in known], np.int64)
                 if fresh:
                     sel = torch.as_tensor(fresh)
                     new_ids = self.add_chunks(keys[sel], values[sel], emb[fresh], sp[fresh], namespace=namespace,
                                               texts=[texts[j] for j in fresh] if texts is not None else None,
                                               token_ids=[digests[j] for j in fresh]).numpy()
                     out[fresh] = new_ids
-                for j in range(n):
-                    if out[j] < 0:
-                        out[j] = ns.digests.get(digests[j], -1)  # type: ignore[arg-type]
-                return torch.from_numpy(out)
-            pages = torch.stack([keys, values], dim=2)  # (n, L, 2, H, C, D)
+                return torch.from_numpy(np.asarray([out[j] if out[j] >= 0 else ns.digests[digests[j]]  # type: ignore[index]
+                                                    for j in range(n)], np.int64))
             ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
             if n == 0:
                 return torch.from_numpy(ids)
-            self.store.put(ids, pages)  # CapacityError here leaves everything unchanged
+            self.store.put(ids, torch.stack([keys, values], dim=2))  # (n, L, 2, H, C, D); CapacityError changes nothing
             try:
-                ns.bank.add(emb, ids=ids)
+                ns.add(ids, emb, sp, texts, digests)
             except BaseException:
                 self.store.remove(ids)
                 raise
             self._next_id += n
-            for j, cid in enumerate(ids.tolist()):
-                ns.spans[cid] = (int(sp[j, 0]), int(sp[j, 1]))
-                ns.texts[cid] = texts[j] if texts is not None else None
-                digest = digests[j]
-                if digest is not None:
-                    ns.digests[digest] = cid
-            ns.tokens += int((sp[:, 1] - sp[:, 0]).sum())
-            ns.policy.on_add(ids)
             self._counters["added"] += n
-            self._enforce_capacity(ns)
-            return torch.from_numpy(ids)
-
-    def _enforce_capacity(self, ns: _Namespace) -> None:
-        cap = self.config.capacity_tokens
-        while cap is not None and ns.tokens > cap and len(ns.policy):
-            need = ns.tokens - cap
-            victims, freed = [], 0
-            for cid in ns.policy.evict(max(1, math.ceil(need / self.chunk_size))).tolist():
-                victims.append(cid)
-                freed += ns.spans[cid][1] - ns.spans[cid][0]
-                if freed >= need:
-                    break
+            victims = ns.victims(self.config.capacity_tokens, self.chunk_size)
             self._drop(ns, victims)
             self._counters["evicted"] += len(victims)
+            return torch.from_numpy(ids)
 
-    def _drop(self, ns: _Namespace, ids: list[int]) -> None:
-        if not ids:
-            return
-        arr = np.asarray(ids, np.int64)
-        ns.bank.remove(arr)
-        self.store.remove(arr)
-        ns.policy.on_remove(arr)
-        gone = set(ids)
-        for cid in ids:
-            s, e = ns.spans.pop(cid)
-            ns.texts.pop(cid, None)
-            ns.tokens -= e - s
-        for d in [d for d, cid in ns.digests.items() if cid in gone]:
-            del ns.digests[d]
+    def _drop(self, ns: Namespace, ids: list[int]) -> None:
+        if ids:
+            ns.drop(ids)
+            self.store.remove(np.asarray(ids, np.int64))
 
     def remove_chunks(self, ids: Any, *, namespace: str = "default") -> int:
         """Remove chunks of a namespace by id (ids of other namespaces are ignored). Returns the count."""
@@ -405,18 +328,7 @@ class MemoryManager:
                 ns = self._ns[name]
                 scores, ids = ns.bank.search(q[idx], fetch)  # (m, fetch), (m, fetch), best first
                 for j, b in enumerate(idx):
-                    ok = ids[j] >= 0
-                    if ex[b] is not None:
-                        lo, hi = ex[b]  # type: ignore[misc]
-                        ok &= np.asarray([not (ns.spans[int(c)][0] >= lo and ns.spans[int(c)][1] <= hi)
-                                          if c >= 0 else False for c in ids[j]], bool)
-                    s, i = scores[j][ok], ids[j][ok]
-                    best = np.argsort(-s, kind="stable")
-                    s, i = s[best], i[best]
-                    keep = distinct_rows(ns.bank.get(i), sim, k) if sim is not None and len(i) > 1 else slice(0, k)
-                    s, i = s[keep], i[keep]
-                    order = sorted(range(len(i)), key=lambda t: (ns.spans[int(i[t])][0], int(i[t])))
-                    rows[b] = (i[order], s[order])
+                    rows[b] = ns.select(scores[j], ids[j], k, exclude=ex[b], max_similarity=sim)
             wanted = list(dict.fromkeys(int(c) for r in rows if r is not None for c in r[0]))
             pages = self.store.get(wanted, target, dtype=dtype) if wanted else None  # (u, L, 2, H, C, D)
             pos = {c: j for j, c in enumerate(wanted)}
@@ -436,10 +348,7 @@ class MemoryManager:
                 texts = [ns.texts.get(int(c)) for c in ids_b]
                 out.append(Retrieved(torch.from_numpy(ids_b.copy()), torch.from_numpy(scores_b.astype(np.float32)),
                                      spans, sel[:, :, 0], sel[:, :, 1], name, texts))
-                ns.policy.on_retrieve(ids_b)
-                rank = {int(c): t for t, c in enumerate(ids_b[np.argsort(-scores_b, kind="stable")])}
-                ns.trace = [{"id": int(c), "score": float(s), "span": list(ns.spans[int(c)]), "text": t,
-                             "rank": rank[int(c)]} for c, s, t in zip(ids_b, scores_b, texts)]
+                ns.record(ids_b, scores_b)
             self._counters["retrievals"] += len(names)
             return out
 
@@ -464,16 +373,10 @@ class MemoryManager:
             ids = np.where(ok, ids, -1)
             pages = self.store.get(uniq, device, dtype=dtype)  # (u, L, 2, H, C, D)
             starts = np.asarray([ns.spans[int(i)][0] for i in uniq], np.int64)[slot]  # (n, k)
-            ns.policy.on_retrieve(uniq)
             hits = np.bincount(slot[ok], minlength=len(uniq))  # how many queries chose each chunk
             best = np.full(len(uniq), -np.inf, np.float32)
             np.maximum.at(best, np.searchsorted(uniq, raw[raw >= 0]), scores[raw >= 0])
-            order = np.argsort(-hits, kind="stable")[:trace_max].tolist()
-            rank = {j: t for t, j in enumerate(order)}
-            ns.trace = [{"id": int(uniq[j]), "score": float(best[j]) if np.isfinite(best[j]) else None,
-                         "hits": int(hits[j]), "span": list(ns.spans[int(uniq[j])]),
-                         "text": ns.texts.get(int(uniq[j])), "rank": rank[j]}
-                        for j in sorted(order, key=lambda j: int(uniq[j]))]
+            ns.record_hits(uniq, hits, best, trace_max)
             self._counters["retrievals"] += 1
         return torch.from_numpy(ids), torch.from_numpy(slot).long(), pages, torch.from_numpy(starts)
 
@@ -569,8 +472,6 @@ class MemoryManager:
         ``path`` must be new, empty, or a previous memkit save (anything else raises SaveTargetError).
         ``owner`` (JSON) records what the memory belongs to (the wrapped model's fingerprint); ``load``
         compares it with its own ``owner`` argument."""
-        from safetensors.numpy import save_file
-
         with atomic_save(path, "memory") as tmp, self._lock:
             (tmp / "pages").mkdir()
             self.store.save_into(tmp / "pages")
@@ -578,15 +479,7 @@ class MemoryManager:
             for j, ns in enumerate(self._ns.values()):
                 d = tmp / f"ns-{j:05d}"
                 d.mkdir()
-                ns.bank.save(d / "bank")
-                ids = np.asarray(list(ns.spans), np.int64)
-                spans = np.asarray([ns.spans[i] for i in ids.tolist()], np.int64).reshape(-1, 2)
-                save_file({"ids": ids, "spans": spans}, str(d / "meta.safetensors"))
-                by_id = {cid: dg for dg, cid in ns.digests.items()}
-                (d / "meta.json").write_text(json.dumps({
-                    "name": ns.name, "texts": [ns.texts.get(i) for i in ids.tolist()],
-                    "digests": [by_id.get(i) for i in ids.tolist()],
-                    "policy": ns.policy.state_dict(), "trace": ns.trace, "tokens": ns.tokens}))
+                ns.save(d)
                 entries.append({"name": ns.name, "dir": d.name})
             manifest = {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config.to_dict(),
                         "dims": self._dims(), "owner": owner, "next_id": self._next_id, "namespaces": entries,
@@ -614,7 +507,6 @@ class MemoryManager:
         """Replace this manager's memory with a saved one. On any error the current memory is kept.
 
         ``owner_check(saved_owner)`` (optional) raises IncompatibleMemoryError when the save belongs elsewhere."""
-        from safetensors.numpy import load_file
 
         directory = save_path(path, "loading memory")
         manifest = _manifest or _read_manifest(directory)
@@ -627,48 +519,23 @@ class MemoryManager:
                 "saved memory does not match this model/config: " + ", ".join(
                     f"{k} saved={a} here={b}" for k, (a, b) in diff.items())
                 + "; load it into a model with the same layers, heads, head_dim, embedder and chunk_size")
-        spaces: dict[str, _Namespace] = {}
+        spaces: dict[str, Namespace] = {}
         store = KVStore(self.config.kvstore, page_shape=self.page_shape, device=self.device)
         seen: set[int] = set()  # chunk ids across namespaces: each belongs to exactly one
         try:
             store.load(directory / "pages")
             for entry in manifest["namespaces"]:
                 d = directory / str(entry["dir"])
-                meta = json.loads((d / "meta.json").read_text())
-                arrays = load_file(str(d / "meta.safetensors"))
-                if set(arrays) != {"ids", "spans"} or any(a.dtype != np.int64 for a in arrays.values()):
-                    raise CorruptFileError(f"{d}/meta.safetensors must hold int64 'ids' and 'spans' only")
-                ids, spans = arrays["ids"].reshape(-1), arrays["spans"]
-                texts = meta["texts"]
-                if spans.shape != (len(ids), 2) or len(texts) != len(ids) or meta["name"] != entry["name"]:
-                    raise CorruptFileError(f"{d}: ids, spans and texts disagree")
                 bank = load_bank(d / "bank")
-                if bank.dim != self.embed_dim or len(bank) != len(ids) or not all(int(i) in bank for i in ids):
-                    raise CorruptFileError(f"{d}: bank does not hold exactly this namespace's chunks")
+                if bank.dim != self.embed_dim:
+                    raise CorruptFileError(f"{d}: its bank holds {bank.dim}-d vectors, this memory {self.embed_dim}-d")
+                ns = Namespace.load(d, str(entry["name"]), bank, self._policy())
+                ids = list(ns.spans)
                 if not all(int(i) in store for i in ids):
                     raise CorruptFileError(f"{d}: K/V pages are missing for some chunks")
-                if seen.intersection(ids.tolist()) or len(np.unique(ids)) != len(ids):
-                    raise CorruptFileError(f"{d}: chunk ids repeat or are shared with another namespace")
-                seen.update(ids.tolist())
-                policy = self._policy()
-                if meta["policy"].get("name") == policy.name:
-                    policy.load_state_dict(meta["policy"])
-                    if isinstance(policy, RecencyFrequencyPolicy):  # this config's setting wins
-                        policy.protect_recent = float(self.config.protect_recent)
-                    if set(policy.ids().tolist()) != set(ids.tolist()):
-                        raise CorruptFileError(f"{d}: the policy tracks other chunks than the namespace holds")
-                else:  # another policy was saved: replay the insertion order into this config's policy
-                    policy.on_add(ids)
-                ns = _Namespace(str(entry["name"]), bank, policy)
-                ns.spans = {int(i): (int(s), int(e)) for i, (s, e) in zip(ids, spans)}
-                ns.texts = {int(i): t for i, t in zip(ids, texts)}
-                digests = meta.get("digests") or [None] * len(ids)
-                if len(digests) != len(ids) or not all(dg is None or (isinstance(dg, str) and len(dg) == 64)
-                                                       for dg in digests):
-                    raise CorruptFileError(f"{d}/meta.json: digests do not match the chunks")
-                ns.digests = {dg: int(i) for i, dg in zip(ids, digests) if dg is not None}
-                ns.tokens = int((spans[:, 1] - spans[:, 0]).sum()) if len(ids) else 0
-                ns.trace = list(meta.get("trace") or [])
+                if seen.intersection(ids):
+                    raise CorruptFileError(f"{d}: chunk ids are shared with another namespace")
+                seen.update(ids)
                 spaces[ns.name] = ns
             if len(store) != len(seen):
                 raise CorruptFileError(f"{directory}: the K/V store holds pages of no namespace")
@@ -702,18 +569,6 @@ def _name(namespace: Any, *, allow_none: bool = False) -> str | None:
     if not isinstance(namespace, str) or not namespace:
         raise InvalidInputError(f"a namespace is a non-empty string such as 'default', got {namespace!r}")
     return namespace
-
-
-def _digests(token_ids: Any, n: int) -> list[str | None]:
-    """sha256 of each chunk's token ids (padding -1 dropped); ``token_ids`` (n, C) or n digests already made."""
-    if isinstance(token_ids, list) and all(isinstance(d, str) or d is None for d in token_ids):
-        if len(token_ids) != n:
-            raise InvalidInputError(f"got {len(token_ids)} token-id digests for {n} chunks")
-        return list(token_ids)
-    arr = np.asarray(token_ids.cpu() if torch.is_tensor(token_ids) else token_ids)
-    if arr.ndim != 2 or arr.shape[0] != n or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise InvalidInputError(f"token_ids must be an (n, chunk) integer array, one row per chunk; got {arr.shape}")
-    return [hashlib.sha256(row[row >= 0].astype(np.int64).tobytes()).hexdigest() for row in arr]
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
