@@ -1,7 +1,7 @@
 """The MemoryBank protocol, its shared base class, and the lazy backend registry.
 
 A bank stores (id, vector) pairs and answers top-k similarity search. Every backend
-(faiss, hnswlib, usearch, disk, qdrant; see ``backends/``) subclasses :class:`BaseBank`, which
+(faiss, hnswlib, usearch, disk, qdrant, milvus; see ``backends/``) subclasses :class:`BaseBank`, which
 owns everything that must behave identically across libraries: input validation, id
 assignment, cosine normalisation, "higher score = closer" for every metric, -1/-inf padding,
 a readers-writer lock for thread safety, and the checksummed manifest that ``load_bank`` reads.
@@ -368,6 +368,7 @@ _KNOWN: dict[str, tuple[str, str | None]] = {
     "usearch": ("memkit.backends.usearch_bank:UsearchBank", "usearch"),
     "disk": ("memkit.backends.disk_bank:DiskBank", "disk"),
     "qdrant": ("memkit.backends.qdrant_bank:QdrantBank", "qdrant"),
+    "milvus": ("memkit.backends.milvus_bank:MilvusBank", "milvus"),
 }
 _REGISTERED: dict[str, type[BaseBank]] = {}
 _entry_points_loaded = False
@@ -459,9 +460,16 @@ def _parse_uri(spec: str) -> tuple[str, dict[str, Any]]:
                 raise ConfigError("qdrant server URIs look like qdrant://host:6333/collection")
             return "qdrant", {"url": f"http://{parsed.netloc}", "collection": collection}
         return "qdrant", {"path": parsed.path or ":memory:"}
+    if scheme == "milvus":  # milvus://host:19530/collection (a server); milvus:///path/mem.db (milvus-lite)
+        if not parsed.netloc:
+            return "milvus", {"path": parsed.path} if parsed.path else {}
+        collection = parsed.path.strip("/")
+        if not collection or "/" in collection:
+            raise ConfigError("milvus server URIs look like milvus://host:19530/collection")
+        return "milvus", {"uri": f"http://{parsed.netloc}", "collection": collection}
     if scheme in ("http", "https"):
         raise ConfigError(f"{spec!r}: use qdrant://host:port/collection for a Qdrant server")
-    raise UnknownBackendError(f"unknown URI scheme {scheme!r} in {spec!r}; use disk:/// or qdrant://")
+    raise UnknownBackendError(f"unknown URI scheme {scheme!r} in {spec!r}; use disk:///, qdrant:// or milvus://")
 
 
 def _construct(cls: type[BaseBank], dim: Any, metric: str, params: dict[str, Any]) -> BaseBank:
