@@ -50,7 +50,8 @@ __all__ = [
     "bench_main",
 ]
 
-VERSIONED = ("numpy", "torch", "transformers", "faiss-cpu", "hnswlib", "usearch", "qdrant-client", "sqlite-utils")
+VERSIONED = ("numpy", "torch", "transformers", "faiss-cpu", "hnswlib", "usearch", "qdrant-client", "sqlite-utils",
+             "pymilvus", "milvus-lite")
 
 
 # ---------------------------------------------------------------------- machine
