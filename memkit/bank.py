@@ -460,12 +460,15 @@ def _parse_uri(spec: str) -> tuple[str, dict[str, Any]]:
                 raise ConfigError("qdrant server URIs look like qdrant://host:6333/collection")
             return "qdrant", {"url": f"http://{parsed.netloc}", "collection": collection}
         return "qdrant", {"path": parsed.path or ":memory:"}
-    if scheme == "milvus":  # milvus://host:19530/collection (a server); milvus:///path/mem.db (milvus-lite)
-        if not parsed.netloc:
+    if scheme == "milvus":  # milvus://host:19530/collection (a server); milvus:///data/mem.db (milvus-lite)
+        if not parsed.netloc:  # "milvus://" alone: a private temporary milvus-lite database
+            if parsed.path == "/":
+                raise ConfigError(f"{spec!r}: milvus-lite URIs name a file after three slashes, milvus:///data/mem.db")
             return "milvus", {"path": parsed.path} if parsed.path else {}
         collection = parsed.path.strip("/")
-        if not collection or "/" in collection:
-            raise ConfigError("milvus server URIs look like milvus://host:19530/collection")
+        if not collection or "/" in collection or parsed.netloc.endswith(".db") or parsed.netloc.startswith("."):
+            raise ConfigError(f"{spec!r}: milvus server URIs look like milvus://host:19530/collection; a milvus-lite "
+                              "file is milvus:///data/mem.db (three slashes, an absolute path)")
         return "milvus", {"uri": f"http://{parsed.netloc}", "collection": collection}
     if scheme in ("http", "https"):
         raise ConfigError(f"{spec!r}: use qdrant://host:port/collection for a Qdrant server")

@@ -63,8 +63,9 @@ def test_uri_parsing() -> None:
         "milvus", {"uri": "http://user:pw@10.0.0.5:19530", "collection": "notes"})
     assert bank_module._parse_uri("milvus:///data/mem.db") == ("milvus", {"path": "/data/mem.db"})
     assert bank_module._parse_uri("milvus://") == ("milvus", {})
-    for bad in ("milvus://host:19530", "milvus://host:19530/", "milvus://host:19530/db/coll"):
-        with pytest.raises(ConfigError, match="milvus://host:19530/collection"):
+    for bad in ("milvus://host:19530", "milvus://host:19530/", "milvus://host:19530/db/coll", "milvus://mem.db",
+                "milvus://./mem.db/x", "milvus:///"):
+        with pytest.raises(ConfigError, match=r"milvus:///data/mem\.db"):
             bank_module._parse_uri(bad)
 
 
