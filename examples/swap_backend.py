@@ -1,9 +1,10 @@
 """The same long-context run under every MemoryBank backend, changed only by the config.
 
 memkit keeps chunk embeddings in a vector store chosen by name: exact FAISS, FAISS HNSW, hnswlib,
-usearch, an on-disk SQLite + memory-mapped store, or Qdrant (local mode here; a ``qdrant://host``
-URI for a server). Nothing else changes: each backend ingests the same haystack and answers the
-same question, and the table shows that they retrieve the same chunks.
+usearch, an on-disk SQLite + memory-mapped store, Qdrant (local mode here; a ``qdrant://host``
+URI for a server) or Milvus (milvus-lite here; a ``milvus://host:19530/collection`` URI for a
+server). Nothing else changes: each backend ingests the same haystack and answers the same question,
+and the table shows that they retrieve the same chunks.
 
     python examples/swap_backend.py                       # 4k tokens x every backend
     python examples/swap_backend.py --tokens 8k --backends faiss-flat,disk
@@ -21,8 +22,8 @@ from memkit.models import load_smollm2
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--tokens", default="4k", help="haystack length in tokens, k = 1024 (default: 4k)")
-parser.add_argument("--backends", default="faiss-flat,faiss-hnsw,hnswlib,usearch,disk,qdrant",
-                    help="comma-separated backend names (default: all six)")
+parser.add_argument("--backends", default="faiss-flat,faiss-hnsw,hnswlib,usearch,disk,qdrant,milvus",
+                    help="comma-separated backend names (default: all seven)")
 args = parser.parse_args()
 
 hf_model, tok = load_smollm2()
@@ -31,7 +32,7 @@ question = torch.tensor([hay.question_ids])
 rows = []
 with tempfile.TemporaryDirectory() as tmp:
     for name in args.backends.split(","):
-        params = {"path": f"{tmp}/{name}"} if name in ("disk", "qdrant") else {}
+        params = {"path": f"{tmp}/{name}"} if name in ("disk", "qdrant", "milvus") else {}
         config = memkit.MemoryConfig(bank=memkit.BankConfig(backend=name, params=params), progress=False)
         model = memkit.wrap(hf_model, config, tokenizer=tok)      # the only line that differs: the config
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """The MemoryBank protocol, its shared base class, and the lazy backend registry.
 
 A bank stores (id, vector) pairs and answers top-k similarity search. Every backend
-(faiss, hnswlib, usearch, disk, qdrant; see ``backends/``) subclasses :class:`BaseBank`, which
+(faiss, hnswlib, usearch, disk, qdrant, milvus; see ``backends/``) subclasses :class:`BaseBank`, which
 owns everything that must behave identically across libraries: input validation, id
 assignment, cosine normalisation, "higher score = closer" for every metric, -1/-inf padding,
 a readers-writer lock for thread safety, and the checksummed manifest that ``load_bank`` reads.
@@ -63,6 +63,7 @@ __all__ = [
     "available_backends",
     "get_backend_class",
     "check_bank_config",
+    "parse_uri",
     "BACKENDS",
     "MANIFEST",
 ]
@@ -384,6 +385,7 @@ for _name, _path, _extra in (
     ("usearch", "memkit.backends.usearch_bank:UsearchBank", "usearch"),
     ("disk", "memkit.backends.disk_bank:DiskBank", "disk"),
     ("qdrant", "memkit.backends.qdrant_bank:QdrantBank", "qdrant"),
+    ("milvus", "memkit.backends.milvus_bank:MilvusBank", "milvus"),
 ):
     BACKENDS.register(_name, _path, extra=_extra)
 
@@ -415,7 +417,7 @@ def require(module: str, extra: str) -> Any:
         ) from exc
 
 
-def _parse_uri(spec: str) -> tuple[str, dict[str, Any]]:
+def parse_uri(spec: str) -> tuple[str, dict[str, Any]]:
     """'disk:///data/mem' -> ('disk', {path}); 'qdrant://host:6333/coll' -> ('qdrant', {url, collection})."""
     parsed = urlparse(spec)
     scheme = parsed.scheme.lower()
@@ -432,9 +434,19 @@ def _parse_uri(spec: str) -> tuple[str, dict[str, Any]]:
                 raise ConfigError("qdrant server URIs look like qdrant://host:6333/collection")
             return "qdrant", {"url": f"http://{parsed.netloc}", "collection": collection}
         return "qdrant", {"path": parsed.path or ":memory:"}
+    if scheme == "milvus":  # milvus://host:19530/collection (a server); milvus:///data/mem.db (milvus-lite)
+        if not parsed.netloc:  # "milvus://" alone: a private temporary milvus-lite database
+            if parsed.path == "/":
+                raise ConfigError(f"{spec!r}: milvus-lite URIs name a file after three slashes, milvus:///data/mem.db")
+            return "milvus", {"path": parsed.path} if parsed.path else {}
+        collection = parsed.path.strip("/")
+        if not collection or "/" in collection or parsed.netloc.endswith(".db") or parsed.netloc.startswith("."):
+            raise ConfigError(f"{spec!r}: milvus server URIs look like milvus://host:19530/collection; a milvus-lite "
+                              "file is milvus:///data/mem.db (three slashes, an absolute path)")
+        return "milvus", {"uri": f"http://{parsed.netloc}", "collection": collection}
     if scheme in ("http", "https"):
         raise ConfigError(f"{spec!r}: use qdrant://host:port/collection for a Qdrant server")
-    raise UnknownBackendError(f"unknown URI scheme {scheme!r} in {spec!r}; use disk:/// or qdrant://")
+    raise UnknownBackendError(f"unknown URI scheme {scheme!r} in {spec!r}; use disk:///, qdrant:// or milvus://")
 
 
 def _construct(cls: type[BaseBank], dim: Any, metric: str, params: dict[str, Any]) -> BaseBank:
@@ -469,7 +481,7 @@ def create_bank(spec: str | dict[str, Any] | BankConfig = "faiss-flat", *, dim: 
     else:
         raise ConfigError(f"bank spec must be a name, URI, dict or BankConfig, got {type(spec).__name__}")
     if "://" in name:
-        name, uri_params = _parse_uri(name)
+        name, uri_params = parse_uri(name)
         cfg_params.update(uri_params)
     cfg_params.update(params)
     cls = get_backend_class(name)
@@ -482,7 +494,7 @@ def check_bank_config(spec: BankConfig, dim: int) -> None:
     parameters name a place (a path, a server) is checked by its signature only, so checking writes nothing."""
     name, params = spec.backend, dict(spec.params)
     if "://" in name:
-        name, uri_params = _parse_uri(name)
+        name, uri_params = parse_uri(name)
         params.update(uri_params)
     cls = get_backend_class(name)
     accepted = {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "dim", "metric")}

@@ -207,7 +207,7 @@ class MemoryManager:
             raise InvalidInputError("spans need 0 <= start < end for every chunk")
         if n and (sp[:, 1] - sp[:, 0] > self.chunk_size).any():
             raise InvalidInputError(f"a chunk span covers at most chunk_size={self.chunk_size} tokens")
-        digests = token_digests(token_ids, n) if token_ids is not None else [None] * n
+        digests: list[str | None] = token_digests(token_ids, n) if token_ids is not None else [None] * n
         if texts is not None:
             texts = list(texts)
             if len(texts) != n or not all(t is None or isinstance(t, str) for t in texts):

@@ -16,8 +16,8 @@ from memkit.errors import ConfigError, UnknownBackendError
 pytest.importorskip("faiss")
 
 
-def test_available_backends_lists_all_seven() -> None:
-    assert {"faiss-flat", "faiss-hnsw", "faiss-ivf", "hnswlib", "usearch", "disk", "qdrant"} <= set(
+def test_available_backends_lists_all_eight() -> None:
+    assert {"faiss-flat", "faiss-hnsw", "faiss-ivf", "hnswlib", "usearch", "disk", "qdrant", "milvus"} <= set(
         memkit.available_backends()
     )
 
@@ -32,12 +32,12 @@ def test_create_from_dict_and_config() -> None:
 
 
 def test_uri_parsing() -> None:
-    assert bank_module._parse_uri("disk:///data/mem") == ("disk", {"path": "/data/mem"})
-    assert bank_module._parse_uri("qdrant://host:6333/coll") == (
+    assert bank_module.parse_uri("disk:///data/mem") == ("disk", {"path": "/data/mem"})
+    assert bank_module.parse_uri("qdrant://host:6333/coll") == (
         "qdrant", {"url": "http://host:6333", "collection": "coll"})
-    assert bank_module._parse_uri("qdrant:///local/q") == ("qdrant", {"path": "/local/q"})
+    assert bank_module.parse_uri("qdrant:///local/q") == ("qdrant", {"path": "/local/q"})
     with pytest.raises(UnknownBackendError):
-        bank_module._parse_uri("ftp://x/y")
+        bank_module.parse_uri("ftp://x/y")
 
 
 class _DictBank(memkit.BaseBank):

@@ -34,7 +34,7 @@ from memkit.testing.reliability import BACKENDS, EXACT, backend_available, backe
 DIM = 8
 FACTOR = max(1, int(os.environ.get("MEMKIT_FUZZ_EXAMPLES", "1")))
 EXAMPLES = {"faiss-flat": 30, "faiss-hnsw": 25, "faiss-ivf": 25, "hnswlib": 25, "usearch": 25, "disk": 15,
-            "qdrant": 10}
+            "qdrant": 10, "milvus": 10}
 COUNTS: dict[str, list[int]] = {}  # backend -> [examples, steps]
 # Shrinking a failure can take minutes; set MEMKIT_FUZZ_SHRINK=1 to get the minimal failing sequence.
 PHASES = tuple(Phase) if os.environ.get("MEMKIT_FUZZ_SHRINK") else (Phase.explicit, Phase.reuse, Phase.generate)

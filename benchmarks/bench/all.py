@@ -45,7 +45,7 @@ STAGES = ("context", "quality", "backends", "passkey")
 DTYPES = ("fp32", "fp16", "bf16", "int8")
 FULL: dict[str, Any] = {"lengths": "1k,4k,8k,16k,32k,64k,80k", "caps": "window=16k,longmem=16k", "styles": "memlong,longmem",
         "top_ks": "0,4,8,12,16", "dtypes": "fp32,fp16,bf16,int8",
-        "backends": "faiss-flat,faiss-hnsw,faiss-ivf,hnswlib,usearch,disk,qdrant", "ppl_range": "4096:8192",
+        "backends": "faiss-flat,faiss-hnsw,faiss-ivf,hnswlib,usearch,disk,qdrant,milvus", "ppl_range": "4096:8192",
         "stages": "context,quality,backends,passkey", "backend_sizes": "10000", "passkey_length": "16k",
         "decode_tokens": 16}
 QUICK: dict[str, Any] = {"lengths": "1k,2k", "caps": "longmem=1k", "styles": "memlong,longmem", "top_ks": "0,8", "dtypes": "fp16,int8",

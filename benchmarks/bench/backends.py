@@ -12,7 +12,8 @@ in a native library cannot take the run down) measures:
 * overhead: ``bank.search`` against calling the backend's library directly on the same index
   with the same queries and settings (``index.search`` for faiss, ``knn_query`` for hnswlib,
   ``index.search`` for usearch, the same block-streamed numpy scan over the memory-mapped file
-  for disk, ``query_points`` for qdrant), interleaved call by call; ratio of medians.
+  for disk, ``query_points`` for qdrant, pymilvus ``MilvusClient.search`` for milvus), interleaved call by
+  call; ratio of medians.
 
 Cells that cannot run here are kept as rows with the reason (a size larger than the corpus, an
 estimated build time over ``--max-build-s`` extrapolated from the previous size, a missing
@@ -37,7 +38,7 @@ import numpy as np
 
 from . import report
 
-ALL_BACKENDS = ["faiss-flat", "faiss-hnsw", "faiss-ivf", "hnswlib", "usearch", "disk", "qdrant"]
+ALL_BACKENDS = ["faiss-flat", "faiss-hnsw", "faiss-ivf", "hnswlib", "usearch", "disk", "qdrant", "milvus"]
 QUICK_BACKENDS = ["faiss-flat", "faiss-hnsw", "hnswlib", "usearch", "disk"]
 DATASETS = ["minilm", "smollm2-keys"]
 GRAPH = {"faiss-hnsw", "hnswlib", "usearch"}  # build grows ~n log n
@@ -373,6 +374,8 @@ def _direct_search(bank: Any, backend: str, k: int, batch: int) -> Any:
         return _disk_direct(bank, k)
     if backend == "qdrant":
         return _qdrant_direct(bank, k)
+    if backend == "milvus":
+        return _milvus_direct(bank, k)
     return None
 
 
@@ -418,6 +421,14 @@ def _qdrant_direct(bank: Any, k: int) -> Any:
         return client.query_batch_points(coll, requests=reqs)
 
     return search
+
+
+def _milvus_direct(bank: Any, k: int) -> Any:
+    """pymilvus's own ``MilvusClient.search`` on the bank's client and collection, with the bank's settings."""
+    client, coll = bank.client, bank._coll
+    params = {"metric_type": bank._milvus_metric(), "params": dict(bank.search_params)}
+    return lambda q: client.search(coll, data=q.tolist(), limit=k, anns_field="vector", search_params=params,
+                                   output_fields=["id"], consistency_level="Strong")
 
 
 def _dir_bytes(path: Path) -> int:

@@ -31,9 +31,9 @@ __all__ = ["BACKENDS", "EXACT", "backend_params", "backend_available", "det_vect
 # (registry name, module its extra provides)
 BACKENDS: tuple[tuple[str, str], ...] = (
     ("faiss-flat", "faiss"), ("faiss-hnsw", "faiss"), ("faiss-ivf", "faiss"), ("hnswlib", "hnswlib"),
-    ("usearch", "usearch"), ("disk", "sqlite_utils"), ("qdrant", "qdrant_client"),
+    ("usearch", "usearch"), ("disk", "sqlite_utils"), ("qdrant", "qdrant_client"), ("milvus", "pymilvus"),
 )
-EXACT = frozenset({"faiss-flat", "disk", "qdrant"})
+EXACT = frozenset({"faiss-flat", "disk", "qdrant", "milvus"})
 ROOT = Path(__file__).resolve().parents[2]
 
 
