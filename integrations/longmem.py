@@ -72,6 +72,22 @@ def _side_safe(value: Any) -> Any:
     return value
 
 
+class MemoryReader(nn.Module):
+    """Trainable maps of the memory read, per query head: ``query`` (Hq, D, D) turns the layer's position-free query
+    into the memory query (retrieval and memory attention both use it), ``value`` (Hq, D, D) maps the memory
+    attention's output before the gate mixes it in. Both start at the identity, so the untrained read is LongMem's.
+
+    A map on the query is enough on the key side too: retrieval and attention score ``(q W) . k``, which equals
+    ``q . (k W^T)``, so training the query map adapts how the stored (frozen) keys are matched without re-keying
+    memory."""
+
+    def __init__(self, heads: int, dim: int, device: torch.device) -> None:
+        super().__init__()
+        eye = torch.eye(dim, device=device, dtype=torch.float32).expand(heads, dim, dim)
+        self.query = nn.Parameter(eye.clone())  # (Hq, D, D)
+        self.value = nn.Parameter(eye.clone())  # (Hq, D, D)
+
+
 class LongMemGate(nn.Module):
     """Per-query-head gate logits; ``weight()`` = sigmoid(logits), shape (Hq,)."""
 
@@ -134,7 +150,10 @@ class LongMemStyle(Style):
         text = rt.hf_config.get_text_config(decoder=True)
         heads = int(getattr(text, "num_attention_heads", 0) or getattr(text, "n_head", 0))
         self.gate = LongMemGate(heads, block.gate_init, rt.device)
-        mods: dict[str, nn.Module] = {"gate": self.gate}
+        hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0))
+        head_dim = int(getattr(text, "head_dim", 0) or hidden // max(heads, 1))
+        self.reader = MemoryReader(heads, head_dim, rt.device)
+        mods: dict[str, nn.Module] = {"gate": self.gate, "reader": self.reader}
         if block.sidenet:
             layers = decoder_layers(rt.base, rt.attn)
             self.final_norm = final_norm(rt.base)
@@ -238,8 +257,9 @@ class LongMemStyle(Style):
         M = k * c
         dev = query.device
         q_free = rt.rotary.rotate(layer, query, lay.blk_pos, inverse=True, tag="blk", cache=call.rope_cache)
+        q_mem = torch.einsum("bhtd,hde->bhte", q_free.float(), self.reader.query)  # (B, Hq, T, D) memory query
         heads = torch.arange(Hq, device=dev) // (Hq // H)  # (Hq,) K/V head of each query head
-        found = rt.memo(lambda: self._search(call, q_free, heads))  # replayed as is under gradient checkpointing
+        found = rt.memo(lambda: self._search(call, q_mem, heads))  # replayed as is under gradient checkpointing
         if found is None:
             return torch.zeros(B, T, Hq, D, device=dev), torch.zeros(B, T, Hq, dtype=torch.bool, device=dev)
         P, slots, valid, starts = found  # (U, 2, H, c, D), (B, Hq, T, k) x 3
@@ -248,9 +268,9 @@ class LongMemStyle(Style):
         mv = P[slots, 1, hidx].reshape(B, Hq, T, M, D)
         mvalid = valid[..., None].expand(B, Hq, T, k, c).reshape(B, Hq, T, M)
         if block.positions == "none":
-            q = q_free.float()  # LongMem: no relative position between a token and its memory
+            q = q_mem  # LongMem: no relative position between a token and its memory
         else:
-            q = query.float()
+            q = rt.rotary.rotate(layer, q_mem, lay.blk_pos).float()
             if self.config.position_scheme == "original":
                 pos = (starts[..., None] + torch.arange(c, device=dev)).reshape(B * Hq * T, M)
                 mk = rt.rotary.rotate(layer, mk.reshape(B * Hq * T, 1, M, D), pos).reshape(B, Hq, T, M, D)
@@ -262,6 +282,7 @@ class LongMemStyle(Style):
         w = torch.einsum("bhtd,bhtmd->bhtm", q, mk.float()) * scale  # (B, Hq, T, M)
         w = w.masked_fill(~mvalid, torch.finfo(w.dtype).min).softmax(-1)
         out = torch.einsum("bhtm,bhtmd->bhtd", w, mv.float())  # (B, Hq, T, D)
+        out = torch.einsum("bhtd,hde->bhte", out, self.reader.value)  # (B, Hq, T, D)
         has = mvalid.any(-1)  # (B, Hq, T)
         return out.transpose(1, 2), has.transpose(1, 2)
 
