@@ -175,7 +175,7 @@ def load_weights(model: Any, directory: Path) -> bool:
     params = trainable_parameters(model)
     missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     bad = [n for n in set(params) & set(tensors) if tuple(params[n].shape) != tuple(tensors[n].shape)]
-    if extra or bad or (missing and not all(n.startswith("memkit_modules.gate") for n in missing)):
+    if extra or bad or (missing and not all(n.startswith(("memkit_modules.gate", "memkit_modules.reader")) for n in missing)):
         raise IncompatibleMemoryError(
             f"saved memkit weights do not fit this model/config: missing {missing[:4]}, unexpected {extra[:4]}, "
             f"wrong shape {bad[:4]}; load them into the same base model with the saved memkit config")
@@ -215,8 +215,10 @@ def _optimizer_step(loss: torch.Tensor, opt: Any, scaler: Any, params: list[Any]
         opt.step()
 
 
-def _schedule(docs: list[torch.Tensor], seg: int, per_doc: int | None, steps: int) -> Iterable[tuple[torch.Tensor, int]]:
-    """(document, segment start) for each step: documents in turn, each from its start, in order."""
+def _schedule(docs: list[torch.Tensor], seg: int, per_doc: int | None, steps: int | None
+              ) -> Iterable[tuple[torch.Tensor, int]]:
+    """(document, segment start) for each step: documents in turn, each from its start, in order (endless when
+    ``steps`` is None)."""
     n = 0
     while True:
         for ids in docs:
@@ -224,7 +226,7 @@ def _schedule(docs: list[torch.Tensor], seg: int, per_doc: int | None, steps: in
             for s in starts:
                 yield ids, s
                 n += 1
-                if n >= steps:
+                if steps is not None and n >= steps:
                     return
 
 
@@ -264,34 +266,47 @@ def _autocast(mode: str | None, device: torch.device) -> tuple[Any, str | None]:
     return torch.autocast(device.type, dtype=dtypes[mode]), mode
 
 
-def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int = 100, segment_len: int = 512,
-          lr: float = 1e-4, gate_lr: float = 0.05, scale_lr: float = 0.005, lora: bool | dict[str, Any] | None = None,
-          mixed_precision: str | None = "auto", gradient_checkpointing: bool = False, max_grad_norm: float = 1.0,
-          weight_decay: float = 0.0, segments_per_doc: int | None = None, seed: int = 0, log_every: int = 0,
+def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int | None = 100, segment_len: int = 512,
+          lr: float = 1e-4, gate_lr: float = 0.05, scale_lr: float = 0.005, reader_lr: float | None = None,
+          lora: bool | dict[str, Any] | None = None, mixed_precision: str | None = "auto",
+          gradient_checkpointing: bool = False, max_grad_norm: float = 1.0, weight_decay: float = 0.0,
+          segments_per_doc: int | None = None, max_seconds: float | None = None, seed: int = 0, log_every: int = 0,
           callback: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train memkit's parameters of a wrapped model on long documents; see the module docstring.
 
     ``texts``: strings (tokenised with the wrap's tokenizer) or token-id sequences. ``steps`` optimiser steps,
-    one per segment. Documents are read in turn, each from its start and in order for ``segments_per_doc``
-    segments (None = to its end), with memory reset when a document starts; the list repeats until ``steps``.
-    ``lr`` for SideNet layers / LoRA weights; ``gate_lr`` for the LongMem gate logits (they start at -8 and
-    must move by units to open) and ``scale_lr`` for the SideNet's residual scales (they start at 0).
+    one per segment (None: until ``max_seconds``). Documents are read in turn, each from its start and in order for
+    ``segments_per_doc`` segments (None = to its end), with memory reset when a document starts; the list repeats
+    until ``steps`` or ``max_seconds`` of training (time spent in ``callback``, e.g. evaluations, not counted).
+    ``lr`` for SideNet layers / LoRA weights; ``reader_lr`` for LongMem's memory-reading maps (None = ``lr``);
+    ``gate_lr`` for the LongMem gate logits (they start at -8 and must move by units to open) and ``scale_lr`` for
+    the SideNet's residual scales (they start at 0).
     ``gradient_checkpointing`` recomputes each decoder layer in backward (same gradients, less memory);
     ``mixed_precision``: None, ``"auto"``, ``"bf16"`` (CPU or CUDA) or ``"fp16"`` (CUDA). A step whose loss
     no trained parameter took part in (LongMem without SideNet while memory is still empty) changes nothing.
     Returns a :class:`TrainResult`; the model is left in eval mode.
     """
     rt = _rt(model)
-    if not isinstance(steps, int) or steps < 1 or not isinstance(segment_len, int) or segment_len < 2:
-        raise InvalidInputError(f"train needs steps >= 1 and segment_len >= 2, got {steps}, {segment_len}")
+    if steps is None and max_seconds is None:
+        raise InvalidInputError("train needs steps or max_seconds (a time budget); got neither")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise InvalidInputError(f"train needs steps >= 1 (or None with max_seconds), got {steps!r}")
+    if not isinstance(segment_len, int) or segment_len < 2:
+        raise InvalidInputError(f"train needs segment_len >= 2, got {segment_len!r}")
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
+        raise InvalidInputError(f"max_seconds must be a positive number of seconds, got {max_seconds!r}")
     docs = _documents(model, texts, tokenizer)
     params = prepare_for_training(model, lora=lora)
     named = trainable_parameters(model)
     gate = [p for n, p in named.items() if n.startswith("memkit_modules.gate.")]
     scales = [p for n, p in named.items() if n == "memkit_modules.sidenet.scales"]
-    rest = [p for p in params if all(p is not g for g in gate + scales)]
+    reader = [p for n, p in named.items() if n.startswith("memkit_modules.reader.")]
+    special = gate + scales + reader
+    rest = [p for p in params if all(p is not g for g in special)]
     groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay}] if rest else []
-    groups += [{"params": ps, "lr": r, "weight_decay": 0.0} for ps, r in ((gate, gate_lr), (scales, scale_lr)) if ps]
+    groups += [{"params": ps, "lr": r, "weight_decay": 0.0}
+               for ps, r in ((gate, gate_lr), (scales, scale_lr), (reader, lr if reader_lr is None else reader_lr))
+               if ps]
     opt = torch.optim.AdamW(groups)
     ctx, mp = _autocast(mixed_precision, rt.device)
     scaler = torch.amp.GradScaler("cuda") if mp == "fp16" else None
@@ -300,12 +315,15 @@ def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int
     result = TrainResult(steps=0, tokens=0, seconds=0.0, trainable=sum(p.numel() for p in params),
                          mixed_precision=mp)
     t0 = time.perf_counter()
+    outside = 0.0  # seconds spent in the callback (evaluations): not training time
     undo = enable_gradient_checkpointing(model) if gradient_checkpointing else None
     model.train()
     grad_was_enabled = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # training works even if the caller disabled gradients globally
     try:
         for step, (ids, start) in enumerate(_schedule(docs, segment_len, segments_per_doc, steps)):
+            if max_seconds is not None and time.perf_counter() - t0 - outside >= max_seconds:
+                break
             if start == 0:
                 model.memory.reset("default")  # a document starts: its memory fills from its own earlier segments
             # The previous segment's last `window` tokens are re-read as unscored context: the local window is
@@ -324,14 +342,18 @@ def train(model: Any, texts: Sequence[Any], *, tokenizer: Any = None, steps: int
             result.losses.append(value)
             result.steps, result.tokens = step + 1, result.tokens + seg.shape[1] - lead
             if callback is not None:
+                t_cb = time.perf_counter()
+                model.eval()
                 callback(step, value)
+                model.train()
+                outside += time.perf_counter() - t_cb
             if log_every and (step + 1) % log_every == 0:
-                print(f"memkit train step {step + 1}/{steps} loss {value:.4f}", flush=True)
+                print(f"memkit train step {step + 1}/{steps or '-'} loss {value:.4f}", flush=True)
     finally:
         if undo is not None:
             undo()
         torch.set_grad_enabled(grad_was_enabled)
         model.eval()
         model.memory.reset("default")
-    result.seconds = time.perf_counter() - t0
+    result.seconds = time.perf_counter() - t0 - outside
     return result
