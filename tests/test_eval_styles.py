@@ -44,7 +44,7 @@ def test_eval_styles_end_to_end(tiny, tmp_path, capsys):
             continue
         assert len(row["passkey"]) == 1 and isinstance(row["passkey"][0]["correct"], bool)
         assert row["passkey_accuracy"] in (0.0, 1.0)
-    assert rows["window-only"]["memory"] == "none" and rows["longmem trained"]["sidenet"]
+    assert rows["window-only"]["memory"] == "none" and rows["longmem trained"]["memory"] == "longmem"
     assert data["train"]["steps"] == 2 and data["longmem_untrained_minus_window"] <= 1e-3
     md = (out / "styles.md").read_text()
     assert "| longmem trained |" in md and "styles.png" in md

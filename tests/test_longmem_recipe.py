@@ -210,6 +210,15 @@ def test_icl_evaluate_leaves_memory_unchanged() -> None:
     memkit.unwrap(wrapped)
 
 
+def test_command_recipe_equals_the_library_recipe() -> None:
+    from memkit.commands.train import RECIPE
+    from memkit.integrations.training import LONGMEM_RECIPE
+
+    mine = dict(segment_len=RECIPE["segment"], lr=RECIPE["lr"], reader_lr=RECIPE["reader_lr"],
+                gate_lr=RECIPE["gate_lr"], scale_lr=RECIPE["scale_lr"], weight_decay=0.0)
+    assert mine == LONGMEM_RECIPE
+
+
 def test_memkit_train_command_end_to_end(tmp_path: Path) -> None:
     from memkit.cli import main
     from memkit.testing.tiny_models import tiny_hf_folder

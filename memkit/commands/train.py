@@ -34,6 +34,8 @@ __all__ = ["add_arguments", "run", "RECIPE", "read_texts", "held_out_loss", "tra
 
 # The documented LongMem recipe (benchmarks/results/train.md measures it): window 128 (memory matters early and a
 # CPU step stays ~3 s), the memory layer at 2/3 depth, no SideNet, 3,072-token documents in 256-token segments.
+# The train keywords equal memkit.integrations.training.LONGMEM_RECIPE (a test keeps them equal; this module stays
+# torch-free because `memkit --help` imports every command).
 RECIPE: dict[str, Any] = dict(window=128, block_size=128, chunk_size=32, sink_tokens=4, doc_tokens=3072,
                               segment=256, lr=3e-4, reader_lr=1e-3, gate_lr=0.1, scale_lr=0.005, copy_fraction=0.0)
 DEFAULT_EVAL = ("romeo_and_juliet", "julius_caesar")  # held out from memkit.corpora.TRAIN_PLAYS

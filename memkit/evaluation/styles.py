@@ -7,10 +7,10 @@ Rows (each reads the same tokens and the same passkey prompts):
 * ``longmem untrained`` - LongMem-style gated joint attention (Wang et al. 2023) with the gate at its initial
   value: memory starts silent, so this row must not be worse than window-only;
 * ``longmem trained``   - a LongMem model trained by :func:`memkit.train` (``--trained DIR``: a
-  ``save_pretrained`` folder; or ``--train-steps N``: trained here first, with the recipe of
-  ``memkit bench train``, on plays other than the evaluated text), and the same model with memory switched
-  off (``top_k=0``), which separates what training put into using memory from what the SideNet learnt about
-  the text itself.
+  ``save_pretrained`` folder, e.g. from ``memkit train``; or ``--train-steps N``: trained here first, with the
+  recipe of ``memkit train``, on plays other than the evaluated text), and the same model with memory switched
+  off (``top_k=0``), which separates what training put into using memory from what a SideNet (when the adapter
+  has one) learnt about the text itself.
 
 Perplexity scores tokens ``[--start, --end)`` after reading ``[0, --end)``; passkey accuracy asks for a key
 hidden at each of ``--depths`` of a ``--passkey-length`` prompt (:mod:`memkit.evaluation.haystack`). Writes
@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trained", default=None, metavar="DIR",
                    help="save_pretrained folder of a trained memkit model (memkit.train) to add as a row")
     p.add_argument("--train-steps", type=int, default=0, metavar="N",
-                   help="train LongMem + SideNet for N steps here first (recipe of `memkit bench train`, on "
-                        "plays other than --text) and add it as a row (default: 0 = no)")
+                   help="train LongMem for N steps here first (recipe of `memkit train`, on plays other than "
+                        "--text) and add it as a row (default: 0 = no)")
     p.add_argument("--save-trained", default=None, metavar="DIR",
                    help="with --train-steps: save_pretrained the trained model there")
     p.add_argument("--passkey-length", default="2k", metavar="TOK",
@@ -148,18 +148,21 @@ def score_styles(model: Any, tok: Any, ids: Any, start: int, base: Any, *, passk
 
 
 def _train_here(model: Any, tok: Any, base: Any, steps: int, exclude: str, log: Any) -> tuple[Any, Any]:
-    """LongMem + SideNet trained with the `memkit bench train` recipe on plays other than ``exclude``."""
+    """LongMem trained with the recipe of ``memkit train`` (gates + memory read, backbone frozen; no SideNet) for
+    ``steps`` steps on plays other than ``exclude``, in documents of the recipe's length."""
     import memkit
+    from memkit.commands.train import RECIPE
     from memkit.corpora import TRAIN_PLAYS, play_ids
-    from memkit.integrations.training import LONGMEM_RECIPE
+    from memkit.integrations.curriculum import training_documents
 
     names = [n for n in TRAIN_PLAYS if n != exclude]
-    recipe = dict(LONGMEM_RECIPE)
-    docs = list(play_ids(tok, names, recipe["segment_len"] * recipe["segments_per_doc"] + 1).values())
-    wrapped = memkit.wrap(model, base.with_style("longmem", sidenet=True).replace(top_k=base.top_k or 8,
-                                                                                  progress=False))
-    res = memkit.train(wrapped, docs, steps=steps, **recipe)
-    log(f"[train] LongMem + SideNet: {res.steps} steps, {res.tokens} tokens, {res.seconds:.0f}s on {', '.join(names)}")
+    texts = list(play_ids(tok, names, RECIPE["doc_tokens"]).values())
+    docs = training_documents(texts, doc_tokens=RECIPE["doc_tokens"], window=base.window)
+    wrapped = memkit.wrap(model, base.with_style("longmem", sidenet=False).replace(top_k=base.top_k or 8,
+                                                                                   progress=False))
+    res = memkit.train(wrapped, docs, steps=steps, segment_len=RECIPE["segment"], lr=RECIPE["lr"],
+                       reader_lr=RECIPE["reader_lr"], gate_lr=RECIPE["gate_lr"], mixed_precision=None)
+    log(f"[train] LongMem: {res.steps} steps, {res.tokens} tokens, {res.seconds:.0f}s on {', '.join(names)}")
     return wrapped, res
 
 
