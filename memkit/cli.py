@@ -23,6 +23,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("bench", "backends"): ("memkit.bench.backends", "MemoryBank backends on real vectors: build, QPS, recall, overhead"),
     ("bench", "kv"): ("memkit.bench.kv", "tiered K/V store: get latency and hit rate vs budget and dtype"),
     ("bench", "context"): ("memkit.bench.context", "tokens/s and peak memory vs context length"),
+    ("bench", "train"): ("memkit.bench.train", "LongMem after memkit train: held-out loss memory on/off, window-only, "
+                         "MemLong, in-context learning, passkey, training curve"),
     ("bench", "all"): ("memkit.bench.all", "the whole benchmark matrix, writing benchmarks/REPORT.md"),
     ("eval", "ppl"): ("memkit.evaluation.ppl", "sliding-window perplexity with and without memory"),
     ("eval", "passkey"): ("memkit.evaluation.passkey", "passkey retrieval accuracy over lengths and depths"),
