@@ -243,3 +243,29 @@ def test_memkit_train_command_end_to_end(tmp_path: Path) -> None:
                  str(tmp_path / "x"), "--eval-text", str(train_text)]) == 2
     assert main(["train", "--model", str(folder), "--text", "no-such-text", "--minutes", "1", "--out",
                  str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+def test_untrained_longmem_equals_memlong_window_only_at_window_512_on_real_text() -> None:
+    """Issue #16 item 0, with the defaults of ``wrap(m, style="longmem", window=512)`` (128 sinks, blocks of 256):
+    LongMem's local attention is MemLong's window-only attention token for token, and the untrained gate keeps the
+    memory read below 1e-3 nats (SmolLM2-135M, Julius Caesar tokens 1024-1535, memory filled from token 640)."""
+    from memkit.corpora import play_ids
+    from memkit.models import load_smollm2
+
+    model, tok = load_smollm2()
+    ids = play_ids(tok, ["julius_caesar"], 1536)["julius_caesar"][None]
+    labels = ids.clone()
+    labels[:, :1024] = -100
+    losses = {}
+    for name, kw in (("window-only", dict(style="memlong", top_k=0)), ("longmem off", dict(style="longmem", top_k=0)),
+                     ("longmem", dict(style="longmem"))):
+        wrapped = memkit.wrap(model, window=512, progress=False, **kw)
+        with torch.no_grad():
+            out = wrapped(ids, labels=labels, token_losses=True, logits_to_keep=1)
+        losses[name] = out.token_losses[0, 1024:]
+        if name == "longmem":
+            assert wrapped.memory.num_chunks() > 0
+        memkit.unwrap(wrapped)
+    assert torch.equal(losses["longmem off"], losses["window-only"])
+    assert float(losses["longmem"].mean()) <= float(losses["window-only"].mean()) + 1e-3
