@@ -79,7 +79,7 @@ class KVStoreConfig(ConfigBase):
     device_bytes: int = 2 << 30  # 2 GiB of pages on the accelerator leaves room for weights on 24 GB
     host_bytes: int = 16 << 30  # host RAM tier (pinned when CUDA is present)
     disk_dir: str | None = None  # None = no disk tier; pages beyond host_bytes are then an error
-    disk_bytes: int = 1 << 40  # memory-mapped spill files; effectively bounded by the disk
+    disk_bytes: int = 1 << 40  # spill files on disk; effectively bounded by the disk
     dtype: str = "fp16"  # halves page bytes vs fp32 at ~1e-3 relative error (see kvstore docs)
     int8_scale: str = "channel"  # "page" or "channel": per-channel scales keep int8 error lower
     prefetch: bool = True  # start copies for the next block while the current one computes

@@ -10,7 +10,7 @@ Tiers are exclusive (a page lives in exactly one) and ordered device > host > di
 * ``device`` — the compute device (``KVStoreConfig.device``). On CPU it is ordinary memory with its own
   budget, so the same paging code runs (and is tested) without a GPU.
 * ``host`` — CPU memory, pinned when the device is CUDA so copies are asynchronous.
-* ``disk`` — memory-mapped segment files in a private subdirectory of ``disk_dir`` (optional).
+* ``disk`` — fixed-size page files (read with ``pread``, never mapped) in a private subdirectory of ``disk_dir`` (optional).
 
 New pages enter the device tier as most recently used; when a tier is full its least recently used
 page moves one tier down. ``get``/``prefetch`` move the requested pages up to the device tier (those

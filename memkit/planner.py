@@ -236,7 +236,7 @@ def _plan_memkit(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int, cf
         elif disk_pages > cfg.kvstore.disk_bytes:
             out.problems.append(f"disk-tier pages need {human(disk_pages)} but kvstore.disk_bytes is "
                                 f"{human(cfg.kvstore.disk_bytes)}: raise it")
-        out.lines.append(("disk", "disk-tier pages (memory-mapped)", disk_pages))
+        out.lines.append(("disk", "disk-tier pages (page files)", disk_pages))
     chunks = math.ceil(stored_tokens / cfg.chunk_size) * batch
     dim = cfg.bank.dim or 384
     out.lines.append(("host", f"bank vectors: {chunks:,} chunks x {dim}-d float32", chunks * dim * 4))
