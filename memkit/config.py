@@ -30,8 +30,9 @@ from memkit.configbase import (
     is_cosine_setting,
     read_mapping,
 )
-from memkit.errors import ConfigError
+from memkit.errors import ConfigError, InvalidInputError
 from memkit.styles import STYLES, LayerSpec, LongMemConfig, MemLongConfig, StyleConfig, style_config_class
+from memkit.units import parse_bytes
 
 __all__ = ["BankConfig", "KVStoreConfig", "MemoryConfig", "MemLongConfig", "LongMemConfig", "load_config",
            "resolve_layers", "is_cosine_setting"]
@@ -85,6 +86,13 @@ class KVStoreConfig(ConfigBase):
     prefetch: bool = True  # start copies for the next block while the current one computes
 
     def __post_init__(self) -> None:
+        for name in ("device_bytes", "host_bytes", "disk_bytes"):  # "2GB" reads like in `memkit plan`
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, parse_bytes(value))
+                except InvalidInputError as exc:
+                    raise ConfigError(f"KVStoreConfig.{name}: {exc}") from exc
         check_choice("KVStoreConfig.dtype", self.dtype, KV_DTYPES)
         check_choice("KVStoreConfig.int8_scale", self.int8_scale, ("page", "channel"))
         for name in ("device_bytes", "host_bytes", "disk_bytes"):
