@@ -154,7 +154,7 @@ class DiskTier(MemTier):
     def write(self, page_id: int, data: np.ndarray) -> None:
         slot = self._alloc()
         fd, offset = self._locate(slot)
-        view = memoryview(np.ascontiguousarray(data, dtype=np.uint8)).cast("B")  # (page_bytes,)
+        view = np.ascontiguousarray(data, dtype=np.uint8).data.cast("B")  # (page_bytes,)
         done = 0
         while done < len(view):
             done += os.pwrite(fd, view[done:], offset + done)
@@ -163,7 +163,7 @@ class DiskTier(MemTier):
     def read_into(self, page_id: int, out: torch.Tensor) -> None:
         """Read one page into ``out`` (page_bytes,) uint8 CPU tensor."""
         fd, offset = self._locate(self.entries[page_id])
-        view = memoryview(out.numpy()).cast("B")
+        view = out.numpy().data.cast("B")
         done = 0
         while done < len(view):
             got = os.preadv(fd, [view[done:]], offset + done)

@@ -29,7 +29,7 @@ def test_memorybank_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         shutil.rmtree(disk)
     scope: dict[str, object] = {}
     try:
-        exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the README's own code
+        exec(compile(code, "README.md", "exec"), scope)
     finally:
         if disk.exists():
             import shutil
