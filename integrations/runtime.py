@@ -43,7 +43,7 @@ from memkit.config import MemoryConfig
 from memkit.errors import ConfigError, IncompatibleMemoryError, InvalidInputError, UnsupportedModelError
 from memkit.styles import STYLES
 
-from .attention import ATTN_NAME, RUNTIMES, attend_core, register
+from .attention import ATTN_NAME, RUNTIME_ATTR, RUNTIMES, attend_core, register
 from .context import CallState
 from .hf_compat import broken_assumption, cache_kwarg, check_versions, resolve_decoder
 from .positions import Rotary
@@ -117,7 +117,7 @@ class Runtime:
         register()
         self.style.install()
         for m in self.attention_modules():
-            setattr(m, "_memkit_runtime", self)  # noqa: B010 - read by the attention function of this module
+            setattr(m, RUNTIME_ATTR, self)  # read by the attention function of this module
         RUNTIMES[id(self.hf_config)] = self
         self.lm.set_attn_implementation(ATTN_NAME)
         if self.hf_config._attn_implementation != ATTN_NAME:
@@ -161,8 +161,8 @@ class Runtime:
             h.remove()
         self.hooks.clear()
         for m in self.attention_modules():
-            if getattr(m, "_memkit_runtime", None) is self:
-                del m._memkit_runtime
+            if getattr(m, RUNTIME_ATTR, None) is self:
+                delattr(m, RUNTIME_ATTR)
         RUNTIMES.pop(id(self.hf_config), None)
         if self.hf_config._attn_implementation == ATTN_NAME:
             self.lm.set_attn_implementation(self.original_impl)

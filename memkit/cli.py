@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from memkit.errors import MemkitError
 
@@ -32,7 +33,7 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memkit", description="Long-term memory for Hugging Face decoders.")
     sub = parser.add_subparsers(dest="command", required=True)
-    groups: dict[str, argparse._SubParsersAction] = {}
+    groups: dict[str, Any] = {}  # command -> its subparsers action
     for (cmd, subcmd), (module, help_text) in COMMANDS.items():
         if subcmd is None:
             p = sub.add_parser(cmd, help=help_text, description=help_text)
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                 g = sub.add_parser(cmd, help=f"{cmd} subcommands")
                 groups[cmd] = g.add_subparsers(dest="subcommand", required=True)
             p = groups[cmd].add_parser(subcmd, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(memkit_module=module)
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        mod = importlib.import_module(args._module)
+        mod = importlib.import_module(args.memkit_module)
         return int(mod.run(args) or 0)
     except MemkitError as exc:
         print(f"memkit: error: {exc}", file=sys.stderr)

@@ -67,6 +67,11 @@ from memkit.pages import FORMAT, FORMAT_VERSION, META_FILE, DiskTier, Entry, Mem
 __all__ = ["KVStore", "PageCodec", "TIERS"]
 
 TIERS = ("device", "host", "disk")
+
+
+def _owns_storage(buf: torch.Tensor) -> bool:
+    """True when ``buf`` is contiguous and is its whole storage (not a view that keeps a larger tensor alive)."""
+    return buf.is_contiguous() and buf.untyped_storage().nbytes() == buf.numel() * buf.element_size()
 SHARD_BYTES = 512 << 20  # safetensors shard size on save
 
 
@@ -126,7 +131,7 @@ class KVStore:
         if buf.device.type != "cuda":
             if self._cuda and not buf.is_pinned():  # pinned so later host->device copies are asynchronous
                 return Entry(torch.empty(buf.shape, dtype=torch.uint8, pin_memory=True).copy_(buf))
-            return Entry(buf if buf.is_contiguous() and buf._base is None else buf.clone())
+            return Entry(buf if _owns_storage(buf) else buf.clone())
         host = torch.empty(buf.shape, dtype=torch.uint8, pin_memory=True)
         stream = self._copy_stream
         assert stream is not None  # CUDA buffers exist only where a copy stream was made
@@ -155,7 +160,7 @@ class KVStore:
                     dev = torch.empty(self.page_bytes, dtype=torch.uint8, device=self.device)
                     dev.copy_(entry.buf, non_blocking=self._cuda)
                 entry = Entry(dev, self._event())
-            elif entry.buf._base is not None:
+            elif not _owns_storage(entry.buf):
                 entry = Entry(entry.buf.clone(), entry.event)
             tier.entries[page_id] = entry
         elif t == 1:
