@@ -25,6 +25,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("bench", "all"): ("memkit.bench.all", "the whole benchmark matrix, writing benchmarks/REPORT.md"),
     ("eval", "ppl"): ("memkit.evaluation.ppl", "sliding-window perplexity with and without memory"),
     ("eval", "passkey"): ("memkit.evaluation.passkey", "passkey retrieval accuracy over lengths and depths"),
+    ("eval", "qa"): ("memkit.evaluation.qa", "questions about long real documents: plain inside its positions vs "
+                     "wrapped beyond"),
     ("eval", "styles"): ("memkit.evaluation.styles", "window-only vs MemLong vs LongMem (untrained, trained): "
                          "perplexity and passkey on the same text, as a table and a plot"),
 }
