@@ -86,15 +86,16 @@ class MemkitLM(TemplateLM):
 
     ``pretrained``: a local HF folder / .gguf path (``None`` or ``"smollm2"``: the bundled SmolLM2-135M-Instruct),
     a model returned by :func:`memkit.wrap`, or a plain HF causal LM (wrapped here). ``config``: a memkit
-    YAML/JSON file for paths and plain models; any other keyword naming a ``MemoryConfig`` field (``top_k=16``,
-    ``window=1024``) overrides it. ``mode``: ``memkit`` | ``window`` (top_k=0) | ``full`` (plain model).
-    ``threads``: torch CPU threads. ``batch_size``/``max_batch_size``/``device`` are accepted because lm-eval's
-    CLI always passes them; requests run one by one (each owns the memory), and the device is the model's.
+    YAML/JSON file (or a ``MemoryConfig``/dict from Python) for paths and plain models; any other keyword
+    naming a ``MemoryConfig`` field (``top_k=16``, ``window=1024``) overrides it. ``mode``: ``memkit`` |
+    ``window`` (top_k=0) | ``full`` (plain model). ``threads``: torch CPU threads.
+    ``batch_size``/``max_batch_size``/``device`` are accepted because lm-eval's CLI always passes them; requests
+    run one by one (each owns the memory), and the device is the model's.
     """
 
     backend = "causal"
 
-    def __init__(self, pretrained: Any = None, *, tokenizer: Any = None, config: str | Path | None = None,
+    def __init__(self, pretrained: Any = None, *, tokenizer: Any = None, config: Any = None,
                  mode: str = "memkit", threads: int | None = None, max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
                  add_bos_token: bool = False, progress: bool = False, dtype: str = "float32",
                  batch_size: Any = 1, max_batch_size: Any = None, device: Any = None, **overrides: Any) -> None:
@@ -182,9 +183,10 @@ class MemkitLM(TemplateLM):
         from memkit.config import load_config
         from memkit.evaluation.common import check_file
 
-        if config is not None:
+        if isinstance(config, (str, Path)):
             check_file(str(config), "config file")
-        cfg = load_config(None if config is None else str(config), **overrides)
+            config = str(config)
+        cfg = load_config(config, **overrides)  # a path, a dict or a MemoryConfig
         cfg = cfg.replace(progress=bool(progress))
         if mode == "window":
             cfg = cfg.replace(top_k=0)
