@@ -173,7 +173,7 @@ def test_wrapped_model_object_and_bad_arguments(tiny):
 
 
 def test_lm_eval_command_line_runs_a_real_task(tiny, tmp_path):
-    """``memkit-lm-eval --model memkit`` (lm-eval's own CLI) on a local generate_until + multiple-choice task."""
+    """``memkit-lm-eval --model memkit`` (the console script: lm-eval's own CLI) on a local generate_until + multiple-choice task."""
     import os
     import subprocess
     import sys
@@ -195,7 +195,7 @@ def test_lm_eval_command_line_runs_a_real_task(tiny, tmp_path):
                                       "    higher_is_better: true\n" + common)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "ds"),
                OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "memkit.evaluation.lm_eval_model", "--model", "memkit", "--model_args",
+    r = subprocess.run([sys.executable, "-m", "memkit.evaluation.lm_eval_cli", "--model", "memkit", "--model_args",
                         f"pretrained={folder},config={cfg},threads=1", "--tasks", "memkit_tiny_gen,memkit_tiny_mc",
                         "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"), "--log_samples"],
                        capture_output=True, text=True, timeout=300, env=env)

@@ -126,6 +126,10 @@ class MemkitLM(TemplateLM):
         from memkit.evaluation.common import max_positions
 
         self.max_positions = max_positions(self.plain)
+        import inspect
+
+        # memkit's forward always takes logits_to_keep; a plain model that does not gets its logits sliced after
+        self._keep_kw = self.model is not self.plain or "logits_to_keep" in inspect.signature(self.plain.forward).parameters
         if self.tokenizer.eos_token_id is None:
             raise ConfigError("the tokenizer has no eos_token_id; lm-eval needs one (it ends generations and "
                               "prefixes empty contexts); use a tokenizer that defines eos_token")
@@ -271,7 +275,7 @@ class MemkitLM(TemplateLM):
         n = len(continuation_enc)
         self._check_fits(len(ids), "a loglikelihood request")
         self._reset()
-        out = self.model(self._ids(ids), logits_to_keep=n)
+        out = self.model(self._ids(ids), **({"logits_to_keep": n} if self._keep_kw else {}))
         logits = out.logits[0, -n:].float()  # (n, V): rows predicting each continuation token
         target = torch.tensor(continuation_enc, dtype=torch.long, device=logits.device)  # (n,)
         logp = torch.log_softmax(logits, -1)

@@ -166,14 +166,16 @@ class RulerSamples:
 
 
 @contextlib.contextmanager
-def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval's generators print a line per attempt and log a note per task; keep stdout for memkit's table."""
+def _quiet_lm_eval(*, bars: bool = False) -> Iterator[None]:
+    """lm-eval's generators print a line per attempt and log a note per task; keep stdout for memkit's table.
+    Their progress bars (stderr) stay unless ``bars`` is False."""
     loggers = [logging.getLogger(n) for n in ("lm_eval", "lm-eval")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), \
+                (contextlib.nullcontext() if bars else contextlib.redirect_stderr(io.StringIO())):
             yield
     finally:
         for lg, lv in zip(loggers, levels):
@@ -276,7 +278,7 @@ def _read_cache(path: Path, name: str, length: int) -> list[dict[str, Any]] | No
 
 
 def load_samples(name: str, length: int, tokenizer: Any, tokenizer_folder: str | Path, *,
-                 rebuild: bool = False) -> RulerSamples:
+                 rebuild: bool = False, progress: bool = False) -> RulerSamples:
     """lm-eval's 500 samples of ``name`` at ``length`` tokens for ``tokenizer`` (saved in ``tokenizer_folder``,
     which lm-eval's generator loads by path), from the cache or built now and cached."""
     _lm_eval()
@@ -299,7 +301,7 @@ def load_samples(name: str, length: int, tokenizer: Any, tokenizer_folder: str |
     random.seed(SEEDS[0])
     np.random.seed(SEEDS[1])
     t0 = time.perf_counter()
-    with _quiet_lm_eval():
+    with _quiet_lm_eval(bars=progress):
         dataset = build(tokenizer=str(tokenizer_folder), max_seq_lengths=[length])
     docs = [dict(d) for d in dataset["test"]]
     seconds = time.perf_counter() - t0
@@ -546,9 +548,16 @@ def score_table(results: list[dict[str, Any]], summary: dict[str, Any], tasks: l
     return format_table(["task", *[f"{m} {_fmt_len(n)}" for m, n in cols]], rows)
 
 
+def _ordered(results: list[dict[str, Any]]) -> list[tuple[tuple[str, int, str], list[dict[str, Any]]]]:
+    """Cells by task (in the order tasks first appear), then length, then mode (order of appearance)."""
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    modes = list(dict.fromkeys(r["mode"] for r in results))
+    return sorted(_cells(results).items(), key=lambda kv: (tasks.index(kv[0][0]), kv[0][1], modes.index(kv[0][2])))
+
+
 def location_table(results: list[dict[str, Any]]) -> str:
     rows = []
-    for (t, n, m), recs in sorted(_cells(results).items()):
+    for (t, n, m), recs in _ordered(results):
         recs = [r for r in recs if "locations" in r]
         if not recs:
             continue
@@ -561,10 +570,12 @@ def location_table(results: list[dict[str, Any]]) -> str:
         def mean(rs: list[dict[str, Any]]) -> str:
             return f"{sum(r['score'] for r in rs) / len(rs):.2f} ({len(rs)})" if rs else "—"
 
+        occ = sum(it["occurrences"] for it in items)
+        vis = sum(it["visible_occurrences"] for it in items)
         rows.append([t, _fmt_len(n), m, len(items), *[counts[k] for k in LOCATIONS], counts["not found"],
-                     f"{ranks[len(ranks) // 2]}" if ranks else "—", mean(visible), mean(hidden)])
-    return format_table(["task", "length", "mode", "answers", *LOCATIONS, "not found", "median chunk rank",
-                         "score, all answers visible", "score, some not visible"], rows)
+                     f"{vis}/{occ}", f"{ranks[len(ranks) // 2]}" if ranks else "—", mean(visible), mean(hidden)])
+    return format_table(["task", "length", "mode", "answers", *LOCATIONS, "not found", "occurrences visible",
+                         "median chunk rank", "score, all answers visible", "score, some not visible"], rows)
 
 
 def plot(results: list[dict[str, Any]], summary: dict[str, Any], tasks: list[str], lengths: list[int],
@@ -578,7 +589,7 @@ def plot(results: list[dict[str, Any]], summary: dict[str, Any], tasks: list[str
         return None
     series = [(m, n) for m in modes for n in lengths
               if any(f"{t}|{n}|{m}" in summary and not summary[f"{t}|{n}|{m}"].get("skipped") for t in tasks)]
-    loc_cells = [(t, n, m) for (t, n, m), rs in sorted(_cells(results).items()) if any("locations" in r for r in rs)]
+    loc_cells = [(t, n, m) for (t, n, m), rs in _ordered(results) if any("locations" in r for r in rs)]
     fig, axes = plt.subplots(1, 2 if loc_cells else 1, figsize=(13 if loc_cells else 7, 4.5), squeeze=False)
     ax = axes[0][0]
     width = 0.8 / max(1, len(series))
@@ -669,8 +680,8 @@ def run(args: argparse.Namespace) -> int:
     requests: dict[tuple[str, int], tuple[Any, list[Any]]] = {}
     for name in tasks:
         for n in lengths:
-            print(f"samples: {name} at {n} tokens ...", end=" ", flush=True)
-            s = load_samples(name, n, tok, folder, rebuild=args.rebuild)
+            print(f"samples: {name} at {n} tokens ...", end="\n" if not args.no_progress else " ", flush=True)
+            s = load_samples(name, n, tok, folder, rebuild=args.rebuild, progress=not args.no_progress)
             print(f"{s.cache} ({len(s.docs)} samples{f', built in {s.build_seconds:.0f}s' if s.build_seconds else ''}; "
                   f"{s.cache_file})", flush=True)
             samples[(name, n)] = s
