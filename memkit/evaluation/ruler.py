@@ -590,7 +590,9 @@ def plot(results: list[dict[str, Any]], summary: dict[str, Any], tasks: list[str
     series = [(m, n) for m in modes for n in lengths
               if any(f"{t}|{n}|{m}" in summary and not summary[f"{t}|{n}|{m}"].get("skipped") for t in tasks)]
     loc_cells = [(t, n, m) for (t, n, m), rs in _ordered(results) if any("locations" in r for r in rs)]
-    fig, axes = plt.subplots(1, 2 if loc_cells else 1, figsize=(13 if loc_cells else 7, 4.5), squeeze=False)
+    wide = 7 + max(6.0, 0.45 * len(loc_cells)) if loc_cells else 7
+    fig, axes = plt.subplots(1, 2 if loc_cells else 1, figsize=(wide, 5), squeeze=False,
+                             gridspec_kw={"width_ratios": [7, wide - 7]} if loc_cells else None)
     ax = axes[0][0]
     width = 0.8 / max(1, len(series))
     for i, (m, n) in enumerate(series):
@@ -615,11 +617,11 @@ def plot(results: list[dict[str, Any]], summary: dict[str, Any], tasks: list[str
             ax2.bar(range(len(loc_cells)), vals, bottom=bottoms, label=k, color=colors[k])
             bottoms = [b + v for b, v in zip(bottoms, vals)]
         ax2.set_xticks(range(len(loc_cells)))
-        ax2.set_xticklabels([f"{t}\n{m} {_fmt_len(n)}" for t, n, m in loc_cells], rotation=30, ha="right", fontsize=7)
+        ax2.set_xticklabels([f"{t} {m} {_fmt_len(n)}" for t, n, m in loc_cells], rotation=45, ha="right", fontsize=7)
         ax2.set_ylim(0, 1.05)
         ax2.set_ylabel("share of gold answers")
         ax2.set_title("where the answer was when the model answered")
-        ax2.legend(fontsize=8)
+        ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
