@@ -163,13 +163,11 @@ def test_tail_capture_is_the_prompt_end_step(tiny):
             after = lm.model.memory.trace()
         finally:
             lm.close()
-    assert cap.done and cap.trace == after and len(after) >= 2
+    assert cap.done and cap.trace == after and len(after) >= 1
     tail, window, chunk = 32, 128, 32
     assert n - tail - window - chunk < cap.window_start <= n - tail - window
     assert cap.stored[-1][1] == cap.window_start
-    attended = cap.attended(sinks=4, top_k=2)
-    assert len(attended) <= 2 and all(t["span"][1] > 4 for t in attended)
-    assert all(t in cap.trace for t in attended)
+    assert len(cap.trace) <= 2 and all(t["span"][1] > 4 for t in cap.trace)  # top_k, none inside the sinks
 
 
 def test_bad_tasks_and_impossible_lengths_fail_fast(tiny, tmp_path):

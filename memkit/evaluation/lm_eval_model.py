@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -395,14 +395,14 @@ class MemkitLM(TemplateLM):
         return info
 
 
-def main(argv: Sequence[str] | None = None, *, cli: Callable[[], Any] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``memkit-lm-eval``: lm-eval's own command line with the ``memkit`` model registered."""
-    if cli is None:
-        from lm_eval.__main__ import cli_evaluate as cli
+    from lm_eval.__main__ import cli_evaluate
+
     old = sys.argv
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else list(argv))]
     try:
-        result = cli()
+        result: Any = cli_evaluate()
     finally:
         sys.argv = old
     return int(result or 0)

@@ -10,7 +10,7 @@ the Paul Graham essays or QA sets from the Hub)::
     memkit eval ruler --lengths 4k,16k --tasks niah_single_1,niah_multikey_2,ruler_vt --limit 5 --modes memkit,full
 
 * samples are built once per task x length x tokenizer x lm-eval version (lm-eval makes 500 whatever the
-  limit) and cached as JSON under ``$MEMKIT_CACHE/ruler`` (:func:`memkit.testing.data.cache_dir`); reruns read
+  limit) and cached as JSON under ``$MEMKIT_CACHE/ruler`` (:func:`memkit.resources.cache_dir`); reruns read
   the cache and never import the generators;
 * ``--limit N`` samples per cell (the first N, as ``lm_eval --limit``) run through :class:`MemkitLM`
   (memory reset per sample, no truncation); ``full`` is the plain model and runs only where the target length
@@ -188,7 +188,7 @@ def _no_punkt_download() -> None:
     stops the download (a real punkt_tab earlier in the path still wins)."""
     import nltk
 
-    from memkit.testing.data import cache_dir
+    from memkit.resources import cache_dir
 
     root = cache_dir() / "nltk_data"
     (root / "tokenizers" / "punkt_tab").mkdir(parents=True, exist_ok=True)
@@ -256,7 +256,7 @@ def _precheck(name: str, length: int, tokenizer: Any) -> None:
 
 
 def _cache_path(name: str, length: int, fingerprint: str, version: str) -> Path:
-    from memkit.testing.data import cache_dir
+    from memkit.resources import cache_dir
 
     d = cache_dir() / "ruler"
     d.mkdir(parents=True, exist_ok=True)
@@ -409,13 +409,12 @@ def best_location(locations: list[str]) -> str:
 
 
 class TailCapture:
-    """What the step that read the end of the prompt saw: memory trace and where the window began.
+    """What the step that read the end of the prompt saw: its retrieval and where the window began.
 
     A forward pre-hook on the input embeddings runs inside each decoder step after memkit has retrieved for it
     and before the step's K/V are committed, so at the step whose tokens reach the prompt's end the memory
     holds exactly the chunks evicted before it (the window starts after the last of them) and ``trace()`` is
-    that step's retrieval. The retrieval fetches one extra candidate when sinks exist and drops chunks inside
-    the sinks, keeping the ``top_k`` best (``integrations/runtime.py``); :attr:`attended` applies the same rule.
+    that step's retrieval: the chunks it attends.
     """
 
     def __init__(self, model: Any, prompt_len: int) -> None:
@@ -446,15 +445,8 @@ class TailCapture:
         mgr = self.model.memory.manager
         end = mgr.span_end("default")
         self.window_start = int(end or 0)
-        self.stored = [tuple(map(int, s)) for s in mgr.spans("default")] if end else []
+        self.stored = [(int(a), int(b)) for a, b in mgr.spans("default")] if end else []
         self.trace = self.model.memory.trace() if self.stored else []
-
-    def attended(self, *, sinks: int, top_k: int) -> list[dict[str, Any]]:
-        kept = [t for t in self.trace if not int(t["span"][1]) <= sinks]
-        if len(kept) > top_k:
-            best = sorted(range(len(kept)), key=lambda i: -float(kept[i]["score"]))[:top_k]
-            kept = [kept[i] for i in sorted(best)]
-        return kept
 
 
 def _chunk_ranks(model: Any, prompt_ids: list[int], stored: list[tuple[int, int]], tokenizer: Any
@@ -489,7 +481,7 @@ def evaluate_sample(lm: Any, task: Any, request: Any, *, locate: bool = True) ->
     if cap is None:
         return rec
     cfg = lm.model.memkit_config
-    attended = cap.attended(sinks=cfg.sink_tokens, top_k=cfg.top_k)
+    attended = cap.trace
     retrieved = [(int(t["span"][0]), int(t["span"][1])) for t in attended]
     rec.update(window_start=cap.window_start, sinks=min(cfg.sink_tokens, cap.window_start),
                retrieved=[{"span": list(s), "score": round(float(t["score"]), 4)} for s, t in zip(retrieved, attended)],
