@@ -29,6 +29,8 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
                      "wrapped beyond"),
     ("eval", "styles"): ("memkit.evaluation.styles", "window-only vs MemLong vs LongMem (untrained, trained): "
                          "perplexity and passkey on the same text, as a table and a plot"),
+    ("eval", "ruler"): ("memkit.evaluation.ruler", "RULER tasks built by lm-evaluation-harness: score per task x length "
+                        "x mode, and where each answer was (window, retrieved chunk, missed)"),
 }
 
 
