@@ -104,16 +104,13 @@ class MemLongStyle(Style):
         cfg = self.config
         if cfg.top_k == 0 or not self.retrieval_layers:
             return
-        T = input_ids.shape[1]
-        col_start, col_end = call.cols, call.cols + T
-        inclusive = call.mode == "generate" and col_end >= call.prompt_cols
-        if call.mode == "generate" and col_start >= call.prompt_cols and \
-                col_end - call.last_retrieval_col < cfg.block_size:
-            return  # decoding: keep the chunks retrieved at the end of the prompt for a block's worth of tokens
+        if not call.new_block:
+            return  # answering: keep the chunks retrieved for this block (the question's) for a block's worth of tokens
+        # generate's last prompt step and its answer steps query with the tokens they read (the question) too
+        inclusive = call.mode == "generate" and call.cols + input_ids.shape[1] >= call.prompt_cols
         memory = self.rt.memory
         rows = [r for r in range(call.B) if memory.num_chunks(call.namespaces[r]) > 0]
         queries = self._queries(call, rows, input_ids, blk_valid, inclusive)
-        call.last_retrieval_col = col_end
         found = {r: v for r, v in queries.items() if v is not None}
         rows = [r for r in rows if r in found]
         if not rows:

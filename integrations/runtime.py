@@ -44,7 +44,7 @@ from memkit.errors import ConfigError, IncompatibleMemoryError, InvalidInputErro
 from memkit.styles import STYLES
 
 from .attention import ATTN_NAME, RUNTIME_ATTR, RUNTIMES, attend_core, register
-from .context import CallState
+from .context import CallState, Evicted
 from .hf_compat import broken_assumption, cache_kwarg, check_versions, resolve_decoder
 from .positions import Rotary
 from .replay import Replay, checkpoint_layers
@@ -314,6 +314,9 @@ class Runtime:
             raise InvalidInputError("memkit takes a 2-D attention_mask (batch, tokens) of 1 = token, 0 = padding")
         if call.mode == "generate":
             self._check_new_tokens(call, input_ids)
+        kept = call.start_step(T, self.config.block_size)
+        if kept:
+            self._store(call, kept)
         if call.mode != "probe":
             self.style.before_step(call, input_ids, blk_valid)
         layout = call.build_layout(blk_valid, self.config.position_scheme, include_memory_in_positions=True)
@@ -328,6 +331,13 @@ class Runtime:
                       attention_mask=None if bool(blk_valid.all()) else blk_valid.long())
         call.step_active = True
         return args, kwargs
+
+    def _store(self, call: CallState, evicted: list[Evicted]) -> None:
+        """Write chunks that left the window to memory (through the style)."""
+        self.style.store(call, evicted)
+        self.stores += 1
+        if self.stores % TRIM_EVERY == 0:
+            trim()  # pages pile up between freed activations: hand free heap back (memkit/_malloc.py)
 
     def _check_new_tokens(self, call: CallState, input_ids: torch.Tensor) -> None:
         """generate must hand each prompt token over exactly once, then one new token per step.
@@ -361,10 +371,7 @@ class Runtime:
             call.step_active = False
         evicted = call.commit(call.blk_ids)
         if evicted:
-            self.style.store(call, evicted)
-            self.stores += 1
-            if self.stores % TRIM_EVERY == 0:
-                trim()  # pages pile up between freed activations: hand free heap back (memkit/_malloc.py)
+            self._store(call, evicted)
         if call.progress is not None:
             before = call.cols - call.blk_ids.shape[1]
             call.progress.update(max(0, min(call.cols, call.prompt_cols) - min(before, call.prompt_cols)))

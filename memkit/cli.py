@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    torch = sys.modules.get("torch")
+    grad_before = torch.is_grad_enabled() if torch is not None else True
     try:
         mod = importlib.import_module(args.memkit_module)
         return int(mod.run(args) or 0)
@@ -71,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:  # commands run inference with autograd off; a caller in the same process gets its grad mode back
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_grad_enabled(grad_before)
 
 
 if __name__ == "__main__":

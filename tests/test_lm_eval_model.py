@@ -50,7 +50,8 @@ def _plain_loglikelihood(model, ctx, cont):
     import torch
 
     ids = torch.tensor([ctx + cont])
-    logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # (N, V)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # (N, V)
     rows = logp[len(ctx) - 1:len(ctx) + len(cont) - 1]  # rows predicting the continuation
     target = torch.tensor(cont)
     return float(rows.gather(1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
@@ -69,6 +70,18 @@ def test_loglikelihood_equals_plain_model_inside_the_block(lm, tiny):
         assert greedy == ref_greedy
 
 
+def test_the_callers_grad_mode_is_left_alone(lm, tiny):
+    """Scoring runs without autograd, but a training loop in the same process keeps its gradients."""
+    import torch
+
+    assert torch.is_grad_enabled()
+    _, text, _ = tiny
+    lm.loglikelihood(_instances("loglikelihood", [(text[:80], text[80:100])]), disable_tqdm=True)
+    lm.generate_until(_instances("generate_until", [(text[:80], {"until": ["\n"], "max_gen_toks": 3})]),
+                      disable_tqdm=True)
+    assert torch.is_grad_enabled()
+
+
 def test_rolling_loglikelihood_equals_plain_model_inside_the_block(lm, tiny):
     import torch
 
@@ -77,7 +90,8 @@ def test_rolling_loglikelihood_equals_plain_model_inside_the_block(lm, tiny):
     (got,) = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(doc,)]), disable_tqdm=True)
     ids = [lm.prefix_token_id, *lm.tok_encode(doc)]
     assert len(ids) <= 128
-    logp = torch.log_softmax(lm.plain(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.plain(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     ref = float(logp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).sum())
     assert got == pytest.approx(ref, rel=1e-4)
 

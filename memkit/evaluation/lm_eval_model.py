@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from memkit.errors import ConfigError, InvalidInputError, MissingDependencyError
 
@@ -56,6 +57,21 @@ __all__ = ["MemkitLM", "Generation", "MODES", "main"]
 
 MODES = ("memkit", "window", "full")
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HFLM default
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _inference(fn: _F) -> _F:
+    """Run ``fn`` without autograd, leaving the caller's grad mode as it was (a training loop in the same process
+    keeps its gradients)."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run  # type: ignore[return-value]
 
 
 @dataclass
@@ -100,7 +116,6 @@ class MemkitLM(TemplateLM):
                  add_bos_token: bool = False, progress: bool = False, dtype: str = "float32",
                  batch_size: Any = 1, max_batch_size: Any = None, device: Any = None, **overrides: Any) -> None:
         super().__init__()
-        import torch
 
         from memkit.evaluation.common import set_threads
 
@@ -114,7 +129,6 @@ class MemkitLM(TemplateLM):
 
             warnings.warn(f"memkit runs lm-eval requests one at a time (each owns the memory); batch_size="
                           f"{batch_size} is ignored", stacklevel=2)
-        torch.set_grad_enabled(False)
         self.mode = mode
         self.add_bos_token = bool(add_bos_token)
         self._wrapped_here = False
@@ -263,6 +277,7 @@ class MemkitLM(TemplateLM):
         return torch.tensor([ids], dtype=torch.long, device=self._device)  # (1, N)
 
     # ------------------------------------------------------------------ scoring
+    @_inference
     def score(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[float, bool]:
         """(sum of log p(continuation | context), whether greedy decoding would produce the continuation)."""
         import torch
@@ -297,6 +312,7 @@ class MemkitLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", key, res)
         return [r for r in out if r is not None]
 
+    @_inference
     def rolling_loglikelihood(self, text: str) -> float:
         """log p(text) token by token, conditioned on the prefix token: the whole text through memory."""
         import torch
@@ -335,6 +351,7 @@ class MemkitLM(TemplateLM):
         return out
 
     # ------------------------------------------------------------------ generation
+    @_inference
     def generate_one(self, context: str, gen_kwargs: dict[str, Any] | None = None, *,
                      logits_processor: Any = None) -> Generation:
         """Answer one lm-eval ``generate_until`` request: ``until`` stops and cuts, ``max_gen_toks`` caps."""
