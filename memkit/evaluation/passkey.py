@@ -49,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated depth fractions of the key inside the filler, 0=start 1=end "
                         "(default: 0.1,0.5,0.9)")
     p.add_argument("--filler", default=DEFAULT_FILLER, choices=FILLERS,
-                   help="'classic' repeated sentences (the standard test) or 'real' Shakespeare text "
+                   help="'classic' repeated sentences (the standard test); 'meadow' and 'ledger' other "
+                        "repeated sentences (nature, bookkeeping); 'shuffled' varied sentences in random order; "
+                        "'real' Shakespeare; 'kjv' King James verses "
                         f"(default: {DEFAULT_FILLER})")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, choices=PROMPTS,
                    help="'plain' instruction, 'chat' template of the tokenizer, or 'auto' (chat when the "
