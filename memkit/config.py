@@ -137,6 +137,10 @@ class MemoryConfig(ConfigBase):
     # with a better one already chosen (the next candidate takes the slot): repeated text fills one slot, not k.
     # "auto" = 0.9 for text retrievers (MiniLM here: distinct Shakespeare chunks <= 0.73, shifted repeats of a
     # filler >= 0.96) and off for "keys" (mean keys of distinct chunks reach 0.997: no threshold separates them)
+    fill_neighbors: bool = True  # slots that near-duplicate skipping (or a small memory) leaves free take the chunks
+    # right before and after the chosen ones, best chunk first: a sentence split at a chunk boundary is read whole
+    # (16k passkey in repeated filler, depth 0.9: the needle's second half was retrieved, its first half skipped as
+    # a filler duplicate, and the key was missed). Chunks of real text fill all slots, so it rarely applies there.
     policy: str = "recency_frequency"  # MemLong's dynamic update, run for real
     capacity_tokens: int | None = None  # None = unbounded (bounded by the K/V store budgets); else >= chunk_size
     protect_recent: float = 0.5  # recency_frequency: newest fraction never evicted
@@ -187,6 +191,7 @@ class MemoryConfig(ConfigBase):
                               f"(keep near-duplicate chunks), got {self.max_chunk_similarity!r}")
         check_number("MemoryConfig.protect_recent", self.protect_recent, low=0.0, high=1.0, high_open=True)
         check_bool("MemoryConfig.flush_window", self.flush_window)
+        check_bool("MemoryConfig.fill_neighbors", self.fill_neighbors)
         check_bool("MemoryConfig.progress", self.progress)
 
     def _validate_names(self) -> None:

@@ -7,6 +7,8 @@ before a block runs, the top-k chunks are retrieved and returned **in time order
 the retrieval attention. A candidate whose retrieval embedding is a near-duplicate (cosine >=
 ``max_chunk_similarity``) of a better-scoring chosen chunk gives its slot to the next candidate, so
 repeated text fills one slot (a hard-threshold form of maximal marginal relevance, Carbonell & Goldstein 1998).
+Slots left free then take the chunks adjacent to the chosen ones (``fill_neighbors``), so text split at a
+chunk boundary is read whole (the neighbouring-chunk expansion of retrieval-augmented readers).
 When a namespace holds more than ``capacity_tokens`` tokens, its eviction
 policy (:mod:`memkit.policy`; MemLong's recency+frequency update by default) picks chunks to drop from
 bank, store and policy together. The K/V paging follows InfLLM (Xiao et al. 2024).
@@ -328,7 +330,8 @@ class MemoryManager:
                 ns = self._ns[name]
                 scores, ids = ns.bank.search(q[idx], fetch)  # (m, fetch), (m, fetch), best first
                 for j, b in enumerate(idx):
-                    rows[b] = ns.select(scores[j], ids[j], k, exclude=ex[b], max_similarity=sim)
+                    rows[b] = ns.select(scores[j], ids[j], k, exclude=ex[b], max_similarity=sim,
+                                        neighbors=self.config.fill_neighbors, query=q[b])
             wanted = list(dict.fromkeys(int(c) for r in rows if r is not None for c in r[0]))
             pages = self.store.get(wanted, target, dtype=dtype) if wanted else None  # (u, L, 2, H, C, D)
             pos = {c: j for j, c in enumerate(wanted)}

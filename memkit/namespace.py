@@ -84,6 +84,7 @@ class Namespace:
         self.digests: dict[str, int] = {}  # sha256 of a chunk's token ids -> its id: the same text is stored once
         self.tokens = 0
         self.trace: list[dict[str, Any]] = []
+        self._edges: tuple[dict[int, int], dict[int, int]] | None = None  # start -> id, end -> id (built lazily)
 
     # ------------------------------------------------------------------ writing
     def known(self, digests: list[str | None]) -> list[int | None]:
@@ -101,6 +102,7 @@ class Namespace:
             if digest is not None:
                 self.digests[digest] = cid
         self.tokens += int((spans[:, 1] - spans[:, 0]).sum())
+        self._edges = None
         self.policy.on_add(ids)
 
     def victims(self, capacity: int | None, chunk_size: int) -> list[int]:
@@ -124,6 +126,7 @@ class Namespace:
         self.bank.remove(arr)
         self.policy.on_remove(arr)
         gone = set(ids)
+        self._edges = None
         for cid in ids:
             s, e = self.spans.pop(cid)
             self.texts.pop(cid, None)
@@ -133,22 +136,68 @@ class Namespace:
 
     # ------------------------------------------------------------------ reading
     def select(self, scores: np.ndarray, ids: np.ndarray, k: int, *, exclude: tuple[int, int] | None,
-               max_similarity: float | None) -> tuple[np.ndarray, np.ndarray]:
+               max_similarity: float | None, neighbors: bool = False,
+               query: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """From one query's candidates (fetch,) best first: up to k ids and scores, in time order, skipping chunks
-        inside ``exclude`` [lo, hi) and near-duplicates (cosine >= ``max_similarity``) of a better chosen one."""
+        inside ``exclude`` [lo, hi) and near-duplicates (cosine >= ``max_similarity``) of a better chosen one.
+        ``neighbors``: slots left free take the chunks just before and after the chosen ones (best chosen chunk
+        first), scored against ``query`` (E,) as the bank scores."""
         ok = ids >= 0
         if exclude is not None:
-            lo, hi = exclude
-            ok &= np.asarray([c >= 0 and not (self.spans[int(c)][0] >= lo and self.spans[int(c)][1] <= hi)
-                              for c in ids], bool)
+            ok &= np.asarray([c >= 0 and not self._inside(int(c), exclude) for c in ids], bool)
         s, i = scores[ok], ids[ok]
         best = np.argsort(-s, kind="stable")
         s, i = s[best], i[best]
         keep: Any = distinct_rows(self.bank.get(i), max_similarity, k) if max_similarity is not None and len(i) > 1 \
             else slice(0, k)
         s, i = s[keep], i[keep]
+        if neighbors and 0 < len(i) < k:
+            s, i = self._fill_neighbors(s, i, k, exclude, dict(zip(ids.tolist(), scores.tolist())), query)
         order = sorted(range(len(i)), key=lambda t: (self.spans[int(i[t])][0], int(i[t])))
         return i[order], s[order]
+
+    def _inside(self, cid: int, span: tuple[int, int]) -> bool:
+        start, end = self.spans[cid]
+        return start >= span[0] and end <= span[1]
+
+    def _fill_neighbors(self, s: np.ndarray, i: np.ndarray, k: int, exclude: tuple[int, int] | None,
+                        known: dict[int, float], query: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Chosen (s, i) best first, plus the chunks adjacent to them in the text until k are chosen."""
+        if self._edges is None:
+            self._edges = ({a: c for c, (a, _) in self.spans.items()}, {b: c for c, (_, b) in self.spans.items()})
+        by_start, by_end = self._edges
+        chosen = [int(c) for c in i]
+        extra: list[int] = []
+        for c in chosen:
+            a, b = self.spans[c]
+            for nb in (by_end.get(a), by_start.get(b)):  # the chunk ending where c starts, the one starting at its end
+                if nb is None or nb in chosen or nb in extra or (exclude is not None and self._inside(nb, exclude)):
+                    continue
+                extra.append(nb)
+                if len(chosen) + len(extra) == k:
+                    break
+            if len(chosen) + len(extra) == k:
+                break
+        if not extra:
+            return s, i
+        missing = [c for c in extra if c not in known]
+        if missing:
+            if query is None:
+                raise InvalidInputError("filling neighbours needs the query to score chunks outside the candidates")
+            for c, v in zip(missing, self._scores(query, np.asarray(missing, np.int64))):
+                known[c] = float(v)
+        ids = np.concatenate([i, np.asarray(extra, i.dtype)])
+        return np.concatenate([s, np.asarray([known[c] for c in extra], s.dtype)]), ids
+
+    def _scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The bank's score ("higher = closer") of stored chunks ``ids`` (n,) for ``query`` (E,)."""
+        vecs = self.bank.get(ids)  # (n, E), normalised for cosine
+        q = np.asarray(query, np.float32).reshape(-1)
+        if self.bank.metric == "l2":
+            return -((vecs - q[None, :]) ** 2).sum(1)
+        if self.bank.metric == "cosine":
+            q = q / max(float(np.linalg.norm(q)), 1e-12)
+        return vecs @ q
 
     def record(self, ids: np.ndarray, scores: np.ndarray) -> None:
         """A retrieval returned ``ids`` (time order) with ``scores``: tell the policy, keep the trace."""

@@ -316,3 +316,31 @@ def test_max_chunk_similarity_auto_and_bad_values():
         with pytest.raises(InvalidInputError, match="max_similarity"):
             make_mm().retrieve(torch.ones(E) / 4, max_similarity=bad)
     assert make_mm()._max_similarity("auto") == 0.9 and make_mm()._max_similarity(None) is None
+
+
+def test_free_slots_take_the_neighbours_of_the_chosen_chunks():
+    """Near-duplicates (a repeated filler) leave slots free: they take the chunks right before and after the
+    chosen ones, so text split at a chunk boundary is read whole; fill_neighbors=False leaves them free."""
+    k, v, e, spans = chunks(10)
+    filler = torch.nn.functional.normalize(torch.ones(E), dim=0)
+    e = filler.repeat(10, 1) + 0.01 * e  # every chunk a near-duplicate of the filler...
+    e[6] = torch.nn.functional.normalize(torch.randn(E, generator=torch.Generator().manual_seed(9)), dim=0)
+    q = e[6] + 0.5 * filler  # ...but chunk 6 (the needle's second half) is what the query asks for
+    for fill, want in ((True, {5, 6, 7}), (False, None)):
+        mm = make_mm(top_k=4, max_chunk_similarity=0.9, fill_neighbors=fill)
+        mm.add_chunks(k, v, e, spans)
+        r = mm.retrieve(q)
+        got = r.ids.tolist()
+        assert got == sorted(got)  # time order
+        if want is None:
+            assert len(got) == 2 and 6 in got  # the needle chunk and one filler chunk
+            continue
+        assert want <= set(got) and len(got) == 4
+        for j, cid in enumerate(got):  # neighbours carry their true score and pages
+            ref = float(torch.nn.functional.normalize(e[cid], dim=0) @ q) if mm.config.bank.metric == "cosine" \
+                else float(e[cid] @ q)
+            assert r.scores[j].item() == pytest.approx(ref, abs=1e-4)
+            torch.testing.assert_close(r.keys[j], k[cid], rtol=0, atol=0)
+        assert [t["id"] for t in mm.trace()] == got  # the trace lists exactly what is attended
+    with pytest.raises(ConfigError):
+        MemoryConfig(fill_neighbors="yes")
