@@ -116,7 +116,7 @@ class MemLongStyle(Style):
         if not rows:
             call.set_memory({}, {}, call.mem_valid[:, :0], call.mem_true_pos[:, :0], [[] for _ in range(call.B)])
             return
-        q = np.stack([found[r] for r in rows])  # (rows, E)
+        q = np.stack([found[r] for r in rows])  # (rows, E), or (rows, 2, E) with the question's own query
         # A chunk inside this call's sinks is attended already: the manager skips it, so top_k stay distinct.
         sinks = [(call.call_base[r], call.call_base[r] + int(call.sink_valid[r].sum())) for r in rows]
         got = memory.retrieve_batch(q, [call.namespaces[r] for r in rows], k=cfg.top_k, device=call.device,
@@ -139,14 +139,20 @@ class MemLongStyle(Style):
         if inclusive:
             ids = torch.cat([ids, input_ids.to(ids.device)], 1)
             valid = torch.cat([valid, blk_valid], 1)
+        # The question (generate's last prompt step): a second query of its last question_tokens tokens alone
+        n_q = self.config.question_tokens if inclusive else 0
         texts, keep = [], []
         for r in rows:
             row = ids[r][valid[r]][-self.config.chunk_size:].tolist()
             if row:
                 texts.append(self.rt.tokenizer.decode(row))
+                if n_q:
+                    texts.append(self.rt.tokenizer.decode(row[-n_q:]))
                 keep.append(r)
         if texts:
-            emb = self.rt.memory.embed(texts=texts)
+            emb = self.rt.memory.embed(texts=texts)  # (rows * (1 or 2), E)
+            if n_q:
+                emb = emb.reshape(len(keep), 2, -1)
             out = {r: emb[i] for i, r in enumerate(keep)}
         return out
 

@@ -137,6 +137,9 @@ class MemoryConfig(ConfigBase):
     # with a better one already chosen (the next candidate takes the slot): repeated text fills one slot, not k.
     # "auto" = 0.9 for text retrievers (MiniLM here: distinct Shakespeare chunks <= 0.73, shifted repeats of a
     # filler >= 0.96) and off for "keys" (mean keys of distinct chunks reach 0.997: no threshold separates them)
+    question_tokens: int = 32  # generate's last prompt step also queries with its last question_tokens tokens (the
+    # question alone), fused with the chunk-sized query by reciprocal rank (Cormack et al. 2009): in a filler that
+    # shares words with the question ("brass key"), the chunk-sized query, mostly filler, ranks filler first; 0 = off
     fill_neighbors: bool = True  # slots that near-duplicate skipping (or a small memory) leaves free take the chunks
     # right before and after the chosen ones, best chunk first: a sentence split at a chunk boundary is read whole
     # (16k passkey in repeated filler, depth 0.9: the needle's second half was retrieved, its first half skipped as
@@ -180,6 +183,7 @@ class MemoryConfig(ConfigBase):
         for name in ("chunk_size", "window", "block_size"):
             check_positive(f"MemoryConfig.{name}", getattr(self, name), maximum=MAX_TOKENS)
         check_positive("MemoryConfig.top_k", self.top_k, allow_zero=True, maximum=MAX_TOP_K)
+        check_positive("MemoryConfig.question_tokens", self.question_tokens, allow_zero=True, maximum=MAX_TOKENS)
         check_positive("MemoryConfig.sink_tokens", self.sink_tokens, allow_zero=True, maximum=MAX_TOKENS)
         check_positive("MemoryConfig.capacity_tokens", self.capacity_tokens, allow_none=True)
         if self.capacity_tokens is not None and self.capacity_tokens < self.chunk_size:

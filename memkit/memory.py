@@ -60,7 +60,7 @@ from memkit.errors import (
 )
 from memkit.files import atomic_save, file_digests, read_versioned_json, save_path, verify_files, write_json
 from memkit.kvstore import KVStore
-from memkit.namespace import Namespace, Retrieved, token_digests
+from memkit.namespace import Namespace, Retrieved, fuse_ranks, token_digests
 from memkit.policy import EvictionPolicy, make_policy
 from memkit.retrievers import RETRIEVERS, make_retriever, retriever_input
 
@@ -301,6 +301,9 @@ class MemoryManager:
                        exclude: Sequence[tuple[int, int] | None] | None = None) -> list[Retrieved]:
         """One retrieval per row: queries (B, embed_dim), namespaces (B,) -> B Retrieved, each in time order.
 
+        Queries (B, Q, embed_dim) give each row Q queries whose candidate rankings are fused by reciprocal rank
+        (:func:`~memkit.namespace.fuse_ranks`); the scores returned are each chunk's best raw score.
+
         Rows of the same namespace are searched in one batched bank call; pages are fetched once for all.
         ``max_similarity`` (default: ``config.max_chunk_similarity``; None turns it off): a candidate whose
         retrieval embedding has cosine >= this with a better-scoring chunk already chosen is skipped and the
@@ -314,7 +317,10 @@ class MemoryManager:
         ex = list(exclude) if exclude is not None else [None] * len(namespaces)
         extra = max((1 + (hi - lo) // self.chunk_size for lo, hi in (e for e in ex if e is not None)), default=0)
         fetch = (k if sim is None else k + max(k, DISTINCT_EXTRA)) + extra  # candidates scanned for k usable chunks
-        q = as_vectors(queries, self.embed_dim, name="queries")  # (B, E)
+        raw = queries.detach().cpu().numpy() if torch.is_tensor(queries) else np.asarray(queries)
+        Q = raw.shape[1] if raw.ndim == 3 else 1  # several queries per row: their rankings are fused
+        q = as_vectors(raw.reshape(-1, raw.shape[-1]) if raw.ndim == 3 else queries, self.embed_dim,
+                       name="queries").reshape(-1, Q, self.embed_dim)  # (B, Q, E)
         names = list(namespaces) if not isinstance(namespaces, str) else [namespaces]
         if len(names) != q.shape[0] or len(ex) != len(names):
             raise InvalidInputError(f"got {q.shape[0]} queries, {len(names)} namespaces and {len(ex)} exclusions; "
@@ -328,9 +334,14 @@ class MemoryManager:
                     groups.setdefault(name, []).append(b)
             for name, idx in groups.items():
                 ns = self._ns[name]
-                scores, ids = ns.bank.search(q[idx], fetch)  # (m, fetch), (m, fetch), best first
+                scores, ids = ns.bank.search(q[idx].reshape(-1, self.embed_dim), fetch)  # (m*Q, fetch), best first
                 for j, b in enumerate(idx):
-                    rows[b] = ns.select(scores[j], ids[j], k, exclude=ex[b], max_similarity=sim,
+                    sj, ij = scores[j * Q:(j + 1) * Q], ids[j * Q:(j + 1) * Q]  # (Q, fetch)
+                    ranked = Q > 1
+                    if ranked:
+                        fused_ids, _, best_raw = fuse_ranks(sj, ij)
+                        sj, ij = best_raw[None], fused_ids[None]
+                    rows[b] = ns.select(sj[0], ij[0], k, exclude=ex[b], max_similarity=sim, ranked=ranked,
                                         neighbors=self.config.fill_neighbors, query=q[b])
             wanted = list(dict.fromkeys(int(c) for r in rows if r is not None for c in r[0]))
             pages = self.store.get(wanted, target, dtype=dtype) if wanted else None  # (u, L, 2, H, C, D)

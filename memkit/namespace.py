@@ -24,7 +24,7 @@ from memkit.bank import BaseBank
 from memkit.errors import CorruptFileError, InvalidInputError
 from memkit.policy import EvictionPolicy
 
-__all__ = ["Namespace", "Retrieved", "distinct_rows", "token_digests"]
+__all__ = ["Namespace", "Retrieved", "distinct_rows", "fuse_ranks", "token_digests"]
 
 
 def distinct_rows(vectors: np.ndarray, max_similarity: float, k: int) -> np.ndarray:
@@ -39,6 +39,22 @@ def distinct_rows(vectors: np.ndarray, max_similarity: float, k: int) -> np.ndar
             if len(picked) == k:
                 break
     return np.asarray(picked, np.int64)
+
+
+def fuse_ranks(scores: np.ndarray, ids: np.ndarray, *, k0: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reciprocal rank fusion (Cormack, Clarke & Buettcher 2009) of Q ranked candidate lists (Q, n), best first,
+    -1 = padding: (ids, fused score, best raw score) ordered by fused score, ties by the best raw score."""
+    fused: dict[int, float] = {}
+    raw: dict[int, float] = {}
+    for q in range(ids.shape[0]):
+        for rank, (c, v) in enumerate(zip(ids[q].tolist(), scores[q].tolist())):
+            if c < 0:
+                continue
+            fused[c] = fused.get(c, 0.0) + 1.0 / (k0 + rank + 1)
+            raw[c] = max(raw.get(c, -np.inf), v)
+    order = sorted(fused, key=lambda c: (-fused[c], -raw[c]))
+    return (np.asarray(order, np.int64), np.asarray([fused[c] for c in order], np.float64),
+            np.asarray([raw[c] for c in order], np.float32))
 
 
 def token_digests(token_ids: Any, n: int) -> list[str | None]:
@@ -136,18 +152,20 @@ class Namespace:
 
     # ------------------------------------------------------------------ reading
     def select(self, scores: np.ndarray, ids: np.ndarray, k: int, *, exclude: tuple[int, int] | None,
-               max_similarity: float | None, neighbors: bool = False,
-               query: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               max_similarity: float | None, neighbors: bool = False, query: np.ndarray | None = None,
+               ranked: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """From one query's candidates (fetch,) best first: up to k ids and scores, in time order, skipping chunks
         inside ``exclude`` [lo, hi) and near-duplicates (cosine >= ``max_similarity``) of a better chosen one.
         ``neighbors``: slots left free take the chunks just before and after the chosen ones (best chosen chunk
-        first), scored against ``query`` (E,) as the bank scores."""
+        first), scored against ``query`` (E,) or (Q, E) (the best of the Q) as the bank scores. ``ranked``: the
+        candidates are already in their order of merit (a fused ranking) and ``scores`` are only reported."""
         ok = ids >= 0
         if exclude is not None:
             ok &= np.asarray([c >= 0 and not self._inside(int(c), exclude) for c in ids], bool)
         s, i = scores[ok], ids[ok]
-        best = np.argsort(-s, kind="stable")
-        s, i = s[best], i[best]
+        if not ranked:
+            best = np.argsort(-s, kind="stable")
+            s, i = s[best], i[best]
         keep: Any = distinct_rows(self.bank.get(i), max_similarity, k) if max_similarity is not None and len(i) > 1 \
             else slice(0, k)
         s, i = s[keep], i[keep]
@@ -192,12 +210,12 @@ class Namespace:
     def _scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The bank's score ("higher = closer") of stored chunks ``ids`` (n,) for ``query`` (E,)."""
         vecs = self.bank.get(ids)  # (n, E), normalised for cosine
-        q = np.asarray(query, np.float32).reshape(-1)
+        q = np.asarray(query, np.float32).reshape(-1, vecs.shape[1])  # (Q, E)
         if self.bank.metric == "l2":
-            return -((vecs - q[None, :]) ** 2).sum(1)
+            return (-((vecs[None] - q[:, None]) ** 2).sum(2)).max(0)  # type: ignore[no-any-return]
         if self.bank.metric == "cosine":
-            q = q / max(float(np.linalg.norm(q)), 1e-12)
-        return vecs @ q
+            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        return (q @ vecs.T).max(0)  # type: ignore[no-any-return]
 
     def record(self, ids: np.ndarray, scores: np.ndarray) -> None:
         """A retrieval returned ``ids`` (time order) with ``scores``: tell the policy, keep the trace."""
