@@ -317,10 +317,12 @@ class MemoryManager:
         ex = list(exclude) if exclude is not None else [None] * len(namespaces)
         extra = max((1 + (hi - lo) // self.chunk_size for lo, hi in (e for e in ex if e is not None)), default=0)
         fetch = (k if sim is None else k + max(k, DISTINCT_EXTRA)) + extra  # candidates scanned for k usable chunks
-        raw = queries.detach().cpu().numpy() if torch.is_tensor(queries) else np.asarray(queries)
-        Q = raw.shape[1] if raw.ndim == 3 else 1  # several queries per row: their rankings are fused
-        q = as_vectors(raw.reshape(-1, raw.shape[-1]) if raw.ndim == 3 else queries, self.embed_dim,
-                       name="queries").reshape(-1, Q, self.embed_dim)  # (B, Q, E)
+        stacked = getattr(queries, "ndim", 2) == 3  # (B, Q, E) array or tensor: Q queries per row, rankings fused
+        Q = int(queries.shape[1]) if stacked else 1
+        if Q < 1:
+            raise InvalidInputError("queries of shape (B, Q, embed_dim) need Q >= 1 query per row")
+        q = as_vectors(queries.reshape(-1, queries.shape[-1]) if stacked else queries, self.embed_dim,
+                       name="queries").reshape(-1, Q, self.embed_dim)  # (B, Q, E); as_vectors validates values
         names = list(namespaces) if not isinstance(namespaces, str) else [namespaces]
         if len(names) != q.shape[0] or len(ex) != len(names):
             raise InvalidInputError(f"got {q.shape[0]} queries, {len(names)} namespaces and {len(ex)} exclusions; "

@@ -185,17 +185,15 @@ class Namespace:
             self._edges = ({a: c for c, (a, _) in self.spans.items()}, {b: c for c, (_, b) in self.spans.items()})
         by_start, by_end = self._edges
         chosen = [int(c) for c in i]
+        # for each chosen chunk, best first: the chunk ending where it starts, then the one starting where it ends
+        around = (nb for c in chosen for nb in (by_end.get(self.spans[c][0]), by_start.get(self.spans[c][1])))
         extra: list[int] = []
-        for c in chosen:
-            a, b = self.spans[c]
-            for nb in (by_end.get(a), by_start.get(b)):  # the chunk ending where c starts, the one starting at its end
-                if nb is None or nb in chosen or nb in extra or (exclude is not None and self._inside(nb, exclude)):
-                    continue
-                extra.append(nb)
-                if len(chosen) + len(extra) == k:
-                    break
+        for nb in around:
             if len(chosen) + len(extra) == k:
                 break
+            if nb is None or nb in chosen or nb in extra or (exclude is not None and self._inside(nb, exclude)):
+                continue
+            extra.append(nb)
         if not extra:
             return s, i
         missing = [c for c in extra if c not in known]
