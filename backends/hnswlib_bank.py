@@ -97,7 +97,8 @@ class HnswlibBank(IdSetMixin, BaseBank):
     def _space(self) -> str:
         return "l2" if self.metric == "l2" else "ip"
 
-    def _threads(self) -> int:
+    def native_threads(self) -> int:
+        """Threads hnswlib uses for a search or an add (num_threads, or every core)."""
         return self.num_threads or os.cpu_count() or 1
 
     def _new_index(self, capacity: int | None = None) -> Any:
@@ -128,12 +129,12 @@ class HnswlibBank(IdSetMixin, BaseBank):
                 revive[j] = False
             self._deleted.discard(label)
         if revive.any():
-            self.index.add_items(vectors[revive], ids[revive], num_threads=self._threads())
+            self.index.add_items(vectors[revive], ids[revive], num_threads=self.native_threads())
             self._ids.update(ids[revive].tolist())  # revived slots are live: not free for the capacity check
         fresh = ~revive
         if fresh.any():
             self._ensure_capacity(int(fresh.sum()))
-            self.index.add_items(vectors[fresh], ids[fresh], num_threads=self._threads(), replace_deleted=True)
+            self.index.add_items(vectors[fresh], ids[fresh], num_threads=self.native_threads(), replace_deleted=True)
         self._ids.update(ids.tolist())
         stale = len(self._deleted) - (self.index.element_count - len(self._ids))  # labels whose slot was reused
         if stale > 1024 and 2 * stale > len(self._deleted):  # keep the set bounded under add/evict churn
@@ -141,7 +142,7 @@ class HnswlibBank(IdSetMixin, BaseBank):
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         try:
-            labels, dist = self.index.knn_query(queries, k=k, num_threads=self._threads())
+            labels, dist = self.index.knn_query(queries, k=k, num_threads=self.native_threads())
         except RuntimeError:  # fewer than k reachable live nodes at this ef
             return self._search_fallback(queries, k)
         return self._to_scores(dist), labels.astype(np.int64)
@@ -153,7 +154,7 @@ class HnswlibBank(IdSetMixin, BaseBank):
             self.index.set_ef(max(self.ef_search, k, self.index.element_count))
             try:
                 try:
-                    labels, dist = self.index.knn_query(queries, k=k, num_threads=self._threads())
+                    labels, dist = self.index.knn_query(queries, k=k, num_threads=self.native_threads())
                     return self._to_scores(dist), labels.astype(np.int64)
                 except RuntimeError:
                     pass

@@ -290,7 +290,13 @@ class MilvusBank(BaseBank):
                               "; check that the server is reachable and nothing else changed the collection") from exc
 
     # ------------------------------------------------------------------ collection
-    def _milvus_metric(self) -> str:
+    @property
+    def collection_name(self) -> str:
+        """The Milvus collection this bank writes (the given name mapped to Milvus's alphabet)."""
+        return self._coll
+
+    def milvus_metric(self) -> str:
+        """The Milvus metric type of this bank (L2 or IP; cosine is IP on normalised vectors)."""
         return "L2" if self.metric == "l2" else "IP"
 
     def _create(self) -> None:
@@ -308,7 +314,7 @@ class MilvusBank(BaseBank):
         # milvus-lite lacks (it logs an error) and a 0.5 s sleep. An empty collection's index needs no wait.
         cl = self._cl()
         index = cl.prepare_index_params()
-        index.add_index(field_name=VEC, index_type=self.index_type, metric_type=self._milvus_metric(),
+        index.add_index(field_name=VEC, index_type=self.index_type, metric_type=self.milvus_metric(),
                         params=dict(self.index_params))
         self._op("create_index", cl.create_index, self._coll, index, sync=False)
         self._op("load_collection", cl.load_collection, self._coll)
@@ -332,7 +338,7 @@ class MilvusBank(BaseBank):
             names = self._op("list_indexes", cl.list_indexes, self._coll, field_name=VEC)
         index = self._op("describe_index", cl.describe_index, self._coll, names[0])
         dim, stored = int(vec.get("params", {}).get("dim", -1)), (info.get("properties") or {}).get(METRIC_PROP)
-        if (dim != self.dim or index.get("metric_type") != self._milvus_metric()
+        if (dim != self.dim or index.get("metric_type") != self.milvus_metric()
                 or stored not in (None, self.metric) or (stored is None and self.metric == "cosine")):
             raise ConfigError(f"{where} holds dim={dim}, metric_type={index.get('metric_type')}, memkit metric="
                               f"{stored!r}, but dim={self.dim}, metric={self.metric!r} was asked for; pass the "
@@ -386,7 +392,7 @@ class MilvusBank(BaseBank):
         m = queries.shape[0]
         scores = np.full((m, k), -np.inf, np.float32)  # (m, k)
         out = np.full((m, k), -1, np.int64)  # (m, k)
-        params = {"metric_type": self._milvus_metric(), "params": dict(self.search_params)}
+        params = {"metric_type": self.milvus_metric(), "params": dict(self.search_params)}
         step = max(1, min(self.batch_size, REQUEST_BYTES // (4 * self.dim)))
         cl = self._cl()
         for s in range(0, m, step):

@@ -94,7 +94,8 @@ class UsearchBank(IdSetMixin, BaseBank):
                      connectivity=self.connectivity, expansion_add=self.expansion_add,
                      expansion_search=self.expansion_search)
 
-    def _n_threads(self, n: int) -> int:
+    def native_threads(self, n: int) -> int:
+        """Threads a search of n queries uses."""
         return max(1, min(self.threads or os.cpu_count() or 1, n))
 
     def _writable_native(self, op: str) -> None:
@@ -105,7 +106,7 @@ class UsearchBank(IdSetMixin, BaseBank):
     # ------------------------------------------------------------------ hooks
     def _add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         self._writable_native("add")
-        self.index.add(ids.astype(np.uint64), vectors, threads=self._n_threads(len(ids)))
+        self.index.add(ids.astype(np.uint64), vectors, threads=self.native_threads(len(ids)))
         self._ids.update(ids.tolist())
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +114,7 @@ class UsearchBank(IdSetMixin, BaseBank):
         kk = min(2 * k, len(self._ids)) if quantised else k
         with self._search_lock:
             res = self.index.search(queries, kk,
-                                    threads=self._n_threads(len(queries)))
+                                    threads=self.native_threads(len(queries)))
         if isinstance(res, BatchMatches):
             keys, dist, counts = res.keys, res.distances, np.asarray(res.counts)
         else:  # a single query comes back as Matches, already cut to its count

@@ -23,7 +23,11 @@ parser.add_argument("--question", default="In the list of persons represented, w
                     help="the question")
 parser.add_argument("--prefix", default="Polonius is the", help="start of the answer the model continues")
 parser.add_argument("--max-tokens", type=int, default=None, help="read only the first N tokens of the play")
+parser.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; 1 on a busy or shared machine)")
 args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
 
 hf_model, tok = load_smollm2()
 model = memkit.wrap(hf_model, tokenizer=tok)

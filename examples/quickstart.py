@@ -18,7 +18,11 @@ from memkit.models import load_smollm2
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--tokens", default="16k", help="prompt length in tokens, k = 1024 (default: 16k)")
+parser.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; 1 on a busy or shared machine)")
 args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
 
 hf_model, tok = load_smollm2()                             # any local HF causal LM works the same way
 hay = build_haystack(tok, parse_length(args.tokens), depth=0.3, filler="classic", prompt="plain")

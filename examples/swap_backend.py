@@ -24,7 +24,11 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--tokens", default="4k", help="haystack length in tokens, k = 1024 (default: 4k)")
 parser.add_argument("--backends", default="faiss-flat,faiss-hnsw,hnswlib,usearch,disk,qdrant,milvus",
                     help="comma-separated backend names (default: all seven)")
+parser.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; 1 on a busy or shared machine)")
 args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)
 
 hf_model, tok = load_smollm2()
 hay = build_haystack(tok, parse_length(args.tokens), depth=0.5, filler="classic", prompt="plain")

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ATTN_NAME", "register", "memkit_attention", "memkit_mask", "RUNTIMES"]
+__all__ = ["ATTN_NAME", "RUNTIME_ATTR", "register", "memkit_attention", "memkit_mask", "RUNTIMES"]
 
 ATTN_NAME = "memkit"
+RUNTIME_ATTR = "_memkit_runtime"  # set on each routed attention module: the runtime its calls go to
 
 # id(config) -> runtime; set by wrap(), removed by unwrap(). The mask function only sees the config.
 RUNTIMES: dict[int, Any] = {}
@@ -76,7 +77,7 @@ def memkit_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     Inside a memkit step of this thread's call the runtime attends; otherwise the model's original function runs
     with the original arguments (another thread, memory disabled, or outside any call).
     """
-    rt = getattr(module, "_memkit_runtime", None)
+    rt = getattr(module, RUNTIME_ATTR, None)
     call = rt.current_call() if rt is not None else None
     if rt is None or call is None:
         fn = original_attention(module, rt.original_impl if rt is not None else "sdpa")

@@ -134,7 +134,11 @@ class CallState:
         self.layout: Layout | None = None
         self.blk_ids: torch.Tensor | None = None  # (B, T)
         self.cols = 0  # columns (tokens incl. padding) processed so far in this call
-        self.last_retrieval_col = -(10**12)
+        # Blocks: a step starts a new block (memory is retrieved, the window trimmed back to `window` tokens)
+        # except while answering (generate after its prompt), where steps continue the block of the prompt's last
+        # step until block_size tokens have been read: the answer sees all that the question saw.
+        self.new_block = True
+        self.block_start_col = 0
 
     # ----------------------------------------------------------------- layout of one step
     def counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -213,9 +217,29 @@ class CallState:
         mean = wsum / cnt.clamp_min(1)[:, None, None]
         return mean.reshape(self.B, -1), cnt > 0
 
+    # ----------------------------------------------------------------- blocks
+    @property
+    def answering(self) -> bool:
+        """generate has read its whole prompt: steps now read the tokens it generates."""
+        return self.mode == "generate" and self.cols >= self.prompt_cols
+
+    def start_step(self, T: int, block_size: int) -> list[Evicted]:
+        """Decide whether the step of ``T`` columns about to run starts a new block (see ``new_block``); returns
+        the chunks the window kept while answering that now leave it (the caller stores them)."""
+        answering = self.answering
+        self.new_block = not answering or self.cols + T - self.block_start_col > block_size
+        if not self.new_block:
+            return []
+        self.block_start_col = self.cols
+        return self._evict(self.W) if answering else []
+
     # ----------------------------------------------------------------- commit after a step
     def commit(self, blk_ids: torch.Tensor) -> list[Evicted]:
-        """Append the step's pending K/V to the window, evict whole chunks beyond ``window``; return them."""
+        """Append the step's pending K/V to the window, evict whole chunks beyond ``window``; return them.
+
+        While answering nothing is evicted here: the window keeps what the block's first step saw until the next
+        block starts (:meth:`start_step`), at most ``window + chunk_size - 1 + block_size`` tokens, the bound of
+        any step of the prompt."""
         layout = self.layout
         assert layout is not None
         blk_valid = layout.blk_valid
@@ -238,7 +262,7 @@ class CallState:
         self.win_valid, self.win_ids = valid, ids
         self.n_real += blk_valid.sum(1).cpu()
         self.cols += blk_valid.shape[1]
-        return self._evict(self.W)
+        return [] if self.answering else self._evict(self.W)
 
     def flush(self) -> list[Evicted]:
         """Everything left in the window, as chunks for memory: whole chunks, then a last partial chunk.

@@ -104,22 +104,19 @@ class MemLongStyle(Style):
         cfg = self.config
         if cfg.top_k == 0 or not self.retrieval_layers:
             return
-        T = input_ids.shape[1]
-        col_start, col_end = call.cols, call.cols + T
-        inclusive = call.mode == "generate" and col_end >= call.prompt_cols
-        if call.mode == "generate" and col_start >= call.prompt_cols and \
-                col_end - call.last_retrieval_col < cfg.block_size:
-            return  # decoding: keep the chunks retrieved at the end of the prompt for a block's worth of tokens
+        if not call.new_block:
+            return  # answering: keep the chunks retrieved for this block (the question's) for a block's worth of tokens
+        # generate's last prompt step and its answer steps query with the tokens they read (the question) too
+        inclusive = call.mode == "generate" and call.cols + input_ids.shape[1] >= call.prompt_cols
         memory = self.rt.memory
         rows = [r for r in range(call.B) if memory.num_chunks(call.namespaces[r]) > 0]
         queries = self._queries(call, rows, input_ids, blk_valid, inclusive)
-        call.last_retrieval_col = col_end
         found = {r: v for r, v in queries.items() if v is not None}
         rows = [r for r in rows if r in found]
         if not rows:
             call.set_memory({}, {}, call.mem_valid[:, :0], call.mem_true_pos[:, :0], [[] for _ in range(call.B)])
             return
-        q = np.stack([found[r] for r in rows])  # (rows, E)
+        q = np.stack([found[r] for r in rows])  # (rows, E), or (rows, 2, E) with the question's own query
         # A chunk inside this call's sinks is attended already: the manager skips it, so top_k stay distinct.
         sinks = [(call.call_base[r], call.call_base[r] + int(call.sink_valid[r].sum())) for r in rows]
         got = memory.retrieve_batch(q, [call.namespaces[r] for r in rows], k=cfg.top_k, device=call.device,
@@ -142,14 +139,20 @@ class MemLongStyle(Style):
         if inclusive:
             ids = torch.cat([ids, input_ids.to(ids.device)], 1)
             valid = torch.cat([valid, blk_valid], 1)
+        # The question (generate's last prompt step): a second query of its last question_tokens tokens alone
+        n_q = self.config.question_tokens if inclusive else 0
         texts, keep = [], []
         for r in rows:
             row = ids[r][valid[r]][-self.config.chunk_size:].tolist()
             if row:
                 texts.append(self.rt.tokenizer.decode(row))
+                if n_q:
+                    texts.append(self.rt.tokenizer.decode(row[-n_q:]))
                 keep.append(r)
         if texts:
-            emb = self.rt.memory.embed(texts=texts)
+            emb = self.rt.memory.embed(texts=texts)  # (rows * (1 or 2), E)
+            if n_q:
+                emb = emb.reshape(len(keep), 2, -1)
             out = {r: emb[i] for i, r in enumerate(keep)}
         return out
 

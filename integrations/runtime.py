@@ -43,8 +43,8 @@ from memkit.config import MemoryConfig
 from memkit.errors import ConfigError, IncompatibleMemoryError, InvalidInputError, UnsupportedModelError
 from memkit.styles import STYLES
 
-from .attention import ATTN_NAME, RUNTIMES, attend_core, register
-from .context import CallState
+from .attention import ATTN_NAME, RUNTIME_ATTR, RUNTIMES, attend_core, register
+from .context import CallState, Evicted
 from .hf_compat import broken_assumption, cache_kwarg, check_versions, resolve_decoder
 from .positions import Rotary
 from .replay import Replay, checkpoint_layers
@@ -117,7 +117,7 @@ class Runtime:
         register()
         self.style.install()
         for m in self.attention_modules():
-            setattr(m, "_memkit_runtime", self)  # noqa: B010 - read by the attention function of this module
+            setattr(m, RUNTIME_ATTR, self)  # read by the attention function of this module
         RUNTIMES[id(self.hf_config)] = self
         self.lm.set_attn_implementation(ATTN_NAME)
         if self.hf_config._attn_implementation != ATTN_NAME:
@@ -161,8 +161,8 @@ class Runtime:
             h.remove()
         self.hooks.clear()
         for m in self.attention_modules():
-            if getattr(m, "_memkit_runtime", None) is self:
-                del m._memkit_runtime
+            if getattr(m, RUNTIME_ATTR, None) is self:
+                delattr(m, RUNTIME_ATTR)
         RUNTIMES.pop(id(self.hf_config), None)
         if self.hf_config._attn_implementation == ATTN_NAME:
             self.lm.set_attn_implementation(self.original_impl)
@@ -314,6 +314,9 @@ class Runtime:
             raise InvalidInputError("memkit takes a 2-D attention_mask (batch, tokens) of 1 = token, 0 = padding")
         if call.mode == "generate":
             self._check_new_tokens(call, input_ids)
+        kept = call.start_step(T, self.config.block_size)
+        if kept:
+            self._store(call, kept)
         if call.mode != "probe":
             self.style.before_step(call, input_ids, blk_valid)
         layout = call.build_layout(blk_valid, self.config.position_scheme, include_memory_in_positions=True)
@@ -328,6 +331,13 @@ class Runtime:
                       attention_mask=None if bool(blk_valid.all()) else blk_valid.long())
         call.step_active = True
         return args, kwargs
+
+    def _store(self, call: CallState, evicted: list[Evicted]) -> None:
+        """Write chunks that left the window to memory (through the style)."""
+        self.style.store(call, evicted)
+        self.stores += 1
+        if self.stores % TRIM_EVERY == 0:
+            trim()  # pages pile up between freed activations: hand free heap back (memkit/_malloc.py)
 
     def _check_new_tokens(self, call: CallState, input_ids: torch.Tensor) -> None:
         """generate must hand each prompt token over exactly once, then one new token per step.
@@ -361,10 +371,7 @@ class Runtime:
             call.step_active = False
         evicted = call.commit(call.blk_ids)
         if evicted:
-            self.style.store(call, evicted)
-            self.stores += 1
-            if self.stores % TRIM_EVERY == 0:
-                trim()  # pages pile up between freed activations: hand free heap back (memkit/_malloc.py)
+            self._store(call, evicted)
         if call.progress is not None:
             before = call.cols - call.blk_ids.shape[1]
             call.progress.update(max(0, min(call.cols, call.prompt_cols) - min(before, call.prompt_cols)))

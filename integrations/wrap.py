@@ -32,6 +32,7 @@ import torch
 from memkit.config import MemoryConfig, load_config
 from memkit.errors import ConfigError, InvalidInputError, UnsupportedModelError
 
+from .attention import RUNTIME_ATTR
 from .generate import generate as _generate
 from .long_forward import check_ids, ingest, long_forward
 from .runtime import Runtime
@@ -116,6 +117,8 @@ class MemoryView:
 
 class MemkitModel(torch.nn.Module):
     """A wrapped HF causal LM; see the module docstring. Attributes not defined here come from the HF model."""
+
+    _runtime: Runtime  # set with object.__setattr__: not a submodule
 
     def __init__(self, hf_model: Any, runtime: Runtime) -> None:
         super().__init__()
@@ -212,7 +215,7 @@ def wrap(model: Any, config: MemoryConfig | dict[str, Any] | str | Path | None =
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config") or not hasattr(model, "generate"):
         raise UnsupportedModelError(f"memkit.wrap needs a Hugging Face causal LM (PreTrainedModel with generate), "
                                     f"got {type(model).__name__}")
-    if any(getattr(m, "_memkit_runtime", None) is not None for m in model.modules()):
+    if any(getattr(m, RUNTIME_ATTR, None) is not None for m in model.modules()):
         raise InvalidInputError("this HF model is already wrapped by memkit; unwrap the existing wrapper first")
     cfg = load_config(config, **overrides)
     rt = Runtime(model, cfg, tokenizer=tokenizer, memory=memory)

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from memkit.errors import MemkitError
 
@@ -28,15 +29,19 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("bench", "all"): ("memkit.bench.all", "the whole benchmark matrix, writing benchmarks/REPORT.md"),
     ("eval", "ppl"): ("memkit.evaluation.ppl", "sliding-window perplexity with and without memory"),
     ("eval", "passkey"): ("memkit.evaluation.passkey", "passkey retrieval accuracy over lengths and depths"),
+    ("eval", "qa"): ("memkit.evaluation.qa", "questions about long real documents: plain inside its positions vs "
+                     "wrapped beyond"),
     ("eval", "styles"): ("memkit.evaluation.styles", "window-only vs MemLong vs LongMem (untrained, trained): "
                          "perplexity and passkey on the same text, as a table and a plot"),
+    ("eval", "ruler"): ("memkit.evaluation.ruler", "RULER tasks built by lm-evaluation-harness: score per task x length "
+                        "x mode, and where each answer was (window, retrieved chunk, missed)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memkit", description="Long-term memory for Hugging Face decoders.")
     sub = parser.add_subparsers(dest="command", required=True)
-    groups: dict[str, argparse._SubParsersAction] = {}
+    groups: dict[str, Any] = {}  # command -> its subparsers action
     for (cmd, subcmd), (module, help_text) in COMMANDS.items():
         if subcmd is None:
             p = sub.add_parser(cmd, help=help_text, description=help_text)
@@ -45,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                 g = sub.add_parser(cmd, help=f"{cmd} subcommands")
                 groups[cmd] = g.add_subparsers(dest="subcommand", required=True)
             p = groups[cmd].add_parser(subcmd, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(memkit_module=module)
         try:
             mod = importlib.import_module(module)
         except ImportError:
@@ -59,8 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    torch = sys.modules.get("torch")
+    grad_before = torch.is_grad_enabled() if torch is not None else True
     try:
-        mod = importlib.import_module(args._module)
+        mod = importlib.import_module(args.memkit_module)
         return int(mod.run(args) or 0)
     except MemkitError as exc:
         print(f"memkit: error: {exc}", file=sys.stderr)
@@ -70,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:  # commands run inference with autograd off; a caller in the same process gets its grad mode back
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_grad_enabled(grad_before)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ from memkit.configbase import (
     is_cosine_setting,
     read_mapping,
 )
-from memkit.errors import ConfigError
+from memkit.errors import ConfigError, InvalidInputError
 from memkit.styles import STYLES, LayerSpec, LongMemConfig, MemLongConfig, StyleConfig, style_config_class
+from memkit.units import parse_bytes
 
 __all__ = ["BankConfig", "KVStoreConfig", "MemoryConfig", "MemLongConfig", "LongMemConfig", "load_config",
            "resolve_layers", "is_cosine_setting"]
@@ -79,12 +80,19 @@ class KVStoreConfig(ConfigBase):
     device_bytes: int = 2 << 30  # 2 GiB of pages on the accelerator leaves room for weights on 24 GB
     host_bytes: int = 16 << 30  # host RAM tier (pinned when CUDA is present)
     disk_dir: str | None = None  # None = no disk tier; pages beyond host_bytes are then an error
-    disk_bytes: int = 1 << 40  # memory-mapped spill files; effectively bounded by the disk
+    disk_bytes: int = 1 << 40  # spill files on disk; effectively bounded by the disk
     dtype: str = "fp16"  # halves page bytes vs fp32 at ~1e-3 relative error (see kvstore docs)
     int8_scale: str = "channel"  # "page" or "channel": per-channel scales keep int8 error lower
     prefetch: bool = True  # start copies for the next block while the current one computes
 
     def __post_init__(self) -> None:
+        for name in ("device_bytes", "host_bytes", "disk_bytes"):  # "2GB" reads like in `memkit plan`
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, parse_bytes(value))
+                except InvalidInputError as exc:
+                    raise ConfigError(f"KVStoreConfig.{name}: {exc}") from exc
         check_choice("KVStoreConfig.dtype", self.dtype, KV_DTYPES)
         check_choice("KVStoreConfig.int8_scale", self.int8_scale, ("page", "channel"))
         for name in ("device_bytes", "host_bytes", "disk_bytes"):
@@ -129,6 +137,13 @@ class MemoryConfig(ConfigBase):
     # with a better one already chosen (the next candidate takes the slot): repeated text fills one slot, not k.
     # "auto" = 0.9 for text retrievers (MiniLM here: distinct Shakespeare chunks <= 0.73, shifted repeats of a
     # filler >= 0.96) and off for "keys" (mean keys of distinct chunks reach 0.997: no threshold separates them)
+    question_tokens: int = 32  # generate's last prompt step also queries with its last question_tokens tokens (the
+    # question alone), fused with the chunk-sized query by reciprocal rank (Cormack et al. 2009): in a filler that
+    # shares words with the question ("brass key"), the chunk-sized query, mostly filler, ranks filler first; 0 = off
+    fill_neighbors: bool = True  # slots that near-duplicate skipping (or a small memory) leaves free take the chunks
+    # right before and after the chosen ones, best chunk first: a sentence split at a chunk boundary is read whole
+    # (16k passkey in repeated filler, depth 0.9: the needle's second half was retrieved, its first half skipped as
+    # a filler duplicate, and the key was missed). Chunks of real text fill all slots, so it rarely applies there.
     policy: str = "recency_frequency"  # MemLong's dynamic update, run for real
     capacity_tokens: int | None = None  # None = unbounded (bounded by the K/V store budgets); else >= chunk_size
     protect_recent: float = 0.5  # recency_frequency: newest fraction never evicted
@@ -168,6 +183,7 @@ class MemoryConfig(ConfigBase):
         for name in ("chunk_size", "window", "block_size"):
             check_positive(f"MemoryConfig.{name}", getattr(self, name), maximum=MAX_TOKENS)
         check_positive("MemoryConfig.top_k", self.top_k, allow_zero=True, maximum=MAX_TOP_K)
+        check_positive("MemoryConfig.question_tokens", self.question_tokens, allow_zero=True, maximum=MAX_TOKENS)
         check_positive("MemoryConfig.sink_tokens", self.sink_tokens, allow_zero=True, maximum=MAX_TOKENS)
         check_positive("MemoryConfig.capacity_tokens", self.capacity_tokens, allow_none=True)
         if self.capacity_tokens is not None and self.capacity_tokens < self.chunk_size:
@@ -179,6 +195,7 @@ class MemoryConfig(ConfigBase):
                               f"(keep near-duplicate chunks), got {self.max_chunk_similarity!r}")
         check_number("MemoryConfig.protect_recent", self.protect_recent, low=0.0, high=1.0, high_open=True)
         check_bool("MemoryConfig.flush_window", self.flush_window)
+        check_bool("MemoryConfig.fill_neighbors", self.fill_neighbors)
         check_bool("MemoryConfig.progress", self.progress)
 
     def _validate_names(self) -> None:

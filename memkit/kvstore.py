@@ -10,7 +10,7 @@ Tiers are exclusive (a page lives in exactly one) and ordered device > host > di
 * ``device`` — the compute device (``KVStoreConfig.device``). On CPU it is ordinary memory with its own
   budget, so the same paging code runs (and is tested) without a GPU.
 * ``host`` — CPU memory, pinned when the device is CUDA so copies are asynchronous.
-* ``disk`` — memory-mapped segment files in a private subdirectory of ``disk_dir`` (optional).
+* ``disk`` — fixed-size page files (read with ``pread``, never mapped) in a private subdirectory of ``disk_dir`` (optional).
 
 New pages enter the device tier as most recently used; when a tier is full its least recently used
 page moves one tier down. ``get``/``prefetch`` move the requested pages up to the device tier (those
@@ -67,6 +67,11 @@ from memkit.pages import FORMAT, FORMAT_VERSION, META_FILE, DiskTier, Entry, Mem
 __all__ = ["KVStore", "PageCodec", "TIERS"]
 
 TIERS = ("device", "host", "disk")
+
+
+def _owns_storage(buf: torch.Tensor) -> bool:
+    """True when ``buf`` is contiguous and is its whole storage (not a view that keeps a larger tensor alive)."""
+    return buf.is_contiguous() and buf.untyped_storage().nbytes() == buf.numel() * buf.element_size()
 SHARD_BYTES = 512 << 20  # safetensors shard size on save
 
 
@@ -126,7 +131,7 @@ class KVStore:
         if buf.device.type != "cuda":
             if self._cuda and not buf.is_pinned():  # pinned so later host->device copies are asynchronous
                 return Entry(torch.empty(buf.shape, dtype=torch.uint8, pin_memory=True).copy_(buf))
-            return Entry(buf if buf.is_contiguous() and buf._base is None else buf.clone())
+            return Entry(buf if _owns_storage(buf) else buf.clone())
         host = torch.empty(buf.shape, dtype=torch.uint8, pin_memory=True)
         stream = self._copy_stream
         assert stream is not None  # CUDA buffers exist only where a copy stream was made
@@ -155,7 +160,7 @@ class KVStore:
                     dev = torch.empty(self.page_bytes, dtype=torch.uint8, device=self.device)
                     dev.copy_(entry.buf, non_blocking=self._cuda)
                 entry = Entry(dev, self._event())
-            elif entry.buf._base is not None:
+            elif not _owns_storage(entry.buf):
                 entry = Entry(entry.buf.clone(), entry.event)
             tier.entries[page_id] = entry
         elif t == 1:

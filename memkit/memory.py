@@ -7,6 +7,8 @@ before a block runs, the top-k chunks are retrieved and returned **in time order
 the retrieval attention. A candidate whose retrieval embedding is a near-duplicate (cosine >=
 ``max_chunk_similarity``) of a better-scoring chosen chunk gives its slot to the next candidate, so
 repeated text fills one slot (a hard-threshold form of maximal marginal relevance, Carbonell & Goldstein 1998).
+Slots left free then take the chunks adjacent to the chosen ones (``fill_neighbors``), so text split at a
+chunk boundary is read whole (the neighbouring-chunk expansion of retrieval-augmented readers).
 When a namespace holds more than ``capacity_tokens`` tokens, its eviction
 policy (:mod:`memkit.policy`; MemLong's recency+frequency update by default) picks chunks to drop from
 bank, store and policy together. The K/V paging follows InfLLM (Xiao et al. 2024).
@@ -58,7 +60,7 @@ from memkit.errors import (
 )
 from memkit.files import atomic_save, file_digests, read_versioned_json, save_path, verify_files, write_json
 from memkit.kvstore import KVStore
-from memkit.namespace import Namespace, Retrieved, token_digests
+from memkit.namespace import Namespace, Retrieved, fuse_ranks, token_digests
 from memkit.policy import EvictionPolicy, make_policy
 from memkit.retrievers import RETRIEVERS, make_retriever, retriever_input
 
@@ -299,6 +301,9 @@ class MemoryManager:
                        exclude: Sequence[tuple[int, int] | None] | None = None) -> list[Retrieved]:
         """One retrieval per row: queries (B, embed_dim), namespaces (B,) -> B Retrieved, each in time order.
 
+        Queries (B, Q, embed_dim) give each row Q queries whose candidate rankings are fused by reciprocal rank
+        (:func:`~memkit.namespace.fuse_ranks`); the scores returned are each chunk's best raw score.
+
         Rows of the same namespace are searched in one batched bank call; pages are fetched once for all.
         ``max_similarity`` (default: ``config.max_chunk_similarity``; None turns it off): a candidate whose
         retrieval embedding has cosine >= this with a better-scoring chunk already chosen is skipped and the
@@ -312,7 +317,12 @@ class MemoryManager:
         ex = list(exclude) if exclude is not None else [None] * len(namespaces)
         extra = max((1 + (hi - lo) // self.chunk_size for lo, hi in (e for e in ex if e is not None)), default=0)
         fetch = (k if sim is None else k + max(k, DISTINCT_EXTRA)) + extra  # candidates scanned for k usable chunks
-        q = as_vectors(queries, self.embed_dim, name="queries")  # (B, E)
+        stacked = getattr(queries, "ndim", 2) == 3  # (B, Q, E) array or tensor: Q queries per row, rankings fused
+        Q = int(queries.shape[1]) if stacked else 1
+        if Q < 1:
+            raise InvalidInputError("queries of shape (B, Q, embed_dim) need Q >= 1 query per row")
+        q = as_vectors(queries.reshape(-1, queries.shape[-1]) if stacked else queries, self.embed_dim,
+                       name="queries").reshape(-1, Q, self.embed_dim)  # (B, Q, E); as_vectors validates values
         names = list(namespaces) if not isinstance(namespaces, str) else [namespaces]
         if len(names) != q.shape[0] or len(ex) != len(names):
             raise InvalidInputError(f"got {q.shape[0]} queries, {len(names)} namespaces and {len(ex)} exclusions; "
@@ -326,9 +336,15 @@ class MemoryManager:
                     groups.setdefault(name, []).append(b)
             for name, idx in groups.items():
                 ns = self._ns[name]
-                scores, ids = ns.bank.search(q[idx], fetch)  # (m, fetch), (m, fetch), best first
+                scores, ids = ns.bank.search(q[idx].reshape(-1, self.embed_dim), fetch)  # (m*Q, fetch), best first
                 for j, b in enumerate(idx):
-                    rows[b] = ns.select(scores[j], ids[j], k, exclude=ex[b], max_similarity=sim)
+                    sj, ij = scores[j * Q:(j + 1) * Q], ids[j * Q:(j + 1) * Q]  # (Q, fetch)
+                    ranked = Q > 1
+                    if ranked:
+                        fused_ids, _, best_raw = fuse_ranks(sj, ij)
+                        sj, ij = best_raw[None], fused_ids[None]
+                    rows[b] = ns.select(sj[0], ij[0], k, exclude=ex[b], max_similarity=sim, ranked=ranked,
+                                        neighbors=self.config.fill_neighbors, query=q[b])
             wanted = list(dict.fromkeys(int(c) for r in rows if r is not None for c in r[0]))
             pages = self.store.get(wanted, target, dtype=dtype) if wanted else None  # (u, L, 2, H, C, D)
             pos = {c: j for j, c in enumerate(wanted)}

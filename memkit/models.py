@@ -27,7 +27,7 @@ from typing import Any
 
 from memkit.errors import InvalidInputError, MissingDependencyError
 
-__all__ = ["load_smollm2", "load_model", "resolve_model_path", "converted_dir", "WEIGHT_PATTERNS"]
+__all__ = ["load_smollm2", "load_gemma3", "BUNDLED", "load_model", "resolve_model_path", "converted_dir", "WEIGHT_PATTERNS"]
 
 # File patterns that count as model weights in a local HF folder.
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
@@ -123,11 +123,24 @@ def load_smollm2(dtype: Any = "float32", device: str = "cpu") -> tuple[Any, Any]
     return _load_hf_folder(_convert_gguf(smollm2_gguf()), dtype, device)
 
 
+def load_gemma3(dtype: Any = "float32", device: str = "cpu") -> tuple[Any, Any]:
+    """The bundled Gemma-3-270m (Q4_K_M GGUF, 18 layers with sliding-window and global attention, 32k positions)
+    as ``(model, tokenizer)``; converted once into the cache like SmolLM2."""
+    from memkit.resources import gemma3_gguf
+
+    return _load_hf_folder(_convert_gguf(gemma3_gguf()), dtype, device)
+
+
+BUNDLED = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270m"}  # --model names of bundled models
+
+
 def resolve_model_path(path: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
     """Check a ``--model`` argument without loading anything: ("smollm2", None), ("hf", folder) or
     ("gguf", file). Raises :class:`InvalidInputError` saying what is missing."""
-    if path is None or str(path) == "":
+    if path is None or str(path) in ("", "smollm2"):
         return "smollm2", None
+    if str(path) == "gemma3-270m":
+        return "gemma3-270m", None
     p = Path(path).expanduser()
     if not p.exists():
         raise InvalidInputError(f"model path {str(p)!r} does not exist; pass a local HF model folder or a .gguf file")
@@ -164,6 +177,8 @@ def load_model(path: str | os.PathLike[str] | None = None, *, dtype: Any = "floa
     kind, p = resolve_model_path(path)
     if kind == "smollm2":
         return load_smollm2(dtype=dtype, device=device)
+    if kind == "gemma3-270m":
+        return load_gemma3(dtype=dtype, device=device)
     assert p is not None
     if kind == "gguf":
         return _load_hf_folder(_convert_gguf(p), dtype, device)

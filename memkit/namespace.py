@@ -24,7 +24,7 @@ from memkit.bank import BaseBank
 from memkit.errors import CorruptFileError, InvalidInputError
 from memkit.policy import EvictionPolicy
 
-__all__ = ["Namespace", "Retrieved", "distinct_rows", "token_digests"]
+__all__ = ["Namespace", "Retrieved", "distinct_rows", "fuse_ranks", "token_digests"]
 
 
 def distinct_rows(vectors: np.ndarray, max_similarity: float, k: int) -> np.ndarray:
@@ -39,6 +39,22 @@ def distinct_rows(vectors: np.ndarray, max_similarity: float, k: int) -> np.ndar
             if len(picked) == k:
                 break
     return np.asarray(picked, np.int64)
+
+
+def fuse_ranks(scores: np.ndarray, ids: np.ndarray, *, k0: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reciprocal rank fusion (Cormack, Clarke & Buettcher 2009) of Q ranked candidate lists (Q, n), best first,
+    -1 = padding: (ids, fused score, best raw score) ordered by fused score, ties by the best raw score."""
+    fused: dict[int, float] = {}
+    raw: dict[int, float] = {}
+    for q in range(ids.shape[0]):
+        for rank, (c, v) in enumerate(zip(ids[q].tolist(), scores[q].tolist())):
+            if c < 0:
+                continue
+            fused[c] = fused.get(c, 0.0) + 1.0 / (k0 + rank + 1)
+            raw[c] = max(raw.get(c, -np.inf), v)
+    order = sorted(fused, key=lambda c: (-fused[c], -raw[c]))
+    return (np.asarray(order, np.int64), np.asarray([fused[c] for c in order], np.float64),
+            np.asarray([raw[c] for c in order], np.float32))
 
 
 def token_digests(token_ids: Any, n: int) -> list[str | None]:
@@ -84,6 +100,7 @@ class Namespace:
         self.digests: dict[str, int] = {}  # sha256 of a chunk's token ids -> its id: the same text is stored once
         self.tokens = 0
         self.trace: list[dict[str, Any]] = []
+        self._edges: tuple[dict[int, int], dict[int, int]] | None = None  # start -> id, end -> id (built lazily)
 
     # ------------------------------------------------------------------ writing
     def known(self, digests: list[str | None]) -> list[int | None]:
@@ -101,6 +118,7 @@ class Namespace:
             if digest is not None:
                 self.digests[digest] = cid
         self.tokens += int((spans[:, 1] - spans[:, 0]).sum())
+        self._edges = None
         self.policy.on_add(ids)
 
     def victims(self, capacity: int | None, chunk_size: int) -> list[int]:
@@ -124,6 +142,7 @@ class Namespace:
         self.bank.remove(arr)
         self.policy.on_remove(arr)
         gone = set(ids)
+        self._edges = None
         for cid in ids:
             s, e = self.spans.pop(cid)
             self.texts.pop(cid, None)
@@ -133,22 +152,68 @@ class Namespace:
 
     # ------------------------------------------------------------------ reading
     def select(self, scores: np.ndarray, ids: np.ndarray, k: int, *, exclude: tuple[int, int] | None,
-               max_similarity: float | None) -> tuple[np.ndarray, np.ndarray]:
+               max_similarity: float | None, neighbors: bool = False, query: np.ndarray | None = None,
+               ranked: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """From one query's candidates (fetch,) best first: up to k ids and scores, in time order, skipping chunks
-        inside ``exclude`` [lo, hi) and near-duplicates (cosine >= ``max_similarity``) of a better chosen one."""
+        inside ``exclude`` [lo, hi) and near-duplicates (cosine >= ``max_similarity``) of a better chosen one.
+        ``neighbors``: slots left free take the chunks just before and after the chosen ones (best chosen chunk
+        first), scored against ``query`` (E,) or (Q, E) (the best of the Q) as the bank scores. ``ranked``: the
+        candidates are already in their order of merit (a fused ranking) and ``scores`` are only reported."""
         ok = ids >= 0
         if exclude is not None:
-            lo, hi = exclude
-            ok &= np.asarray([c >= 0 and not (self.spans[int(c)][0] >= lo and self.spans[int(c)][1] <= hi)
-                              for c in ids], bool)
+            ok &= np.asarray([c >= 0 and not self._inside(int(c), exclude) for c in ids], bool)
         s, i = scores[ok], ids[ok]
-        best = np.argsort(-s, kind="stable")
-        s, i = s[best], i[best]
+        if not ranked:
+            best = np.argsort(-s, kind="stable")
+            s, i = s[best], i[best]
         keep: Any = distinct_rows(self.bank.get(i), max_similarity, k) if max_similarity is not None and len(i) > 1 \
             else slice(0, k)
         s, i = s[keep], i[keep]
+        if neighbors and 0 < len(i) < k:
+            s, i = self._fill_neighbors(s, i, k, exclude, dict(zip(ids.tolist(), scores.tolist())), query)
         order = sorted(range(len(i)), key=lambda t: (self.spans[int(i[t])][0], int(i[t])))
         return i[order], s[order]
+
+    def _inside(self, cid: int, span: tuple[int, int]) -> bool:
+        start, end = self.spans[cid]
+        return start >= span[0] and end <= span[1]
+
+    def _fill_neighbors(self, s: np.ndarray, i: np.ndarray, k: int, exclude: tuple[int, int] | None,
+                        known: dict[int, float], query: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Chosen (s, i) best first, plus the chunks adjacent to them in the text until k are chosen."""
+        if self._edges is None:
+            self._edges = ({a: c for c, (a, _) in self.spans.items()}, {b: c for c, (_, b) in self.spans.items()})
+        by_start, by_end = self._edges
+        chosen = [int(c) for c in i]
+        # for each chosen chunk, best first: the chunk ending where it starts, then the one starting where it ends
+        around = (nb for c in chosen for nb in (by_end.get(self.spans[c][0]), by_start.get(self.spans[c][1])))
+        extra: list[int] = []
+        for nb in around:
+            if len(chosen) + len(extra) == k:
+                break
+            if nb is None or nb in chosen or nb in extra or (exclude is not None and self._inside(nb, exclude)):
+                continue
+            extra.append(nb)
+        if not extra:
+            return s, i
+        missing = [c for c in extra if c not in known]
+        if missing:
+            if query is None:
+                raise InvalidInputError("filling neighbours needs the query to score chunks outside the candidates")
+            for c, v in zip(missing, self._scores(query, np.asarray(missing, np.int64))):
+                known[c] = float(v)
+        ids = np.concatenate([i, np.asarray(extra, i.dtype)])
+        return np.concatenate([s, np.asarray([known[c] for c in extra], s.dtype)]), ids
+
+    def _scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The bank's score ("higher = closer") of stored chunks ``ids`` (n,) for ``query`` (E,)."""
+        vecs = self.bank.get(ids)  # (n, E), normalised for cosine
+        q = np.asarray(query, np.float32).reshape(-1, vecs.shape[1])  # (Q, E)
+        if self.bank.metric == "l2":
+            return (-((vecs[None] - q[:, None]) ** 2).sum(2)).max(0)  # type: ignore[no-any-return]
+        if self.bank.metric == "cosine":
+            q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        return (q @ vecs.T).max(0)  # type: ignore[no-any-return]
 
     def record(self, ids: np.ndarray, scores: np.ndarray) -> None:
         """A retrieval returned ``ids`` (time order) with ``scores``: tell the policy, keep the trace."""

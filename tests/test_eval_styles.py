@@ -4,30 +4,14 @@ the real SmolLM2 (LongMem: Wang et al. 2023; MemLong: Liu et al. 2024)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-
-def memkit_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "memkit.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(folder with a tiny random Llama + a BPE tokenizer trained on Hamlet, text file)."""
-    from memkit.testing.tiny_models import tiny_hf_folder
-
-    return tiny_hf_folder(tmp_path_factory.mktemp("tiny_styles"))
+from memkit.testing.cli import memkit_cli
 
 
 def test_eval_styles_end_to_end(tiny, tmp_path, capsys):
-    model, text = tiny
+    model, text, _cfg = tiny
     out = tmp_path / "res"
     r = memkit_cli("eval", "styles", "--model", str(model), "--text", str(text), "--start", "256", "--end", "512",
                    "--train-steps", "2", "--save-trained", str(tmp_path / "trained"), "--passkey-length", "512",

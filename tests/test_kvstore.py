@@ -275,3 +275,41 @@ def test_cuda_paging_with_side_stream_and_prefetch():
             torch.testing.assert_close(out.cpu(), ref.get(ids), rtol=0, atol=0)
             check_budgets(s)
         torch.cuda.synchronize()
+
+
+def test_small_host_budget_spills_to_disk_bit_exact_and_never_mapped(tmp_path: Path):
+    """Pages beyond a 2-page host budget go to disk files (read with pread, never memory-mapped, so RSS does not
+    grow with them) and come back bit-exact."""
+    pb = PageCodec(SHAPE, "fp32").page_bytes
+    s = KVStore(KVStoreConfig(device_bytes=0, host_bytes=2 * pb, disk_dir=str(tmp_path), dtype="fp32"),
+                page_shape=SHAPE)
+    x = kv_like(40)
+    s.put(np.arange(40), x)
+    assert sum(s.tier_of(i) == "disk" for i in range(40)) == 38
+    assert s.stats()["tiers"]["disk"]["file_bytes"] >= 38 * pb
+    mapped = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    assert str(tmp_path) not in mapped
+    order = np.random.default_rng(0).permutation(40)
+    torch.testing.assert_close(s.get(order), x[order], rtol=0, atol=0)
+    s.close()
+    assert not any(tmp_path.iterdir())  # the spill directory is removed on close
+
+
+def test_wrapped_model_with_pages_on_disk_equals_pages_in_memory(tmp_path: Path):
+    import memkit
+    from memkit.testing.tiny_models import tiny_model
+
+    cfg = dict(window=32, chunk_size=8, block_size=16, top_k=3, sink_tokens=2, progress=False)
+    ids = torch.randint(3, 256, (1, 200), generator=torch.Generator().manual_seed(0))
+    model = tiny_model("llama")
+    ram = memkit.wrap(model, **cfg, kvstore={"dtype": "fp32"})
+    with torch.no_grad():
+        ref = ram(ids).logits
+    memkit.unwrap(ram)
+    disk = memkit.wrap(model, **cfg, kvstore={"dtype": "fp32", "device_bytes": 0, "host_bytes": 4096,
+                                              "disk_dir": str(tmp_path)})
+    with torch.no_grad():
+        out = disk(ids).logits
+    stats = disk.memory.stats()["kvstore"]["tiers"]
+    assert stats["disk"]["pages"] > 20 and stats["host"]["pages"] <= 1
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

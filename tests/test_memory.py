@@ -8,6 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -316,3 +317,62 @@ def test_max_chunk_similarity_auto_and_bad_values():
         with pytest.raises(InvalidInputError, match="max_similarity"):
             make_mm().retrieve(torch.ones(E) / 4, max_similarity=bad)
     assert make_mm()._max_similarity("auto") == 0.9 and make_mm()._max_similarity(None) is None
+
+
+def test_free_slots_take_the_neighbours_of_the_chosen_chunks():
+    """Near-duplicates (a repeated filler) leave slots free: they take the chunks right before and after the
+    chosen ones, so text split at a chunk boundary is read whole; fill_neighbors=False leaves them free."""
+    k, v, e, spans = chunks(10)
+    filler = torch.nn.functional.normalize(torch.ones(E), dim=0)
+    e = filler.repeat(10, 1) + 0.01 * e  # every chunk a near-duplicate of the filler...
+    e[6] = torch.nn.functional.normalize(torch.randn(E, generator=torch.Generator().manual_seed(9)), dim=0)
+    q = e[6] + 0.5 * filler  # ...but chunk 6 (the needle's second half) is what the query asks for
+    for fill, want in ((True, {5, 6, 7}), (False, None)):
+        mm = make_mm(top_k=4, max_chunk_similarity=0.9, fill_neighbors=fill)
+        mm.add_chunks(k, v, e, spans)
+        r = mm.retrieve(q)
+        got = r.ids.tolist()
+        assert got == sorted(got)  # time order
+        if want is None:
+            assert len(got) == 2 and 6 in got  # the needle chunk and one filler chunk
+            continue
+        assert want <= set(got) and len(got) == 4
+        for j, cid in enumerate(got):  # neighbours carry their true score and pages
+            ref = float(torch.nn.functional.normalize(e[cid], dim=0) @ q) if mm.config.bank.metric == "cosine" \
+                else float(e[cid] @ q)
+            assert r.scores[j].item() == pytest.approx(ref, abs=1e-4)
+            torch.testing.assert_close(r.keys[j], k[cid], rtol=0, atol=0)
+        assert [t["id"] for t in mm.trace()] == got  # the trace lists exactly what is attended
+    with pytest.raises(ConfigError):
+        MemoryConfig(fill_neighbors="yes")
+
+
+def test_two_queries_per_row_are_fused_by_reciprocal_rank():
+    """(B, Q, E) queries: each row's Q rankings are fused (reciprocal rank); the scores are each chunk's best raw
+    score. A chunk second for both queries beats chunks first for one and last for the other."""
+    from memkit.namespace import fuse_ranks
+
+    ids = np.array([[1, 2, 3, 4], [3, 2, 4, 1]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.95, 0.85, 0.2, 0.1]], np.float32)
+    order, fused, best = fuse_ranks(ids=ids, scores=scores)
+    assert order.tolist()[0] == 3 and set(order.tolist()) == {1, 2, 3, 4}  # 3: ranks 3 and 1
+    assert best[order.tolist().index(2)] == pytest.approx(0.85)
+    assert fused.tolist() == sorted(fused.tolist(), reverse=True)
+    assert order.tolist().index(2) < order.tolist().index(1)  # second twice beats first-then-last
+
+    mm = make_mm(top_k=1, max_chunk_similarity=None)
+    k, v, e, spans = chunks(6)
+    mm.add_chunks(k, v, e, spans)
+    q_a = e[2] + 0.8 * e[4]  # ranks 2 first, 4 second
+    q_b = e[4] + 0.8 * e[5]  # ranks 4 first, 5 second
+    assert mm.retrieve(q_a, k=1).ids.tolist() == [2]
+    both = mm.retrieve_batch(torch.stack([q_a, q_b])[None], ["default"], k=2)[0]
+    assert set(both.ids.tolist()) == {2, 4}  # each query's best; 4 (ranked by both) first
+    assert mm.trace()[0]["id"] in (2, 4)
+    ref = max(float(torch.nn.functional.normalize(e[4], dim=0) @ q) if mm.config.bank.metric == "cosine"
+              else float(e[4] @ q) for q in (q_a, q_b))
+    assert both.scores[both.ids.tolist().index(4)].item() == pytest.approx(ref, abs=1e-4)
+    with pytest.raises(DimensionMismatchError):
+        mm.retrieve_batch(torch.ones(1, 2, E + 1), ["default"])
+    with pytest.raises(ConfigError):
+        MemoryConfig(question_tokens=-1)

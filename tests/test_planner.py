@@ -108,3 +108,25 @@ def test_cli(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "memkit.cli", "plan", "--model", str(tmp_path / "none"), "--context", "5"],
                          capture_output=True, text=True, check=False)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "no model config" in run.stderr
+
+
+def test_page_bytes_match_the_codec() -> None:
+    pytest.importorskip("torch")
+    from memkit.pages import PageCodec
+    from memkit.planner import page_nbytes
+
+    for shape in [(30, 2, 3, 128, 64), (1, 2, 2, 4, 16), (7, 2, 5, 33, 48)]:
+        for dtype in ("fp32", "fp16", "bf16", "int8"):
+            for scale in ("channel", "page"):
+                assert page_nbytes(shape, dtype, scale) == PageCodec(shape, dtype, scale).page_bytes
+
+
+def test_cpu_plan_counts_every_byte_on_the_host() -> None:
+    smol = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+            "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True,
+            "max_position_embeddings": 8192}
+    cfg = MemoryConfig.from_dict({"kvstore": {"device_bytes": "512MB", "host_bytes": "1GB", "disk_dir": "/d"}})
+    p = memkit.plan(smol, 1 << 20, None, cfg, weight_dtype="fp32", host_bytes="24GB", runtime_bytes="1GB")
+    assert p.fits and p.gpu_bytes is None
+    assert p.total("disk") > 20 * 2**30  # 1M tokens x 30 layers of fp16 pages: ~22 GiB, all but 1.5 GiB on disk
+    assert 3 * 2**30 < p.host_total() < 4 * 2**30  # weights 0.5 + tiers 1.5 + runtime 1 + activations, vectors

@@ -193,7 +193,8 @@ def test_repeated_text_fills_one_retrieval_slot(max_sim: float | None) -> None:
     """A document of a repeated 7-token sentence (so chunks are shifted copies) plus one fact: the fact and one
     copy of the filler are retrieved with the default near-duplicate collapse; without it shifted copies take the
     other slots. Exact repeats are stored once. (Shifts of a 7-token sentence in 8-token chunks reach MiniLM
-    cosine 0.87-0.98, so this uses 0.85; "auto" = 0.9 is tuned on 128-token chunks, where shifts reach >= 0.96.)"""
+    cosine 0.87-0.98, so this uses 0.85; "auto" = 0.9 is tuned on 128-token chunks, where shifts reach >= 0.96.)
+    fill_neighbors is off: it would give the free slots to the fact's neighbours (tests/test_memory.py)."""
     from transformers import AutoTokenizer
 
     from memkit.resources import minilm_dir
@@ -204,7 +205,7 @@ def test_repeated_text_fills_one_retrieval_slot(max_sim: float | None) -> None:
     fact = enc("the secret word of the vault is amber")[:8]
     doc = filler * 24 + fact + filler * 24  # the fact is chunk 21 exactly (24 * 7 = 21 * 8)
     wrapped = memkit.wrap(tiny_model("llama", vocab_size=tok.vocab_size), tokenizer=tok,
-                          **dict(CFG, max_chunk_similarity=max_sim))
+                          **dict(CFG, max_chunk_similarity=max_sim, fill_neighbors=False))
     with torch.no_grad():
         wrapped.memory.ingest(doc, namespace="doc", progress=False)
         assert wrapped.memory.num_chunks("doc") == 8  # 42 filler chunks are 7 distinct shifts, plus the fact

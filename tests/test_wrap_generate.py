@@ -120,3 +120,41 @@ def test_generate_refuses_beams() -> None:
         wrapped.generate(_ids(20, 6), max_new_tokens=3, num_beams=2)
     with pytest.raises(memkit.MemkitError):
         wrapped.generate(_ids(20, 6), max_new_tokens=3, do_sample=True, num_return_sequences=2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_answer_sees_what_the_question_saw(arch: str) -> None:
+    """generate's answer steps keep the window of the prompt's last step for a block's worth of tokens: a token
+    the question attended (a needle near the end of the prompt) is never dropped from under the answer. The
+    window never exceeds the bound of a prompt step (window + chunk_size - 1 + block_size)."""
+    wrapped = memkit.wrap(tiny_model(arch), **CFG)
+    rt = wrapped.memkit_runtime
+    W, C, bs = CFG["window"], CFG["chunk_size"], CFG["block_size"]
+    steps: list[tuple[int, int, int]] = []  # (columns read before the step, step tokens, window tokens)
+
+
+    def record(module, args, out):  # type: ignore[no-untyped-def]
+        call = rt.current_call()
+        assert call is not None
+        steps.append((call.cols, int(args[0].shape[1]), int(call.stats()["window"][0])))  # args[0]: (1, T, D)
+
+    N = 101
+    handle = rt.base.layers[0].register_forward_hook(record)  # inside each step
+    try:
+        with torch.no_grad():
+            wrapped.generate(_ids(N, 5), max_new_tokens=3 * bs, do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    last = next(i for i, (c, t, _) in enumerate(steps) if c + t == N)  # the prompt's last step
+    q_cols, _, q_win = steps[last]
+    assert q_cols - q_win > CFG["sink_tokens"]  # the window has already slid: there is something to lose
+    answers = steps[last + 1:]
+    assert len(answers) == 3 * bs - 1
+    for _, t, win in steps:
+        assert win + t <= W + C - 1 + bs
+    for cols, t, win in answers:
+        start = cols - win  # the first window token
+        if cols + t - q_cols <= bs:  # the question's block continues: its window is all kept
+            assert start == q_cols - q_win, (cols, win, q_cols, q_win)
+        else:
+            assert start > q_cols - q_win  # later blocks slide on (each keeps its own start for a block)

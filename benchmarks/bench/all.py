@@ -643,7 +643,7 @@ def run(args: argparse.Namespace) -> int:
     summary = build_summary(out)
     write_report(out, report_path, summary, info)
     doc = {**info, **summary, "report": str(report_path)}
-    (out / "all.json").write_text(json.dumps(report._jsonable(doc), indent=2) + "\n")
+    (out / "all.json").write_text(json.dumps(report.jsonable(doc), indent=2) + "\n")
     print("\n" + headline_table(summary) + "\n\n" + targets_table(summary))
     print(f"\nreport: {report_path}\nJSON: {out / 'all.json'}")
     failed = [k for k, v in info.get("stages", {}).items() if v.get("status") != "ok"]

@@ -365,10 +365,10 @@ def _direct_search(bank: Any, backend: str, k: int, batch: int) -> Any:
             faiss.downcast_index(index.index).hnsw.efSearch = max(bank.ef_search, k)  # type: ignore[attr-defined]
         return lambda q: index.search(q, k)
     if backend == "hnswlib":
-        index, threads = bank.index, bank._threads()
+        index, threads = bank.index, bank.native_threads()
         return lambda q: index.knn_query(q, k=k, num_threads=threads)
     if backend == "usearch":
-        index, tmap = bank.index, {m: bank._n_threads(m) for m in (1, batch)}
+        index, tmap = bank.index, {m: bank.native_threads(m) for m in (1, batch)}
         return lambda q: index.search(q, k, threads=tmap[len(q)])
     if backend == "disk":
         return _disk_direct(bank, k)
@@ -383,7 +383,7 @@ def _disk_direct(bank: Any, k: int) -> Any:
     """Plain numpy over the bank's own memory-mapped vector file: block matmul + argpartition merge."""
     from memkit.backends import disk_bank
 
-    n = bank._n_rows
+    n = bank.n_rows
     mat = np.memmap(bank.path / disk_bank.VEC_FILE, np.float32, "r", shape=(n, bank.dim))  # (n, dim)
     rid = np.memmap(bank.path / disk_bank.IDS_FILE, np.int64, "r", shape=(n,))
     B = bank.block_rows
@@ -425,8 +425,8 @@ def _qdrant_direct(bank: Any, k: int) -> Any:
 
 def _milvus_direct(bank: Any, k: int) -> Any:
     """pymilvus's own ``MilvusClient.search`` on the bank's client and collection, with the bank's settings."""
-    client, coll = bank.client, bank._coll
-    params = {"metric_type": bank._milvus_metric(), "params": dict(bank.search_params)}
+    client, coll = bank.client, bank.collection_name
+    params = {"metric_type": bank.milvus_metric(), "params": dict(bank.search_params)}
     return lambda q: client.search(coll, data=q.tolist(), limit=k, anns_field="vector", search_params=params,
                                    output_fields=["id"], consistency_level="Strong")
 
@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(report._jsonable(worker(json.loads(args.worker)))), flush=True)
+        print(json.dumps(report.jsonable(worker(json.loads(args.worker)))), flush=True)
         return 0
     return run(args)
 

@@ -182,11 +182,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column | st
     return "\n".join(lines)
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -231,7 +231,7 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], columns: Sequence[C
     doc.update(extra or {})
     jpath = out / f"{name}.json"
     tmp = jpath.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(doc), indent=2) + "\n")
+    tmp.write_text(json.dumps(jsonable(doc), indent=2) + "\n")
     os.replace(tmp, jpath)
     md = [f"# {title}", "", f"*{machine_line(machine)}*", ""]
     md += [markdown_table(rows, cols), ""]
@@ -260,7 +260,7 @@ def bench_main(prog: str, doc: str, add_arguments: Callable[[Any], None], run: C
     args = parser.parse_args(argv)
     spec = getattr(args, worker_flag.lstrip("-").replace("-", "_"))
     if spec:
-        print(json.dumps(_jsonable(worker(json.loads(spec)))), flush=True)
+        print(json.dumps(jsonable(worker(json.loads(spec)))), flush=True)
         return 0
     try:
         return run(args)

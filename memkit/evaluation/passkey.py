@@ -21,12 +21,14 @@ import time
 from typing import Any
 
 from memkit.evaluation.common import (
+    RssSampler,
     add_common_arguments,
     format_table,
     load_config_arg,
     load_for_args,
     make_runner,
     max_positions,
+    memory_breakdown,
     parse_modes,
     set_threads,
     write_json,
@@ -47,7 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated depth fractions of the key inside the filler, 0=start 1=end "
                         "(default: 0.1,0.5,0.9)")
     p.add_argument("--filler", default=DEFAULT_FILLER, choices=FILLERS,
-                   help="'classic' repeated sentences (the standard test) or 'real' Shakespeare text "
+                   help="'classic' repeated sentences (the standard test); 'meadow' and 'ledger' other "
+                        "repeated sentences (nature, bookkeeping); 'shuffled' varied sentences in random order; "
+                        "'real' Shakespeare; 'kjv' King James verses "
                         f"(default: {DEFAULT_FILLER})")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, choices=PROMPTS,
                    help="'plain' instruction, 'chat' template of the tokenizer, or 'auto' (chat when the "
@@ -73,7 +77,7 @@ def answer(model: Any, tokenizer: Any, hay: Haystack, *, max_new_tokens: int = 8
         mem.reset()
     ids = torch.tensor([hay.input_ids], device=model.device)
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), RssSampler() as rss:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=getattr(tokenizer, "eos_token_id", None))
     seconds = time.perf_counter() - t0
@@ -82,11 +86,13 @@ def answer(model: Any, tokenizer: Any, hay: Haystack, *, max_new_tokens: int = 8
     rec: dict[str, Any] = {"tokens": len(hay), "depth": hay.depth, "key": hay.key, "answer": text.strip(),
                            "correct": got == hay.key, "seconds": round(seconds, 3),
                            "tokens_per_s": round(len(hay) / seconds, 1) if seconds else None}
+    rec.update(rss_start_bytes=rss.start, peak_rss_bytes=rss.peak)
     if mem is not None:
         lo, hi = hay.needle_span
         trace = mem.trace()
         rec["needle_retrieved"] = any(int(t["span"][0]) < hi and int(t["span"][1]) > lo for t in trace)
         rec["retrieved_spans"] = [list(map(int, t["span"])) for t in trace]
+        rec["bytes"] = memory_breakdown(model)
     return rec
 
 
