@@ -167,9 +167,11 @@ def run(args: argparse.Namespace) -> int:
     if "memlong" not in skip:
         w = memkit.wrap(model, tokenizer=tok, window=cfg.window, progress=False)
         row("memlong default (same window)", w)
+        icl_row("memlong default (same window)", w)
         memkit.unwrap(w)
         w = memkit.wrap(model, style="memlong", retriever="keys", top_k=8, **base)
         row("memlong, recipe's blocks and sinks", w)
+        icl_row("memlong, recipe's blocks and sinks", w)
         memkit.unwrap(w)
     res["icl"], res["passkey"] = icl, passkey
     res["icl_task"] = {"n_keys": args.icl_keys, "seed": args.icl_seed, "demo_tokens": len(icl_task.demo_ids),
