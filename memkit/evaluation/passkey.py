@@ -159,6 +159,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{rec['mode']}] {flag} length={rec['length']} depth={rec['depth']:g} key={rec['key']} "
               f"answer={rec['answer']!r} {rec['seconds']:.1f}s{extra}", flush=True)
 
+    header = {"command": "eval passkey", "model": args.model or "bundled SmolLM2-135M-Instruct",
+              "model_max_positions": npos, "modes": modes, "lengths": lengths, "depths": depths,
+              "filler": args.filler, "prompt": args.prompt, "trials": args.trials,
+              "config": config.to_dict() if config is not None else None}
     for mode in modes:
         run_lengths = [n for n in lengths if mode != "full" or n <= full_max]
         for n in lengths:
@@ -168,9 +172,14 @@ def run(args: argparse.Namespace) -> int:
                                for d in depths)
         if not run_lengths:
             continue
-        def tagged(rec: dict[str, Any], mode: str = mode) -> None:
+        done: list[dict[str, Any]] = []
+
+        def tagged(rec: dict[str, Any], mode: str = mode, done: list[dict[str, Any]] = done) -> None:
             rec["mode"] = mode
             log(rec)
+            done.append(rec)
+            if args.out not in (None, "-"):  # a long run cut short keeps what it measured
+                write_json({**header, "partial": True, "results": results + done}, args.out)
 
         with make_runner(model, tok, mode, config, progress=not args.no_progress) as m:
             results.extend(evaluate(m, tok, run_lengths, depths, trials=args.trials, seed=args.seed,
@@ -179,11 +188,7 @@ def run(args: argparse.Namespace) -> int:
     table = _summary(results, modes, lengths, depths)
     print()
     print(table)
-    where = write_json({"command": "eval passkey", "model": args.model or "bundled SmolLM2-135M-Instruct",
-                        "model_max_positions": npos, "modes": modes, "lengths": lengths, "depths": depths,
-                        "filler": args.filler, "prompt": args.prompt, "trials": args.trials,
-                        "config": config.to_dict() if config is not None else None,
-                        "results": results, "table": table}, args.out)
+    where = write_json({**header, "results": results, "table": table}, args.out)
     if where and where != "stdout":
         print(f"\nJSON: {where}")
     return 0
