@@ -140,6 +140,11 @@ class MemoryConfig(ConfigBase):
     question_tokens: int = 32  # generate's last prompt step also queries with its last question_tokens tokens (the
     # question alone), fused with the chunk-sized query by reciprocal rank (Cormack et al. 2009): in a filler that
     # shares words with the question ("brass key"), the chunk-sized query, mostly filler, ranks filler first; 0 = off
+    question_neighbors: int = 1  # at that question step, the best question_neighbors chunks of the fused ranking
+    # bring the chunks just before and after them even when no slot is free (they displace the lowest-ranked): a
+    # question matches the words *before* its answer, and an answer split at a chunk boundary is read whole
+    # (256k passkey in shuffled filler: the chunk ending "The pass key is" was retrieved, the digits in the next
+    # chunk were not, and the model answered "a small wooden piece"); 0 = off
     fill_neighbors: bool = True  # slots that near-duplicate skipping (or a small memory) leaves free take the chunks
     # right before and after the chosen ones, best chunk first: a sentence split at a chunk boundary is read whole
     # (16k passkey in repeated filler, depth 0.9: the needle's second half was retrieved, its first half skipped as
@@ -195,6 +200,7 @@ class MemoryConfig(ConfigBase):
                               f"(keep near-duplicate chunks), got {self.max_chunk_similarity!r}")
         check_number("MemoryConfig.protect_recent", self.protect_recent, low=0.0, high=1.0, high_open=True)
         check_bool("MemoryConfig.flush_window", self.flush_window)
+        check_positive("MemoryConfig.question_neighbors", self.question_neighbors, allow_zero=True, maximum=MAX_TOKENS)
         check_bool("MemoryConfig.fill_neighbors", self.fill_neighbors)
         check_bool("MemoryConfig.progress", self.progress)
 

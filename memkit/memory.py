@@ -344,7 +344,8 @@ class MemoryManager:
                         fused_ids, _, best_raw = fuse_ranks(sj, ij)
                         sj, ij = best_raw[None], fused_ids[None]
                     rows[b] = ns.select(sj[0], ij[0], k, exclude=ex[b], max_similarity=sim, ranked=ranked,
-                                        neighbors=self.config.fill_neighbors, query=q[b])
+                                        neighbors=self.config.fill_neighbors, query=q[b],
+                                        neighbors_of_best=self.config.question_neighbors if ranked else 0)
             wanted = list(dict.fromkeys(int(c) for r in rows if r is not None for c in r[0]))
             pages = self.store.get(wanted, target, dtype=dtype) if wanted else None  # (u, L, 2, H, C, D)
             pos = {c: j for j, c in enumerate(wanted)}

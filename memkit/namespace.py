@@ -153,12 +153,14 @@ class Namespace:
     # ------------------------------------------------------------------ reading
     def select(self, scores: np.ndarray, ids: np.ndarray, k: int, *, exclude: tuple[int, int] | None,
                max_similarity: float | None, neighbors: bool = False, query: np.ndarray | None = None,
-               ranked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+               ranked: bool = False, neighbors_of_best: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """From one query's candidates (fetch,) best first: up to k ids and scores, in time order, skipping chunks
         inside ``exclude`` [lo, hi) and near-duplicates (cosine >= ``max_similarity``) of a better chosen one.
         ``neighbors``: slots left free take the chunks just before and after the chosen ones (best chosen chunk
         first), scored against ``query`` (E,) or (Q, E) (the best of the Q) as the bank scores. ``ranked``: the
-        candidates are already in their order of merit (a fused ranking) and ``scores`` are only reported."""
+        candidates are already in their order of merit (a fused ranking) and ``scores`` are only reported.
+        ``neighbors_of_best``: the chunks just before and after the best ``neighbors_of_best`` chosen chunks are
+        taken even when no slot is free (they displace the lowest-ranked chosen chunks)."""
         ok = ids >= 0
         if exclude is not None:
             ok &= np.asarray([c >= 0 and not self._inside(int(c), exclude) for c in ids], bool)
@@ -169,8 +171,11 @@ class Namespace:
         keep: Any = distinct_rows(self.bank.get(i), max_similarity, k) if max_similarity is not None and len(i) > 1 \
             else slice(0, k)
         s, i = s[keep], i[keep]
+        known = dict(zip(ids.tolist(), scores.tolist()))
+        if neighbors_of_best > 0 and len(i):
+            s, i = self._with_neighbors_of_best(s, i, k, min(neighbors_of_best, len(i)), exclude, known, query)
         if neighbors and 0 < len(i) < k:
-            s, i = self._fill_neighbors(s, i, k, exclude, dict(zip(ids.tolist(), scores.tolist())), query)
+            s, i = self._fill_neighbors(s, i, k, exclude, known, query)
         order = sorted(range(len(i)), key=lambda t: (self.spans[int(i[t])][0], int(i[t])))
         return i[order], s[order]
 
@@ -178,32 +183,49 @@ class Namespace:
         start, end = self.spans[cid]
         return start >= span[0] and end <= span[1]
 
-    def _fill_neighbors(self, s: np.ndarray, i: np.ndarray, k: int, exclude: tuple[int, int] | None,
-                        known: dict[int, float], query: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Chosen (s, i) best first, plus the chunks adjacent to them in the text until k are chosen."""
+    def _adjacent(self, of: Any, chosen: list[int], room: int, exclude: tuple[int, int] | None) -> list[int]:
+        """Up to ``room`` chunks adjacent in the text to the chunks ``of`` (best first), not in ``chosen`` and not
+        inside ``exclude``: for each, the chunk ending where it starts, then the one starting where it ends."""
         if self._edges is None:
             self._edges = ({a: c for c, (a, _) in self.spans.items()}, {b: c for c, (_, b) in self.spans.items()})
         by_start, by_end = self._edges
-        chosen = [int(c) for c in i]
-        # for each chosen chunk, best first: the chunk ending where it starts, then the one starting where it ends
-        around = (nb for c in chosen for nb in (by_end.get(self.spans[c][0]), by_start.get(self.spans[c][1])))
+        around = (nb for c in of for nb in (by_end.get(self.spans[int(c)][0]), by_start.get(self.spans[int(c)][1])))
         extra: list[int] = []
         for nb in around:
-            if len(chosen) + len(extra) == k:
+            if len(extra) >= room:
                 break
             if nb is None or nb in chosen or nb in extra or (exclude is not None and self._inside(nb, exclude)):
                 continue
             extra.append(nb)
-        if not extra:
-            return s, i
-        missing = [c for c in extra if c not in known]
+        return extra
+
+    def _with_neighbors_of_best(self, s: np.ndarray, i: np.ndarray, k: int, best: int,
+                                exclude: tuple[int, int] | None, known: dict[int, float],
+                                query: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Chosen (s, i) best first -> the ``best`` first, their neighbours in the text, then the rest, k at most."""
+        top = [int(c) for c in i[:best]]
+        need = self._adjacent(top, top, max(0, k - best), exclude)
+        order = top + need + [int(c) for c in i[best:] if int(c) not in need]
+        return self._scored(order[:k], known, query, s.dtype), np.asarray(order[:k], i.dtype)
+
+    def _scored(self, chosen: list[int], known: dict[int, float], query: np.ndarray | None, dtype: Any) -> np.ndarray:
+        """Scores of ``chosen``: from the candidates' when known, else the bank's score for ``query``."""
+        missing = [c for c in chosen if c not in known]
         if missing:
             if query is None:
                 raise InvalidInputError("filling neighbours needs the query to score chunks outside the candidates")
             for c, v in zip(missing, self._scores(query, np.asarray(missing, np.int64))):
                 known[c] = float(v)
-        ids = np.concatenate([i, np.asarray(extra, i.dtype)])
-        return np.concatenate([s, np.asarray([known[c] for c in extra], s.dtype)]), ids
+        return np.asarray([known[c] for c in chosen], dtype)
+
+    def _fill_neighbors(self, s: np.ndarray, i: np.ndarray, k: int, exclude: tuple[int, int] | None,
+                        known: dict[int, float], query: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Chosen (s, i) best first, plus the chunks adjacent to them in the text until k are chosen."""
+        chosen = [int(c) for c in i]
+        extra = self._adjacent(chosen, chosen, k - len(chosen), exclude)
+        if not extra:
+            return s, i
+        return np.concatenate([s, self._scored(extra, known, query, s.dtype)]), np.concatenate([i, np.asarray(extra, i.dtype)])
 
     def _scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The bank's score ("higher = closer") of stored chunks ``ids`` (n,) for ``query`` (E,)."""

@@ -347,6 +347,34 @@ def test_free_slots_take_the_neighbours_of_the_chosen_chunks():
         MemoryConfig(fill_neighbors="yes")
 
 
+def test_the_questions_best_chunk_brings_its_neighbours_when_no_slot_is_free():
+    """At the question step (Q > 1 queries, fused), the best chunk's neighbours in the text are taken even when
+    distinct chunks fill every slot (they displace the lowest-ranked): a question matches the words before its
+    answer, and an answer split at a chunk boundary is read whole. A single query (every other step) is unchanged;
+    question_neighbors=0 turns it off."""
+    k, v, _, spans = chunks(12)
+    e = torch.eye(E)[:12]  # orthogonal embeddings: scores are exact
+    q = e[5] + 0.3 * (e[1] + e[2] + e[9] + e[10])  # chunk 5 first; 1, 2, 9, 10 next; 4 and 6 score 0
+    for n_best, want in ((1, True), (0, None)):
+        mm = make_mm(top_k=4, max_chunk_similarity=None, question_neighbors=n_best)
+        mm.add_chunks(k, v, e, spans)
+        assert 4 not in mm.retrieve(q).ids.tolist() and 6 not in mm.retrieve(q).ids.tolist()  # one query
+        r = mm.retrieve_batch(torch.stack([q, q])[None], ["default"])[0]
+        got = r.ids.tolist()
+        assert len(got) == 4 and got == sorted(got) and 5 in got
+        if want is None:
+            assert 4 not in got and 6 not in got
+            continue
+        assert {4, 5, 6} <= set(got)
+        for j, cid in enumerate(got):  # neighbours carry their true score and pages
+            ref = float(torch.nn.functional.normalize(e[cid], dim=0) @ q) if mm.config.bank.metric == "cosine" \
+                else float(e[cid] @ q)
+            assert r.scores[j].item() == pytest.approx(ref, abs=1e-4)
+            torch.testing.assert_close(r.keys[j], k[cid], rtol=0, atol=0)
+    with pytest.raises(ConfigError):
+        MemoryConfig(question_neighbors=-1)
+
+
 def test_two_queries_per_row_are_fused_by_reciprocal_rank():
     """(B, Q, E) queries: each row's Q rankings are fused (reciprocal rank); the scores are each chunk's best raw
     score. A chunk second for both queries beats chunks first for one and last for the other."""
@@ -360,7 +388,7 @@ def test_two_queries_per_row_are_fused_by_reciprocal_rank():
     assert fused.tolist() == sorted(fused.tolist(), reverse=True)
     assert order.tolist().index(2) < order.tolist().index(1)  # second twice beats first-then-last
 
-    mm = make_mm(top_k=1, max_chunk_similarity=None)
+    mm = make_mm(top_k=1, max_chunk_similarity=None, question_neighbors=0)
     k, v, e, spans = chunks(6)
     mm.add_chunks(k, v, e, spans)
     q_a = e[2] + 0.8 * e[4]  # ranks 2 first, 4 second
