@@ -171,7 +171,8 @@ class Namespace:
         keep: Any = distinct_rows(self.bank.get(i), max_similarity, k) if max_similarity is not None and len(i) > 1 \
             else slice(0, k)
         s, i = s[keep], i[keep]
-        known = dict(zip(ids.tolist(), scores.tolist()))
+        fill = neighbors and len(i) < k  # len(i) never shrinks below: neighbours of the best only reorder and add
+        known = dict(zip(ids.tolist(), scores.tolist())) if neighbors_of_best > 0 or fill else {}
         if neighbors_of_best > 0 and len(i):
             s, i = self._with_neighbors_of_best(s, i, k, min(neighbors_of_best, len(i)), exclude, known, query)
         if neighbors and 0 < len(i) < k:

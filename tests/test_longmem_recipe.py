@@ -16,7 +16,7 @@ import torch
 
 import memkit
 from memkit.integrations.curriculum import copy_documents, split_documents, training_documents
-from memkit.testing.tiny_models import one_thread, tiny_model
+from memkit.testing.tiny_models import one_thread, repeating_ids, tiny_model
 
 CFG: dict = dict(style="longmem", window=32, chunk_size=8, block_size=16, sink_tokens=2,
                  longmem={"chunk": 4, "tokens": 8}, progress=False, flush_window=False)
@@ -28,9 +28,7 @@ def _one_thread():  # type: ignore[no-untyped-def]
         yield
 
 
-def _doc(n: int = 160, seed: int = 0) -> torch.Tensor:
-    base = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(seed))
-    return base.repeat(n // 40 + 1)[:n]  # what was read 40 tokens earlier predicts what comes next
+_doc = repeating_ids  # what was read 40 tokens earlier predicts what comes next
 
 
 def _logits(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import memkit
-from memkit.testing.tiny_models import one_thread, tiny_model
+from memkit.testing.tiny_models import one_thread, repeating_ids, tiny_model
 
 LONGMEM: dict = dict(style="longmem", window=32, chunk_size=8, block_size=16, sink_tokens=2,
                      longmem={"chunk": 4, "tokens": 8}, progress=False)
@@ -29,10 +29,7 @@ def _one_thread():  # type: ignore[no-untyped-def]
         yield
 
 
-def _doc(n: int = 160, seed: int = 0) -> torch.Tensor:
-    # a repetitive document: what was read earlier predicts what comes later, so memory can help
-    base = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(seed))
-    return base.repeat(n // 40 + 1)[:n]
+_doc = repeating_ids  # what was read 40 tokens earlier predicts what comes next
 
 
 def _backbone(model: torch.nn.Module) -> dict[str, torch.Tensor]:

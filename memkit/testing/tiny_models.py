@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["ARCHITECTURES", "one_thread", "tiny_config", "tiny_model", "tiny_hf_folder"]
+__all__ = ["ARCHITECTURES", "one_thread", "tiny_config", "tiny_model", "tiny_hf_folder", "repeating_ids"]
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3", "gpt2")
 
@@ -103,3 +103,12 @@ def tiny_hf_folder(root: Any, *, play: str = "hamlet", chars: int = 12_000) -> t
     tiny_model("llama", vocab_size=len(tok), max_positions=2048).save_pretrained(folder)
     (root / "text.txt").write_text(text)
     return folder, root / "text.txt"
+
+
+def repeating_ids(n: int = 160, seed: int = 0, period: int = 40) -> Any:
+    """(n,) token ids in 3..255 that repeat every ``period`` tokens: a document whose earlier text predicts its
+    later text, so memory can help (training tests)."""
+    import torch
+
+    base = torch.randint(3, 256, (period,), generator=torch.Generator().manual_seed(seed))
+    return base.repeat(n // period + 1)[:n]
