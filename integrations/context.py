@@ -112,6 +112,8 @@ class CallState:
         self.retriever_layer = retriever_layer
         self.device = device
         self.n_real = torch.zeros(batch, dtype=torch.long)  # real tokens committed per row (CPU)
+        # generate: the real tokens each row has read in this call, one (t,) CPU tensor per step (read_ids() joins)
+        self._read: list[list[torch.Tensor]] = [[] for _ in range(batch)] if mode == "generate" else []
         self.win_valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)  # (B, Wb)
         self.win_ids = torch.zeros(batch, 0, dtype=torch.long, device=device)  # (B, Wb)
         self.win_k: list[torch.Tensor | None] = [None] * num_layers  # (B, H, Wb, D) position-free
@@ -262,7 +264,18 @@ class CallState:
         self.win_valid, self.win_ids = valid, ids
         self.n_real += blk_valid.sum(1).cpu()
         self.cols += blk_valid.shape[1]
+        for r, steps in enumerate(self._read):
+            steps.append(blk_ids[r][blk_valid[r].to(blk_ids.device)].cpu())
         return [] if self.answering else self._evict(self.W)
+
+    def read_ids(self, r: int) -> torch.Tensor | None:
+        """(n_real[r],) the real tokens row ``r`` has read in this call, in order (generate only; else None)."""
+        if not self._read:
+            return None
+        steps = self._read[r]
+        if len(steps) > 1:
+            steps[:] = [torch.cat(steps)]
+        return steps[0] if steps else torch.zeros(0, dtype=torch.long)
 
     def flush(self) -> list[Evicted]:
         """Everything left in the window, as chunks for memory: whole chunks, then a last partial chunk.

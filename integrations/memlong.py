@@ -119,9 +119,12 @@ class MemLongStyle(Style):
         q = np.stack([found[r] for r in rows])  # (rows, E), or (rows, 2, E) with the question's own query
         # A chunk inside this call's sinks is attended already: the manager skips it, so top_k stay distinct.
         sinks = [(call.call_base[r], call.call_base[r] + int(call.sink_valid[r].sum())) for r in rows]
-        got = memory.retrieve_batch(q, [call.namespaces[r] for r in rows], k=cfg.top_k, device=call.device,
+        k = min(cfg.top_k, cfg.question_top_k) if inclusive and cfg.question_top_k is not None else cfg.top_k
+        got = memory.retrieve_batch(q, [call.namespaces[r] for r in rows], k=k, device=call.device,
                                     dtype=self.rt.dtype, exclude=sinks)
         self._set_memory(call, dict(zip(rows, got)))
+        if inclusive and cfg.question_reread:
+            self._reread(call, dict(zip(rows, got)))
 
     def _queries(self, call: CallState, rows: list[int], input_ids: torch.Tensor, blk_valid: torch.Tensor,
                  inclusive: bool) -> dict[int, np.ndarray | None]:
@@ -184,6 +187,32 @@ class MemLongStyle(Style):
             true_pos[r, :n] = (starts[:, None] + ar[None]).reshape(-1)
             ids[r] = res.ids.tolist()
         call.set_memory(mk, mv, valid, true_pos, ids)
+
+    def _reread(self, call: CallState, got: dict[int, Retrieved]) -> None:
+        """Question step: replace the stored K/V of each row's retrieved chunks with the K/V of [sinks | chunks]
+        read afresh (the plain model's reading of that short prompt). Stored K/V were written while their block
+        attended its own window and retrieved chunks; a small model then misses a needle it reads when the same
+        tokens come without that context. A row whose chunks are not all tokens of this call (chunks of an earlier
+        call) keeps the stored K/V."""
+        C = self.config.chunk_size
+        for r, res in got.items():
+            row = call.read_ids(r)  # (n_real,) this call's real tokens so far
+            if row is None or len(res) == 0:
+                continue
+            spans = (res.spans - call.call_base[r]).tolist()  # (k', 2) token positions in this call
+            if any(a < 0 or b > row.shape[0] for a, b in spans):
+                continue
+            S = int(call.sink_valid[r].sum())
+            ids = torch.cat([row[:S]] + [row[a:b] for a, b in spans])[None]  # (1, S + sum of chunk lengths)
+            keys, values = self.rt.reread(ids)
+            off = S
+            for i, (a, b) in enumerate(spans):
+                n = b - a
+                for j in call.mem_k:  # stored index -> the memory layer whose K/V it holds
+                    layer = self.memory_layers[j]
+                    call.mem_k[j][r, :, i * C:i * C + n] = keys[layer][0, :, off:off + n].to(call.mem_k[j].dtype)
+                    call.mem_v[j][r, :, i * C:i * C + n] = values[layer][0, :, off:off + n].to(call.mem_v[j].dtype)
+                off += n
 
     def attend(self, call: CallState, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                **kwargs: Any) -> torch.Tensor:

@@ -251,6 +251,24 @@ class Runtime:
             self.style.store(call, rest)
         return sum(int(ev.keys.shape[0]) for ev in rest)
 
+    def reread(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Read ``ids`` (1, N) afresh, as the plain model reads a short prompt: one probe step of causal attention
+        over these tokens alone at positions 0..N-1, nothing stored, while this thread's call waits. Returns per
+        layer the position-free keys and the values (1, Hkv, N, D). Used by :meth:`Style.before_step` at the
+        question step to read retrieved chunks in the context the question sees (``question_reread``)."""
+        outer = self.call
+        if outer is None or outer.thread != threading.get_ident():
+            raise InvalidInputError("reread runs inside this thread's memkit call")
+        probe = self._new_call(int(ids.shape[0]), ["__reread__"], "probe", 0, None, None)
+        self.call = probe
+        try:
+            with torch.no_grad():
+                self.base(input_ids=ids.to(self.device), use_cache=False)
+            return dict(probe.pending_k), dict(probe.pending_v)
+        finally:
+            self.style.end_call(probe)
+            self.call = outer
+
     def current_call(self) -> CallState | None:
         """The call whose step runs in this thread, or None; under checkpoint replay, the step as first run."""
         call = self.call

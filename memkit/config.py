@@ -145,6 +145,14 @@ class MemoryConfig(ConfigBase):
     # question matches the words *before* its answer, and an answer split at a chunk boundary is read whole
     # (256k passkey in shuffled filler: the chunk ending "The pass key is" was retrieved, the digits in the next
     # chunk were not, and the model answered "a small wooden piece"); 0 = off
+    question_top_k: int | None = None  # chunks that question step attends (at most top_k); None = top_k. A small
+    # model reads a needle only among so many tokens: SmolLM2-135M with full attention answered a passkey in the
+    # shuffled filler 5/5 at 1k tokens, 1/5 at 2k; at the question step of a 256k haystack sinks + 12 chunks + window
+    # made 2.2k tokens and it missed with the needle attended; the needle's 3 chunks alone (1.1k) were answered
+    question_reread: bool = True  # at that question step, chunks of this prompt are read afresh as [sinks | chunks]
+    # (the plain model's reading of that short prompt) instead of attending the K/V stored while their block attended
+    # its own window and 12 other chunks: shuffled-filler passkeys at 8k, the needle's 3 chunks attended, 0/5 with the
+    # stored K/V, 5/5 read afresh; costs one forward of sinks + chunks per answer
     fill_neighbors: bool = True  # slots that near-duplicate skipping (or a small memory) leaves free take the chunks
     # right before and after the chosen ones, best chunk first: a sentence split at a chunk boundary is read whole
     # (16k passkey in repeated filler, depth 0.9: the needle's second half was retrieved, its first half skipped as
@@ -201,6 +209,8 @@ class MemoryConfig(ConfigBase):
         check_number("MemoryConfig.protect_recent", self.protect_recent, low=0.0, high=1.0, high_open=True)
         check_bool("MemoryConfig.flush_window", self.flush_window)
         check_positive("MemoryConfig.question_neighbors", self.question_neighbors, allow_zero=True, maximum=MAX_TOKENS)
+        check_positive("MemoryConfig.question_top_k", self.question_top_k, allow_none=True, maximum=MAX_TOP_K)
+        check_bool("MemoryConfig.question_reread", self.question_reread)
         check_bool("MemoryConfig.fill_neighbors", self.fill_neighbors)
         check_bool("MemoryConfig.progress", self.progress)
 

@@ -136,6 +136,8 @@ def test_the_answer_sees_what_the_question_saw(arch: str) -> None:
     def record(module, args, out):  # type: ignore[no-untyped-def]
         call = rt.current_call()
         assert call is not None
+        if call.mode == "probe":  # the question step's re-read of its chunks (question_reread)
+            return
         steps.append((call.cols, int(args[0].shape[1]), int(call.stats()["window"][0])))  # args[0]: (1, T, D)
 
     N = 101
@@ -158,3 +160,112 @@ def test_the_answer_sees_what_the_question_saw(arch: str) -> None:
             assert start == q_cols - q_win, (cols, win, q_cols, q_win)
         else:
             assert start > q_cols - q_win  # later blocks slide on (each keeps its own start for a block)
+
+
+def _memory_chunks_per_step(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Tensor,
+                            new_tokens: int) -> tuple[list[tuple[int, int, int]], int]:
+    """(columns read before the step, step tokens, chunks attended) for every step of a greedy generate."""
+    rt = wrapped.memkit_runtime
+    steps: list[tuple[int, int, int]] = []
+
+    def record(module, args, out):  # type: ignore[no-untyped-def]
+        call = rt.current_call()
+        assert call is not None
+        if call.mode == "probe":  # the question step's re-read of its chunks (question_reread)
+            return
+        steps.append((call.cols, int(args[0].shape[1]), len(call.mem_ids[0])))
+
+    handle = rt.base.layers[0].register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            wrapped.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    last = next(i for i, (c, t, _) in enumerate(steps) if c + t == ids.shape[1])  # the prompt's last step
+    return steps, last
+
+
+def test_question_top_k_limits_the_question_step_only() -> None:
+    """question_top_k: the step that reads the question and the answer steps of its block attend at most that many
+    chunks; every earlier block of the prompt still attends top_k; forward is unchanged; None = top_k."""
+    ids = _ids(121, 8)
+    steps, last = _memory_chunks_per_step(memkit.wrap(tiny_model("llama"), **dict(CFG, question_top_k=1)), ids, 4)
+    assert [n for _, _, n in steps[:last]][-2:] == [3, 3]  # prompt blocks with a full memory: top_k chunks
+    assert [n for _, _, n in steps[last:]] == [1] * 4  # the question and 3 answer steps: one chunk
+    base, last0 = _memory_chunks_per_step(memkit.wrap(tiny_model("llama"), **CFG), ids, 4)
+    assert last0 == last and [n for _, _, n in base[last:]] == [3] * 4
+    bigger, _ = _memory_chunks_per_step(memkit.wrap(tiny_model("llama"), **dict(CFG, question_top_k=10)), ids, 4)
+    assert [n for _, _, n in bigger] == [n for _, _, n in base]  # capped at top_k
+    with torch.no_grad():  # forward reads no question: the setting changes nothing there
+        a = memkit.wrap(tiny_model("llama"), **CFG)(ids).logits
+        b = memkit.wrap(tiny_model("llama"), **dict(CFG, question_top_k=1))(ids).logits
+    assert torch.equal(a, b)
+    for bad in (0, -2, 1.5, "3"):
+        with pytest.raises(memkit.ConfigError, match="question_top_k"):
+            memkit.wrap(tiny_model("llama"), **dict(CFG, question_top_k=bad))
+
+
+def _question_memory(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Tensor) -> dict[str, object]:
+    """What the question step (generate's last prompt step) attends as memory: chunk spans, K/V per stored layer."""
+    rt = wrapped.memkit_runtime
+    got: dict[str, object] = {}
+
+    def record(module, args, out):  # type: ignore[no-untyped-def]
+        call = rt.current_call()
+        assert call is not None
+        if call.mode == "probe":  # the question step's re-read of its chunks (question_reread)
+            return
+        if call.cols + int(args[0].shape[1]) == ids.shape[1] and not got:
+            got["k"] = {j: t.clone() for j, t in call.mem_k.items()}
+            got["v"] = {j: t.clone() for j, t in call.mem_v.items()}
+            got["sinks"] = int(call.sink_valid[0].sum())
+
+    handle = rt.base.layers[0].register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            wrapped.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    got["spans"] = [t["span"] for t in wrapped.memory.trace()]
+    return got
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_question_reread_reads_chunks_as_the_plain_model_reads_them(arch: str) -> None:
+    """question_reread: at the question step the retrieved chunks' K/V are those of the plain model reading
+    [sinks | chunks] as one short prompt (positions 0..N-1), not the K/V stored while their block attended its own
+    window and memory; off, the stored K/V are attended (and differ in layers past the first)."""
+    ids = _ids(121, 9)
+    on = _question_memory(memkit.wrap(tiny_model(arch), **CFG), ids)
+    off = _question_memory(memkit.wrap(tiny_model(arch), **dict(CFG, question_reread=False)), ids)
+    spans, S = on["spans"], on["sinks"]
+    assert spans == off["spans"] and len(spans) == CFG["top_k"] and S == CFG["sink_tokens"]
+    toks = torch.cat([ids[0, :S]] + [ids[0, a:b] for a, b in spans])[None]  # (1, S + M)
+    plain = tiny_model(arch)
+    with torch.no_grad():
+        cache = plain(toks, use_cache=True).past_key_values
+    rt = memkit.wrap(tiny_model(arch), **CFG).memkit_runtime
+    rot, layers = rt.rotary, rt.style.memory_layers  # stored index j holds the K/V of model layer layers[j]
+    M = toks.shape[1] - S
+    pos = torch.arange(S, S + M)[None]
+    deep = len(on["k"]) - 1
+    for j in on["k"]:
+        layer = cache.layers[layers[j]]
+        ref_k, ref_v = layer.keys[:, :, S:], layer.values[:, :, S:]  # (1, H, M, D) rotated at S..S+M-1
+        got_k = rot.rotate(layers[j], on["k"][j][:, :, :M], pos)
+        torch.testing.assert_close(got_k, ref_k, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(on["v"][j][:, :, :M], ref_v, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(off["v"][deep][:, :, :M], on["v"][deep][:, :, :M], atol=1e-3)  # stored K/V differ
+
+
+def test_question_reread_keeps_stored_chunks_of_an_earlier_call() -> None:
+    """Chunks read by an earlier call (ingest, then a question) have no tokens in this prompt: they are attended as
+    stored, so the answer equals the one with question_reread off."""
+    outs = []
+    for reread in (True, False):
+        wrapped = memkit.wrap(tiny_model("llama"), **dict(CFG, question_reread=reread))
+        wrapped.memory.ingest(_ids(120, 10))
+        with torch.no_grad():
+            outs.append(wrapped.generate(_ids(12, 11), max_new_tokens=4, do_sample=False, pad_token_id=0))
+        assert len(wrapped.memory.trace()) > 0
+    assert torch.equal(outs[0], outs[1])
