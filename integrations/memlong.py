@@ -192,18 +192,36 @@ class MemLongStyle(Style):
         """Question step: replace the stored K/V of each row's retrieved chunks with the K/V of [sinks | chunks]
         read afresh (the plain model's reading of that short prompt). Stored K/V were written while their block
         attended its own window and retrieved chunks; a small model then misses a needle it reads when the same
-        tokens come without that context. A row whose chunks are not all tokens of this call (chunks of an earlier
-        call) keeps the stored K/V."""
+        tokens come without that context.
+
+        A chunk's tokens come from this call or, for a chunk an earlier call stored (ingest, then a question), from
+        the token ids memory keeps with it. The sinks in front are this call's when every chunk is this call's, else
+        the stream's own first ``sink_tokens`` tokens as memory holds them (none if that chunk is gone), cut before
+        the first chunk. A row with a chunk whose tokens are unknown (stored without ids) keeps the stored K/V."""
         C = self.config.chunk_size
         for r, res in got.items():
+            if len(res) == 0:
+                continue
             row = call.read_ids(r)  # (n_real,) this call's real tokens so far
-            if row is None or len(res) == 0:
+            base = call.call_base[r]
+            spans = res.spans.tolist()  # (k', 2) stream positions [start, end), time order
+            pieces: list[torch.Tensor] = []
+            for i, (a, b) in enumerate(spans):
+                known = res.token_ids[i] if i < len(res.token_ids) else None
+                if row is not None and a >= base and b - base <= row.shape[0]:
+                    pieces.append(row[a - base:b - base])
+                elif known is not None:
+                    pieces.append(torch.from_numpy(known))
+            if len(pieces) != len(spans):
                 continue
-            spans = (res.spans - call.call_base[r]).tolist()  # (k', 2) token positions in this call
-            if any(a < 0 or b > row.shape[0] for a, b in spans):
-                continue
-            S = int(call.sink_valid[r].sum())
-            ids = torch.cat([row[:S]] + [row[a:b] for a, b in spans])[None]  # (1, S + sum of chunk lengths)
+            if row is not None and spans[0][0] >= base:
+                sinks = row[:int(call.sink_valid[r].sum())]  # (S,) this call's sinks
+            else:
+                n = min(self.config.sink_tokens, spans[0][0])
+                got_sinks = self.rt.memory.tokens_of(0, n, namespace=call.namespaces[r]) if n > 0 else None
+                sinks = got_sinks if got_sinks is not None else torch.zeros(0, dtype=torch.long)
+            S = int(sinks.shape[0])
+            ids = torch.cat([sinks, *pieces]).long()[None]  # (1, S + sum of chunk lengths)
             keys, values = self.rt.reread(ids)
             off = S
             for i, (a, b) in enumerate(spans):

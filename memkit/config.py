@@ -149,7 +149,7 @@ class MemoryConfig(ConfigBase):
     # model reads a needle only among so many tokens: SmolLM2-135M with full attention answered a passkey in the
     # shuffled filler 5/5 at 1k tokens, 1/5 at 2k; at the question step of a 256k haystack sinks + 12 chunks + window
     # made 2.2k tokens and it missed with the needle attended; the needle's 3 chunks alone (1.1k) were answered
-    question_reread: bool = True  # at that question step, chunks of this prompt are read afresh as [sinks | chunks]
+    question_reread: bool = True  # at that question step, its chunks are read afresh as [sinks | chunks]
     # (the plain model's reading of that short prompt) instead of attending the K/V stored while their block attended
     # its own window and 12 other chunks: shuffled-filler passkeys at 8k, the needle's 3 chunks attended, 0/5 with the
     # stored K/V, 5/5 read afresh; costs one forward of sinks + chunks per answer

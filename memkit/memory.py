@@ -29,6 +29,7 @@ index only; every file is checksummed in ``manifest.json``)::
     ns-00000/bank/         bank.save (native index + its own manifest)
     ns-00000/meta.safetensors   ids (n,) int64, spans (n, 2) int64
     ns-00000/meta.json     name, texts, token digests, policy state, last trace
+    ns-00000/tokens.safetensors  token ids (t,) int64 + offsets (n + 1,) int64 (chunks stored with their ids)
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from memkit.errors import (
 )
 from memkit.files import atomic_save, file_digests, read_versioned_json, save_path, verify_files, write_json
 from memkit.kvstore import KVStore
-from memkit.namespace import Namespace, Retrieved, fuse_ranks, token_digests
+from memkit.namespace import Namespace, Retrieved, fuse_ranks, token_digests, token_rows
 from memkit.policy import EvictionPolicy, make_policy
 from memkit.retrievers import RETRIEVERS, make_retriever, retriever_input
 
@@ -190,8 +191,10 @@ class MemoryManager:
         keys/values: (n, L, H, C, D); embeddings: (n, embed_dim); spans: (n, 2) token [start, end) with
         end - start <= C (a shorter span is a partial chunk whose pages are padded). ``token_ids`` (n, C), -1 for
         padding: a chunk whose tokens equal a chunk already stored in the namespace is not stored again (its
-        existing id is returned), so text sent twice does not double memory. Chunks evicted by this call's
-        capacity check (possibly some of these) are gone from memory.
+        existing id is returned), so text sent twice does not double memory; the ids are kept with the chunk (a
+        row whose real tokens are not its span's length is not kept) and come back in :class:`Retrieved`, so the
+        chunk can be read afresh. Chunks evicted by this call's capacity check (possibly some of these) are gone
+        from memory.
         """
         keys, values = self._check_kv(keys, "keys"), self._check_kv(values, "values")
         n = keys.shape[0]
@@ -210,6 +213,7 @@ class MemoryManager:
         if n and (sp[:, 1] - sp[:, 0] > self.chunk_size).any():
             raise InvalidInputError(f"a chunk span covers at most chunk_size={self.chunk_size} tokens")
         digests: list[str | None] = token_digests(token_ids, n) if token_ids is not None else [None] * n
+        rows = token_rows(token_ids, sp)  # (end - start,) per chunk, or None
         if texts is not None:
             texts = list(texts)
             if len(texts) != n or not all(t is None or isinstance(t, str) for t in texts):
@@ -223,9 +227,12 @@ class MemoryManager:
                 out = np.asarray([-1 if c is None else c for c in known], np.int64)
                 if fresh:
                     sel = torch.as_tensor(fresh)
-                    new_ids = self.add_chunks(keys[sel], values[sel], emb[fresh], sp[fresh], namespace=namespace,
-                                              texts=[texts[j] for j in fresh] if texts is not None else None,
-                                              token_ids=[digests[j] for j in fresh]).numpy()
+                    keep = [rows[j] for j in fresh]
+                    new_ids = self.add_chunks(
+                        keys[sel], values[sel], emb[fresh], sp[fresh], namespace=namespace,
+                        texts=[texts[j] for j in fresh] if texts is not None else None,
+                        token_ids=([digests[j] for j in fresh] if any(r is None for r in keep) else
+                                   _padded(keep, self.chunk_size))).numpy()
                     out[fresh] = new_ids
                 return torch.from_numpy(np.asarray([out[j] if out[j] >= 0 else ns.digests[digests[j]]  # type: ignore[index]
                                                     for j in range(n)], np.int64))
@@ -234,7 +241,7 @@ class MemoryManager:
                 return torch.from_numpy(ids)
             self.store.put(ids, torch.stack([keys, values], dim=2))  # (n, L, 2, H, C, D); CapacityError changes nothing
             try:
-                ns.add(ids, emb, sp, texts, digests)
+                ns.add(ids, emb, sp, texts, digests, rows)
             except BaseException:
                 self.store.remove(ids)
                 raise
@@ -363,8 +370,9 @@ class MemoryManager:
                 sel = pages[torch.as_tensor([pos[int(c)] for c in ids_b], device=pages.device)]  # (k', L, 2, H, C, D)
                 spans = torch.as_tensor([ns.spans[int(c)] for c in ids_b], dtype=torch.int64).reshape(-1, 2)
                 texts = [ns.texts.get(int(c)) for c in ids_b]
+                tokens = [ns.token_ids.get(int(c)) for c in ids_b]
                 out.append(Retrieved(torch.from_numpy(ids_b.copy()), torch.from_numpy(scores_b.astype(np.float32)),
-                                     spans, sel[:, :, 0], sel[:, :, 1], name, texts))
+                                     spans, sel[:, :, 0], sel[:, :, 1], name, texts, tokens))
                 ns.record(ids_b, scores_b)
             self._counters["retrievals"] += len(names)
             return out
@@ -416,6 +424,15 @@ class MemoryManager:
             self.retriever = make_retriever(name, key_dim=self.embed_dim)
         with self._timed("embed"):
             return np.asarray(self.retriever(list(texts) if texts is not None else keys), np.float32)
+
+    def tokens_of(self, start: int, end: int, *, namespace: str = "default") -> torch.Tensor | None:
+        """(end - start,) int64 token ids [start, end) of the namespace's stream when one stored chunk starting at
+        ``start`` holds them with its token ids (e.g. the stream's first tokens, its sinks), else None."""
+        name = _name(namespace)
+        with self._lock:
+            ns = self._ns.get(name) if name is not None else None
+            row = ns.tokens_of(int(start), int(end)) if ns is not None else None
+        return torch.from_numpy(row.copy()) if row is not None else None
 
     # ------------------------------------------------------------------ bookkeeping
     def num_chunks(self, namespace: str | None = None) -> int:
@@ -577,6 +594,14 @@ class MemoryManager:
     def __repr__(self) -> str:
         return (f"MemoryManager(page_shape={self.page_shape}, namespaces={len(self._ns)}, "
                 f"chunks={self.num_chunks()}, policy={self.config.policy!r})")
+
+
+def _padded(rows: list[Any], width: int) -> np.ndarray:
+    """(n, width) int64 of token rows padded with -1 (the token_ids form add_chunks takes)."""
+    out = np.full((len(rows), width), -1, np.int64)
+    for j, r in enumerate(rows):
+        out[j, :r.shape[0]] = r
+    return out
 
 
 def _name(namespace: Any, *, allow_none: bool = False) -> str | None:

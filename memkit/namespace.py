@@ -1,7 +1,8 @@
 """One namespace of a :class:`~memkit.memory.MemoryManager`: its bank, its eviction policy and its chunks' metadata.
 
 A namespace (a batch row, a user, a session) owns the retrieval side of its chunks: the embeddings in its own
-bank, the policy that picks eviction victims, and per chunk its token span, text and token digest. K/V pages
+bank, the policy that picks eviction victims, and per chunk its token span, text, token digest and (when the
+writer gave them) its token ids, so a reader can read the chunk afresh (``question_reread``). K/V pages
 live in the manager's shared store under the same ids. Chunk selection for a query happens here (MemLong,
 Liu et al. 2024): candidates in score order, minus chunks the caller attends anyway, minus near-duplicates of a
 better chunk (maximal marginal relevance with a hard threshold, Carbonell & Goldstein 1998), then time order.
@@ -24,7 +25,8 @@ from memkit.bank import BaseBank
 from memkit.errors import CorruptFileError, InvalidInputError
 from memkit.policy import EvictionPolicy
 
-__all__ = ["Namespace", "Retrieved", "distinct_rows", "fuse_ranks", "token_digests"]
+__all__ = ["Namespace", "Retrieved", "distinct_rows", "fuse_ranks", "token_digests", "token_rows"]
+TOKENS_FILE = "tokens.safetensors"  # optional: token ids of the chunks that have them (readers before it ignore it)
 
 
 def distinct_rows(vectors: np.ndarray, max_similarity: float, k: int) -> np.ndarray:
@@ -69,6 +71,21 @@ def token_digests(token_ids: Any, n: int) -> list[str | None]:
     return [hashlib.sha256(row[row >= 0].astype(np.int64).tobytes()).hexdigest() for row in arr]
 
 
+def token_rows(token_ids: Any, spans: np.ndarray) -> list[np.ndarray | None]:
+    """Each chunk's real token ids (t,) int64 from ``token_ids`` (n, C) with -1 padding; None for a chunk whose row
+    does not hold exactly its span's length of tokens (or when only digests were given): such a chunk is never
+    re-read from tokens that may not be its own."""
+    n = spans.shape[0]
+    if token_ids is None or (isinstance(token_ids, list) and all(isinstance(d, str) or d is None for d in token_ids)):
+        return [None] * n
+    arr = np.asarray(token_ids.cpu() if torch.is_tensor(token_ids) else token_ids)
+    out: list[np.ndarray | None] = []
+    for row, (a, b) in zip(arr.reshape(n, -1), spans.tolist()):
+        real = row[row >= 0].astype(np.int64)
+        out.append(real if real.shape[0] == b - a else None)
+    return out
+
+
 @dataclass
 class Retrieved:
     """Chunks returned by one retrieval, in time order (span start ascending); k' <= k rows.
@@ -85,6 +102,7 @@ class Retrieved:
     values: torch.Tensor  # (k', L, H, C, D)
     namespace: str = "default"
     texts: list[str | None] = field(default_factory=list)
+    token_ids: list[np.ndarray | None] = field(default_factory=list)  # per chunk (end - start,) int64, or None
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -97,6 +115,7 @@ class Namespace:
         self.name, self.bank, self.policy = name, bank, policy
         self.spans: dict[int, tuple[int, int]] = {}  # id -> (start, end), insertion order
         self.texts: dict[int, str | None] = {}
+        self.token_ids: dict[int, np.ndarray] = {}  # id -> (end - start,) int64 tokens, for chunks that have them
         self.digests: dict[str, int] = {}  # sha256 of a chunk's token ids -> its id: the same text is stored once
         self.tokens = 0
         self.trace: list[dict[str, Any]] = []
@@ -108,12 +127,16 @@ class Namespace:
         return [self.digests.get(d) if d is not None else None for d in digests]
 
     def add(self, ids: np.ndarray, embeddings: np.ndarray, spans: np.ndarray, texts: list[str | None] | None,
-            digests: list[str | None]) -> None:
-        """Index (n,) new ids: embeddings (n, E) in the bank, spans (n, 2), texts and digests, then the policy."""
+            digests: list[str | None], tokens: list[np.ndarray | None] | None = None) -> None:
+        """Index (n,) new ids: embeddings (n, E) in the bank, spans (n, 2), texts, digests and token ids (each
+        (end - start,) or None), then the policy."""
         self.bank.add(embeddings, ids=ids)
         for j, cid in enumerate(ids.tolist()):
             self.spans[cid] = (int(spans[j, 0]), int(spans[j, 1]))
             self.texts[cid] = texts[j] if texts is not None else None
+            row = tokens[j] if tokens is not None else None
+            if row is not None:
+                self.token_ids[cid] = row
             digest = digests[j]
             if digest is not None:
                 self.digests[digest] = cid
@@ -146,6 +169,7 @@ class Namespace:
         for cid in ids:
             s, e = self.spans.pop(cid)
             self.texts.pop(cid, None)
+            self.token_ids.pop(cid, None)
             self.tokens -= e - s
         for d in [d for d, cid in self.digests.items() if cid in gone]:
             del self.digests[d]
@@ -256,15 +280,33 @@ class Namespace:
                        "text": self.texts.get(int(uniq[j])), "rank": rank[j]}
                       for j in sorted(order, key=lambda j: int(uniq[j]))]
 
+    def tokens_of(self, start: int, end: int) -> np.ndarray | None:
+        """Token ids [start, end) of the stream when one stored chunk with token ids covers them, else None."""
+        if self._edges is None:
+            self._edges = ({a: c for c, (a, _) in self.spans.items()}, {b: c for c, (_, b) in self.spans.items()})
+        cid = self._edges[0].get(start)
+        row = self.token_ids.get(cid) if cid is not None else None
+        if row is None or self.spans[cid][1] < end:  # type: ignore[index]
+            return None
+        return row[:end - start]
+
     # ------------------------------------------------------------------ persistence
     def save(self, directory: Path) -> None:
-        """bank/, meta.safetensors (ids, spans) and meta.json (name, texts, digests, policy, trace) into ``directory``."""
+        """bank/, meta.safetensors (ids, spans), meta.json (name, texts, digests, policy, trace) and, when chunks
+        have them, tokens.safetensors (token ids, offsets per id in meta's order; length 0 = none) into
+        ``directory``."""
         from safetensors.numpy import save_file
 
         self.bank.save(directory / "bank")
         ids = np.asarray(list(self.spans), np.int64)
         spans = np.asarray([self.spans[i] for i in ids.tolist()], np.int64).reshape(-1, 2)
         save_file({"ids": ids, "spans": spans}, str(directory / "meta.safetensors"))
+        if self.token_ids:
+            rows = [self.token_ids.get(i, np.zeros(0, np.int64)) for i in ids.tolist()]
+            offsets = np.zeros(len(rows) + 1, np.int64)
+            offsets[1:] = np.cumsum([r.shape[0] for r in rows])
+            flat = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+            save_file({"token_ids": flat, "offsets": offsets}, str(directory / TOKENS_FILE))
         by_id = {cid: dg for dg, cid in self.digests.items()}
         (directory / "meta.json").write_text(json.dumps({
             "name": self.name, "texts": [self.texts.get(i) for i in ids.tolist()],
@@ -310,4 +352,19 @@ class Namespace:
         ns.digests = {dg: int(i) for i, dg in zip(ids, digests) if dg is not None}
         ns.tokens = int((spans[:, 1] - spans[:, 0]).sum()) if len(ids) else 0
         ns.trace = list(meta.get("trace") or [])
+        if (directory / TOKENS_FILE).is_file():
+            tok = load_file(str(directory / TOKENS_FILE))
+            flat, offsets = tok.get("token_ids"), tok.get("offsets")
+            if (set(tok) != {"token_ids", "offsets"} or flat is None or offsets is None
+                    or flat.dtype != np.int64 or offsets.dtype != np.int64 or offsets.shape != (len(ids) + 1,)
+                    or offsets[0] != 0 or offsets[-1] != flat.shape[0] or (np.diff(offsets) < 0).any()):
+                raise CorruptFileError(f"{directory}/{TOKENS_FILE} does not match the namespace's chunks")
+            for j, cid in enumerate(ids.tolist()):
+                a, b = int(offsets[j]), int(offsets[j + 1])
+                if b == a:
+                    continue
+                if b - a != spans[j, 1] - spans[j, 0]:
+                    raise CorruptFileError(f"{directory}/{TOKENS_FILE}: chunk {cid} has {b - a} token ids for a span "
+                                           f"of {spans[j, 1] - spans[j, 0]}")
+                ns.token_ids[int(cid)] = flat[a:b].copy()
         return ns

@@ -71,12 +71,28 @@ def test_ruler_end_to_end_and_cached_rerun(tiny, tmp_path):
     md = (tmp_path / "res" / "ruler.md").read_text()
     assert "| niah_single_1" in md and "memkit 512" in md and "retrieved" in md
     assert (tmp_path / "res" / "ruler.png").stat().st_size > 10_000
-    # the same command again reads the cache (and lm-eval's generators are never imported)
+    journal = (tmp_path / "res" / "ruler.jsonl").read_text().splitlines()
+    assert len(journal) == 1 + len(res) and "header" in json.loads(journal[0])
+    # the same command again refuses to replace the journal of hours of work ...
     r2 = ruler_cli(*args, cache=cache, cwd=tmp_path)
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    assert "hit (500 samples" in r2.stdout and "built" not in r2.stdout
+    assert r2.returncode == 2 and "--resume" in r2.stderr and "already holds 12 samples" in r2.stderr
+    # ... and with --resume and one more sample per cell runs only that sample, reading the cached samples (lm-eval's
+    # generators are never imported); a torn last line (a crash while writing) is dropped and rerun
+    (tmp_path / "res" / "ruler.jsonl").write_text("\n".join(journal[:-1]) + "\n" + journal[-1][:40])
+    r3 = ruler_cli(*[a if a != "2" else "3" for a in args], "--resume", cache=cache, cwd=tmp_path)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert "hit (500 samples" in r3.stdout and "built" not in r3.stdout
+    assert "11 samples reused" in r3.stdout
     again = json.loads((tmp_path / "res" / "ruler.json").read_text())
-    assert [x["prediction"] for x in again["results"]] == [x["prediction"] for x in res]
+    assert len(again["results"]) == 3 * 3 * 2 and again["reused_samples"] == 11
+    by_key = {(x["task"], x["mode"], x["index"]): x["prediction"] for x in again["results"]}
+    assert all(by_key[(x["task"], x["mode"], x["index"])] == x["prediction"] for x in res)  # the rerun one too
+    assert len((tmp_path / "res" / "ruler.jsonl").read_text().splitlines()) == 1 + 3 * 3 * 2
+    # another config cannot resume this journal (its table would mix two set-ups)
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY_CONFIG.replace("top_k: 2", "top_k: 1"))
+    r4 = ruler_cli(*[a if a != str(cfg) else str(other) for a in args], "--resume", cache=cache, cwd=tmp_path)
+    assert r4.returncode == 2 and "config differ" in r4.stderr
 
 
 def test_samples_and_prompts_equal_lm_eval_own_task(tiny, monkeypatch):

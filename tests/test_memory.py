@@ -404,3 +404,33 @@ def test_two_queries_per_row_are_fused_by_reciprocal_rank():
         mm.retrieve_batch(torch.ones(1, 2, E + 1), ["default"])
     with pytest.raises(ConfigError):
         MemoryConfig(question_tokens=-1)
+
+
+def test_token_ids_are_kept_retrieved_saved_and_forgotten(tmp_path: Path):
+    """add_chunks keeps each chunk's real token ids (what question_reread reads afresh): retrieve returns them,
+    save/load keeps them, a duplicate chunk keeps the first copy's, eviction forgets them, and a row that does not
+    hold its span's length of tokens is not kept (None) rather than kept wrong."""
+    mm = make_mm(top_k=6, capacity_tokens=5 * C)
+    k, v, e, spans = chunks(6)
+    spans[5, 1] = spans[5, 0] + 3  # a partial last chunk: 3 real tokens
+    tok = torch.arange(6 * C).reshape(6, C) + 100
+    tok[5, 3:] = -1
+    tok[2, 1] = -1  # row 2 lost a token: its length no longer matches its span
+    mm.add_chunks(k, v, e, spans, token_ids=tok)  # capacity 5 chunks: chunk 0 is evicted
+    r = mm.retrieve(e[1], k=6, max_similarity=None)
+    by_id = dict(zip(r.ids.tolist(), r.token_ids))
+    assert 0 not in by_id and by_id[2] is None
+    assert by_id[1].tolist() == tok[1].tolist() and by_id[5].tolist() == tok[5, :3].tolist()
+    assert mm.tokens_of(int(spans[1, 0]), int(spans[1, 0]) + 4).tolist() == tok[1, :4].tolist()
+    assert mm.tokens_of(0, 4) is None  # its chunk was evicted
+    mm.save(tmp_path / "m")
+    back = MemoryManager.load(tmp_path / "m")
+    r2 = back.retrieve(e[1], k=6, max_similarity=None)
+    assert [None if t is None else t.tolist() for t in r2.token_ids] == \
+        [None if t is None else t.tolist() for t in r.token_ids]
+    # the same tokens again (a duplicate) map to the stored chunk; chunks added without ids have none
+    again = back.add_chunks(k[3:4], v[3:4], e[3:4], spans[3:4], token_ids=tok[3:4])
+    assert again.tolist() == [3]
+    k2, v2, e2, s2 = chunks(1, seed=5, start=100 * C)
+    new = int(back.add_chunks(k2, v2, e2, s2)[0])
+    assert back.retrieve(e2[0], k=1).ids.tolist() == [new] and back.retrieve(e2[0], k=1).token_ids == [None]

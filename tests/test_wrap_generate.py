@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,13 +259,58 @@ def test_question_reread_reads_chunks_as_the_plain_model_reads_them(arch: str) -
     assert not torch.allclose(off["v"][deep][:, :, :M], on["v"][deep][:, :, :M], atol=1e-3)  # stored K/V differ
 
 
-def test_question_reread_keeps_stored_chunks_of_an_earlier_call() -> None:
-    """Chunks read by an earlier call (ingest, then a question) have no tokens in this prompt: they are attended as
-    stored, so the answer equals the one with question_reread off."""
+def _assert_plain_reading(arch: str, got: dict[str, object], toks: torch.Tensor, S: int) -> None:
+    """got's memory K/V (question step) == the plain model's K/V of toks[:, S:] when it reads toks (1, S + M)."""
+    plain = tiny_model(arch)
+    with torch.no_grad():
+        cache = plain(toks, use_cache=True).past_key_values
+    rt = memkit.wrap(tiny_model(arch), **CFG).memkit_runtime
+    rot, layers = rt.rotary, rt.style.memory_layers  # stored index j holds the K/V of model layer layers[j]
+    M = toks.shape[1] - S
+    pos = torch.arange(S, S + M)[None]
+    for j in got["k"]:  # type: ignore[attr-defined]
+        layer = cache.layers[layers[j]]
+        got_k = rot.rotate(layers[j], got["k"][j][:, :, :M], pos)  # type: ignore[index]
+        torch.testing.assert_close(got_k, layer.keys[:, :, S:], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["v"][j][:, :, :M], layer.values[:, :, S:], rtol=1e-4, atol=1e-5)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_question_reread_reads_chunks_of_an_earlier_call_from_their_token_ids(arch: str) -> None:
+    """Ingest a document, then ask in a new call: the question's chunks were stored by the earlier call, and memory
+    keeps their token ids, so they are read afresh as [the stream's first sink tokens | chunks], exactly as the
+    plain model reads that short prompt; off (or stored without token ids) the stored K/V are attended."""
+    doc, q = _ids(120, 10), _ids(12, 11)
+    got = {}
+    for reread in (True, False):
+        wrapped = memkit.wrap(tiny_model(arch), **dict(CFG, question_reread=reread))
+        wrapped.memory.ingest(doc)
+        got[reread] = _question_memory(wrapped, q)
+    spans = got[True]["spans"]
+    assert spans == got[False]["spans"] and len(spans) == CFG["top_k"]
+    S = min(CFG["sink_tokens"], spans[0][0])
+    toks = torch.cat([doc[0, :S]] + [doc[0, a:b] for a, b in spans])[None]  # (1, S + M)
+    _assert_plain_reading(arch, got[True], toks, S)
+    deep = len(got[True]["k"]) - 1
+    M = toks.shape[1] - S
+    assert not torch.allclose(got[False]["v"][deep][:, :, :M], got[True]["v"][deep][:, :, :M], atol=1e-3)
+
+
+def test_question_reread_keeps_stored_kv_of_chunks_without_token_ids() -> None:
+    """Chunks added without token ids (add_chunks from a caller, or a memory saved before memkit kept them) cannot
+    be read afresh: they are attended as stored, so the answer equals the one with question_reread off."""
+    donor = memkit.wrap(tiny_model("llama"), **CFG)
+    donor.memory.ingest(_ids(120, 10))
+    mem = donor.memkit_runtime.memory  # the MemoryManager behind wrapped.memory
+    got = mem.retrieve(np.zeros(mem.embed_dim, np.float32), k=mem.num_chunks(), max_similarity=None)
+    assert len(got) == mem.num_chunks() and all(t is not None for t in got.token_ids)  # ingest keeps them
+    embs = np.random.default_rng(0).standard_normal((len(got), mem.embed_dim)).astype(np.float32)
     outs = []
     for reread in (True, False):
         wrapped = memkit.wrap(tiny_model("llama"), **dict(CFG, question_reread=reread))
-        wrapped.memory.ingest(_ids(120, 10))
+        mgr = wrapped.memkit_runtime.memory
+        mgr.add_chunks(got.keys, got.values, embs, got.spans)  # no token_ids
+        assert all(t is None for t in mgr.retrieve(embs[0], k=3).token_ids)
         with torch.no_grad():
             outs.append(wrapped.generate(_ids(12, 11), max_new_tokens=4, do_sample=False, pad_token_id=0))
         assert len(wrapped.memory.trace()) > 0

@@ -21,8 +21,9 @@ the Paul Graham essays or QA sets from the Hub)::
   (inside the chunks that step attended), ``partial`` (split, only part visible) or ``missed``. With the text
   retriever the rank of the answer's chunk among all stored chunks (MiniLM similarity to the query the step
   used: the prompt's last ``chunk_size`` tokens) is recorded too;
-* results go to ``--out``: ``ruler.json`` (every sample), ``ruler.md`` (score table + location breakdown) and
-  ``ruler.png``.
+* results go to ``--out``: ``ruler.json`` (every sample), ``ruler.md`` (score table + location breakdown),
+  ``ruler.png`` and ``ruler.jsonl``, the journal each sample is written to as it finishes
+  (:mod:`memkit.evaluation.journal`): ``--resume`` continues an interrupted run without rerunning its samples.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from memkit.evaluation.common import (
     write_json,
 )
 from memkit.evaluation.haystack import parse_lengths
+from memkit.evaluation.journal import SampleJournal
 
 __all__ = ["add_arguments", "run", "OFFLINE_TASKS", "RulerBuildError", "RulerSamples", "load_samples",
            "make_task", "answer_token_spans", "classify", "TailCapture", "evaluate_sample", "LOCATIONS"]
@@ -98,7 +100,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="wrap prompts in the tokenizer's chat template (lm_eval --apply_chat_template)")
     p.add_argument("--rebuild", action="store_true", help="rebuild the cached samples")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                   help=f"folder for ruler.json, ruler.md and ruler.png (default: {DEFAULT_OUT})")
+                   help=f"folder for ruler.json, ruler.md, ruler.png and the per-sample journal ruler.jsonl "
+                        f"(default: {DEFAULT_OUT})")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run journalled in --out/ruler.jsonl: samples already there are reused, "
+                        "the rest run (the settings must be the same)")
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -658,6 +664,11 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_model_path(args.model)  # a bad --model fails here, before torch and transformers load
     _lm_eval()
+    out_dir = Path(args.out)
+    journal = SampleJournal(out_dir / "ruler.jsonl", {
+        "model": str(args.model or "bundled SmolLM2"), "lm_eval": _lm_eval_version(),
+        "chat_template": bool(args.chat_template), "config": config.to_dict() if config is not None else None},
+        resume=args.resume)
     from memkit.evaluation.lm_eval_model import MemkitLM
 
     set_threads(args.threads)
@@ -667,8 +678,6 @@ def run(args: argparse.Namespace) -> int:
     npos = max_positions(model)
     full_max = parse_length(args.full_max) if args.full_max else npos
     chat = _chat_fn(tok) if args.chat_template else None
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     samples: dict[tuple[str, int], RulerSamples] = {}
     requests: dict[tuple[str, int], tuple[Any, list[Any]]] = {}
@@ -687,6 +696,7 @@ def run(args: argparse.Namespace) -> int:
     total = sum(len(requests[(name, n)][1]) for _, name, n in plan)
     results: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
+    reused = 0
     for m in modes:
         for name in tasks:
             for n in lengths:
@@ -700,7 +710,12 @@ def run(args: argparse.Namespace) -> int:
         for m in modes:
             if not any(mm == m for mm, _, _ in plan):
                 continue
-            lm = MemkitLM(model, tokenizer=tok, mode=m, config=None if m == "full" else config)
+            todo = [(name, n) for mm, name, n in plan if mm == m]
+            if all(journal.get((name, n, m, int(r.doc.get("index", r.doc_id)))) is not None
+                   for name, n in todo for r in requests[(name, n)][1]):
+                lm = None  # every sample of this mode is in the journal: nothing to run
+            else:
+                lm = MemkitLM(model, tokenizer=tok, mode=m, config=None if m == "full" else config)
             try:
                 for mm, name, n in plan:
                     if mm != m:
@@ -709,23 +724,33 @@ def run(args: argparse.Namespace) -> int:
                     scores = []
                     for req in reqs:
                         bar.set_description(f"ruler {m} {name} {_fmt_len(n)}")
-                        try:
-                            rec = evaluate_sample(lm, task, req)
-                        except InvalidInputError as exc:
-                            if m != "full":
-                                raise
-                            rec = {"index": int(req.doc.get("index", req.doc_id)), "skipped": str(exc)}
-                        rec.update(task=name, length=n, mode=m)
+                        index = int(req.doc.get("index", req.doc_id))
+                        rec = journal.get((name, n, m, index))
+                        if rec is None:
+                            assert lm is not None  # set whenever a sample of this mode is not journalled
+                            try:
+                                rec = evaluate_sample(lm, task, req)
+                            except InvalidInputError as exc:
+                                if m != "full":
+                                    raise
+                                rec = {"index": index, "skipped": str(exc)}
+                            rec.update(task=name, length=n, mode=m)
+                            journal.append(rec)
+                            bar.write(_log_line(rec))
+                        else:
+                            reused += 1
                         results.append(rec)
                         if "score" in rec:
                             scores.append(rec["score"])
                         bar.update(1)
-                        bar.write(_log_line(rec))
                     summary[f"{name}|{n}|{m}"] = {"score": aggregate(task, n, scores), "samples": len(scores)}
             finally:
-                lm.close()
+                if lm is not None:
+                    lm.close()
     finally:
         bar.close()
+    if reused:
+        print(f"{reused} samples reused from {journal.path}", flush=True)
     elapsed = time.perf_counter() - t_start
     table = score_table(results, summary, tasks, lengths, modes)
     locs = location_table(results)
@@ -735,7 +760,8 @@ def run(args: argparse.Namespace) -> int:
                                   ("modes", ",".join(modes)), ("model", args.model), ("config", args.config),
                                   ("threads", args.threads)) if v is not None)
     md = [f"# RULER (lm-eval {_lm_eval_version()}) on {args.model or 'the bundled SmolLM2-135M-Instruct'}", "",
-          f"`{command}` — {time.strftime('%Y-%m-%d')}, {elapsed / 60:.1f} min", "",
+          f"`{command}` — {time.strftime('%Y-%m-%d')}, {elapsed / 60:.1f} min"
+          + (f" ({reused} samples reused from the journal {journal.path.name})" if reused else ""), "",
           "Score: the task's own metric (share of gold strings found in the answer), mean over the samples "
           "(count in brackets).", "", table, "",
           "Where the gold answers were when the model started answering (memkit/window modes; counts of answers):",
@@ -743,7 +769,8 @@ def run(args: argparse.Namespace) -> int:
     (out_dir / "ruler.md").write_text("\n".join(md))
     where = write_json({"command": command, "lm_eval": _lm_eval_version(), "model": args.model or "bundled SmolLM2",
                         "model_max_positions": npos, "tasks": tasks, "lengths": lengths, "modes": modes,
-                        "limit": args.limit, "chat_template": bool(args.chat_template),
+                        "limit": args.limit, "chat_template": bool(args.chat_template), "reused_samples": reused,
+                        "journal": str(journal.path),
                         "config": config.to_dict() if config is not None else None, "seconds": round(elapsed, 1),
                         "samples": {f"{k[0]}|{k[1]}": {"cache": v.cache, "file": str(v.cache_file), **v.meta}
                                     for k, v in samples.items()},
