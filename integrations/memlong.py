@@ -120,8 +120,13 @@ class MemLongStyle(Style):
         # A chunk inside this call's sinks is attended already: the manager skips it, so top_k stay distinct.
         sinks = [(call.call_base[r], call.call_base[r] + int(call.sink_valid[r].sum())) for r in rows]
         k = min(cfg.top_k, cfg.question_top_k) if inclusive and cfg.question_top_k is not None else cfg.top_k
+        words = None
+        if inclusive and cfg.question_lexical > 0:  # the question's own last tokens, for BM25
+            ids = torch.cat([call.win_ids, input_ids.to(call.win_ids.device)], 1)  # (B, window + block)
+            valid = torch.cat([call.win_valid, blk_valid.to(call.win_valid.device)], 1)
+            words = [ids[r][valid[r]][-cfg.question_lexical:].cpu().numpy() for r in rows]
         got = memory.retrieve_batch(q, [call.namespaces[r] for r in rows], k=k, device=call.device,
-                                    dtype=self.rt.dtype, exclude=sinks)
+                                    dtype=self.rt.dtype, exclude=sinks, lexical=words)
         self._set_memory(call, dict(zip(rows, got)))
         if inclusive and cfg.question_reread:
             self._reread(call, dict(zip(rows, got)))

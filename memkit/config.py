@@ -149,6 +149,12 @@ class MemoryConfig(ConfigBase):
     # model reads a needle only among so many tokens: SmolLM2-135M with full attention answered a passkey in the
     # shuffled filler 5/5 at 1k tokens, 1/5 at 2k; at the question step of a 256k haystack sinks + 12 chunks + window
     # made 2.2k tokens and it missed with the needle attended; the needle's 3 chunks alone (1.1k) were answered
+    question_lexical: int = 16  # at that question step, a third ranking is fused: BM25 (Robertson & Zaragoza 2009)
+    # of its last question_lexical token ids (later ones weigh more) against the token ids memory keeps per chunk;
+    # 0 = off. A needle shares rare words with its question (a name, a uuid, "pass key") that one sentence-embedding
+    # of a 128-token chunk dilutes: RULER multi-key lines that differ only in the key ranked the answer's chunk 22nd
+    # and 48th by MiniLM at 16k. 16 tokens: the question's end (its subject) without much of the text before it
+    # (32 took in the verse before a KJV passkey question and ranked that verse's neighbours first)
     question_reread: bool = True  # at that question step, its chunks are read afresh as [sinks | chunks]
     # (the plain model's reading of that short prompt) instead of attending the K/V stored while their block attended
     # its own window and 12 other chunks: shuffled-filler passkeys at 8k, the needle's 3 chunks attended, 0/5 with the
@@ -211,6 +217,7 @@ class MemoryConfig(ConfigBase):
         check_positive("MemoryConfig.question_neighbors", self.question_neighbors, allow_zero=True, maximum=MAX_TOKENS)
         check_positive("MemoryConfig.question_top_k", self.question_top_k, allow_none=True, maximum=MAX_TOP_K)
         check_bool("MemoryConfig.question_reread", self.question_reread)
+        check_positive("MemoryConfig.question_lexical", self.question_lexical, allow_zero=True, maximum=MAX_TOKENS)
         check_bool("MemoryConfig.fill_neighbors", self.fill_neighbors)
         check_bool("MemoryConfig.progress", self.progress)
 

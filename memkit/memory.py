@@ -61,7 +61,7 @@ from memkit.errors import (
 )
 from memkit.files import atomic_save, file_digests, read_versioned_json, save_path, verify_files, write_json
 from memkit.kvstore import KVStore
-from memkit.namespace import Namespace, Retrieved, fuse_ranks, token_digests, token_rows
+from memkit.namespace import Namespace, Retrieved, token_digests, token_rows
 from memkit.policy import EvictionPolicy, make_policy
 from memkit.retrievers import RETRIEVERS, make_retriever, retriever_input
 
@@ -305,11 +305,14 @@ class MemoryManager:
     def retrieve_batch(self, queries: Any, namespaces: Sequence[str], k: int | None = None,
                        device: str | torch.device | None = None, *, dtype: torch.dtype = torch.float32,
                        max_similarity: float | str | None = "config",
-                       exclude: Sequence[tuple[int, int] | None] | None = None) -> list[Retrieved]:
+                       exclude: Sequence[tuple[int, int] | None] | None = None,
+                       lexical: Sequence[Any] | None = None) -> list[Retrieved]:
         """One retrieval per row: queries (B, embed_dim), namespaces (B,) -> B Retrieved, each in time order.
 
         Queries (B, Q, embed_dim) give each row Q queries whose candidate rankings are fused by reciprocal rank
-        (:func:`~memkit.namespace.fuse_ranks`); the scores returned are each chunk's best raw score.
+        (:func:`~memkit.namespace.fuse_ranks`); the scores returned are each chunk's best raw score. ``lexical``
+        (per row token ids (t,) or None) adds one more ranking to fuse: BM25 of those tokens against the token ids
+        kept with each chunk (:meth:`~memkit.namespace.Namespace.lexical`), its chunks scored by the queries too.
 
         Rows of the same namespace are searched in one batched bank call; pages are fetched once for all.
         ``max_similarity`` (default: ``config.max_chunk_similarity``; None turns it off): a candidate whose
@@ -331,9 +334,10 @@ class MemoryManager:
         q = as_vectors(queries.reshape(-1, queries.shape[-1]) if stacked else queries, self.embed_dim,
                        name="queries").reshape(-1, Q, self.embed_dim)  # (B, Q, E); as_vectors validates values
         names = list(namespaces) if not isinstance(namespaces, str) else [namespaces]
-        if len(names) != q.shape[0] or len(ex) != len(names):
-            raise InvalidInputError(f"got {q.shape[0]} queries, {len(names)} namespaces and {len(ex)} exclusions; "
-                                    "pass one of each per row")
+        lex = list(lexical) if lexical is not None else [None] * len(names)
+        if len(names) != q.shape[0] or len(ex) != len(names) or len(lex) != len(names):
+            raise InvalidInputError(f"got {q.shape[0]} queries, {len(names)} namespaces, {len(ex)} exclusions and "
+                                    f"{len(lex)} lexical queries; pass one of each per row")
         target = torch.device(device) if device is not None else self.device
         with self._timed("search"), self._lock:
             rows: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(names)
@@ -346,10 +350,11 @@ class MemoryManager:
                 scores, ids = ns.bank.search(q[idx].reshape(-1, self.embed_dim), fetch)  # (m*Q, fetch), best first
                 for j, b in enumerate(idx):
                     sj, ij = scores[j * Q:(j + 1) * Q], ids[j * Q:(j + 1) * Q]  # (Q, fetch)
-                    ranked = Q > 1
+                    ranked = Q > 1 or lex[b] is not None  # a fused ranking: candidates come in its order
                     if ranked:
-                        fused_ids, _, best_raw = fuse_ranks(sj, ij)
-                        sj, ij = best_raw[None], fused_ids[None]
+                        words = lex[b]
+                        sj, ij = ns.fuse(sj, ij, query=q[b], fetch=fetch, words=None if words is None else
+                                         np.asarray(words.cpu() if torch.is_tensor(words) else words))
                     rows[b] = ns.select(sj[0], ij[0], k, exclude=ex[b], max_similarity=sim, ranked=ranked,
                                         neighbors=self.config.fill_neighbors, query=q[b],
                                         neighbors_of_best=self.config.question_neighbors if ranked else 0)

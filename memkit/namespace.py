@@ -6,6 +6,9 @@ writer gave them) its token ids, so a reader can read the chunk afresh (``questi
 live in the manager's shared store under the same ids. Chunk selection for a query happens here (MemLong,
 Liu et al. 2024): candidates in score order, minus chunks the caller attends anyway, minus near-duplicates of a
 better chunk (maximal marginal relevance with a hard threshold, Carbonell & Goldstein 1998), then time order.
+At a question the candidates come from a fused ranking (:meth:`Namespace.fuse`): reciprocal rank fusion (Cormack
+et al. 2009) of the embedding rankings and a BM25 ranking (Robertson & Zaragoza 2009) of the question's tokens over
+the token ids kept per chunk, the BM25 best leading when it alone shares the question's rare words.
 Nothing here takes a lock: the manager calls it under its own.
 """
 
@@ -23,9 +26,11 @@ import torch
 
 from memkit.bank import BaseBank
 from memkit.errors import CorruptFileError, InvalidInputError
+from memkit.lexical import bm25, token_index
 from memkit.policy import EvictionPolicy
 
 __all__ = ["Namespace", "Retrieved", "distinct_rows", "fuse_ranks", "token_digests", "token_rows"]
+LEXICAL_LEAD = 2.0  # the BM25 best chunk leads the fused ranking when it scores >= this x the median chunk
 TOKENS_FILE = "tokens.safetensors"  # optional: token ids of the chunks that have them (readers before it ignore it)
 
 
@@ -120,6 +125,7 @@ class Namespace:
         self.tokens = 0
         self.trace: list[dict[str, Any]] = []
         self._edges: tuple[dict[int, int], dict[int, int]] | None = None  # start -> id, end -> id (built lazily)
+        self._lex: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # lexical index (lazily)
 
     # ------------------------------------------------------------------ writing
     def known(self, digests: list[str | None]) -> list[int | None]:
@@ -142,6 +148,7 @@ class Namespace:
                 self.digests[digest] = cid
         self.tokens += int((spans[:, 1] - spans[:, 0]).sum())
         self._edges = None
+        self._lex = None
         self.policy.on_add(ids)
 
     def victims(self, capacity: int | None, chunk_size: int) -> list[int]:
@@ -166,6 +173,7 @@ class Namespace:
         self.policy.on_remove(arr)
         gone = set(ids)
         self._edges = None
+        self._lex = None
         for cid in ids:
             s, e = self.spans.pop(cid)
             self.texts.pop(cid, None)
@@ -239,7 +247,7 @@ class Namespace:
         if missing:
             if query is None:
                 raise InvalidInputError("filling neighbours needs the query to score chunks outside the candidates")
-            for c, v in zip(missing, self._scores(query, np.asarray(missing, np.int64))):
+            for c, v in zip(missing, self.scores_of(query, np.asarray(missing, np.int64))):
                 known[c] = float(v)
         return np.asarray([known[c] for c in chosen], dtype)
 
@@ -252,7 +260,47 @@ class Namespace:
             return s, i
         return np.concatenate([s, self._scored(extra, known, query, s.dtype)]), np.concatenate([i, np.asarray(extra, i.dtype)])
 
-    def _scores(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def lexical(self, query_tokens: np.ndarray, n: int, *, recency: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+        """BM25 of the chunks that have token ids for ``query_tokens`` (:func:`memkit.lexical.bm25`): up to ``n``
+        (ids, scores), best first, chunks sharing no weighted token with the query left out, and the median score
+        over all chunks with token ids."""
+        if self._lex is None:
+            cids = np.asarray([c for c in self.spans if c in self.token_ids], np.int64)  # (m,)
+            self._lex = (cids, *token_index([self.token_ids[int(c)] for c in cids]))
+        cids, flat, owner, lens = self._lex
+        score = bm25(flat, owner, lens, query_tokens, recency=recency)  # (m,)
+        if not len(score) or n <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0
+        top = np.flatnonzero(score > 0)
+        top = top[np.argsort(-score[top], kind="stable")][:n]
+        return cids[top], score[top].astype(np.float32), float(np.median(score))
+
+    def fuse(self, scores: np.ndarray, ids: np.ndarray, *, query: np.ndarray, fetch: int,
+             words: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One ranking from Q embedding rankings (Q, fetch) (best first, -1 = padding) and, with ``words`` (the
+        question's token ids), the BM25 ranking of :meth:`lexical`: reciprocal rank fusion of all of them (Cormack
+        et al. 2009), each chunk reported with its best embedding score for ``query`` (Q, E). When the BM25 best
+        chunk scores at least ``LEXICAL_LEAD`` x the median chunk (it shares the question's rare words: a name, a
+        key, a uuid, where the rest share only common ones), it leads the ranking: rank fusion alone lets two
+        embedding rankings that agree on filler outvote it. Returns (scores (1, n), ids (1, n)) in fused order."""
+        lead = None
+        if words is not None:
+            lid, lsc, typical = self.lexical(words, fetch)
+            if len(lid):
+                row = np.full((1, ids.shape[1]), -1, np.int64)
+                raw = np.full((1, ids.shape[1]), -np.inf, scores.dtype)
+                row[0, :len(lid)], raw[0, :len(lid)] = lid[:ids.shape[1]], self.scores_of(query, lid)[:ids.shape[1]]
+                scores, ids = np.concatenate([scores, raw]), np.concatenate([ids, row])
+                if lsc[0] >= LEXICAL_LEAD * typical:
+                    lead = int(lid[0])
+        fused, _, best = fuse_ranks(scores, ids)
+        if lead is not None:
+            at = int(np.flatnonzero(fused == lead)[0])
+            order = np.r_[at, np.delete(np.arange(len(fused)), at)]
+            fused, best = fused[order], best[order]
+        return best[None], fused[None]
+
+    def scores_of(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The bank's score ("higher = closer") of stored chunks ``ids`` (n,) for ``query`` (E,)."""
         vecs = self.bank.get(ids)  # (n, E), normalised for cosine
         q = np.asarray(query, np.float32).reshape(-1, vecs.shape[1])  # (Q, E)

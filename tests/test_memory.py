@@ -434,3 +434,33 @@ def test_token_ids_are_kept_retrieved_saved_and_forgotten(tmp_path: Path):
     k2, v2, e2, s2 = chunks(1, seed=5, start=100 * C)
     new = int(back.add_chunks(k2, v2, e2, s2)[0])
     assert back.retrieve(e2[0], k=1).ids.tolist() == [new] and back.retrieve(e2[0], k=1).token_ids == [None]
+
+
+def test_lexical_ranking_is_bm25_over_kept_token_ids():
+    """Namespace.lexical: BM25 over the token ids kept per chunk; a rare shared token outranks tokens every chunk
+    has, chunks without ids or without a shared token are left out; retrieve_batch fuses it with the embeddings'
+    rankings, so a chunk the embeddings rank last is retrieved when it holds the question's rare tokens."""
+    mm = make_mm(top_k=2)
+    n = 10
+    k, v, e, spans = chunks(n)
+    tok = torch.full((n, C), 7)  # token 7: in every chunk ("the")
+    tok[:, 1] = torch.arange(n) + 20  # one token of its own per chunk
+    tok[6, 2:4] = 99  # the needle: token 99 twice, nowhere else
+    mm.add_chunks(k[:9], v[:9], e[:9], spans[:9], token_ids=tok[:9])
+    mm.add_chunks(k[9:], v[9:], e[9:], spans[9:])  # chunk 9: no token ids
+    ns = mm._ns["default"]
+    ids, scores, typical = ns.lexical(np.asarray([7, 99, 5000]), 10)
+    assert ids.tolist() == [6] and scores[0] > 0 and typical == 0  # token 7 is in every chunk: it weighs nothing
+    ids, scores, typical = ns.lexical(np.asarray([20, 21, 7]), 10)  # later tokens weigh more
+    assert ids.tolist() == [1, 0] and scores[0] == pytest.approx(2 * scores[1]) and typical == 0
+    ids, scores, _ = ns.lexical(np.asarray([20, 21, 7]), 10, recency=False)
+    assert sorted(ids.tolist()) == [0, 1] and scores[0] == pytest.approx(scores[1])
+    assert len(ns.lexical(np.asarray([5000]), 10)[0]) == 0
+    # the embeddings rank chunk 6 last for this query; with the question's tokens it is retrieved
+    q = e[0] + e[1] - 2 * e[6]
+    dense = mm.retrieve_batch(q[None], ["default"], k=2, max_similarity=None)[0]
+    assert 6 not in dense.ids.tolist()
+    both = mm.retrieve_batch(q[None], ["default"], k=2, max_similarity=None, lexical=[np.asarray([7, 99])])[0]
+    assert 6 in both.ids.tolist()
+    with pytest.raises(InvalidInputError, match="lexical"):
+        mm.retrieve_batch(q[None], ["default"], k=2, lexical=[None, None])

@@ -315,3 +315,27 @@ def test_question_reread_keeps_stored_kv_of_chunks_without_token_ids() -> None:
             outs.append(wrapped.generate(_ids(12, 11), max_new_tokens=4, do_sample=False, pad_token_id=0))
         assert len(wrapped.memory.trace()) > 0
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_question_lexical_retrieves_the_chunk_sharing_the_question_rare_tokens(arch: str) -> None:
+    """question_lexical: the question step fuses a BM25 ranking of the question's token ids over memory's chunks;
+    the one chunk holding the question's rare tokens (a name, a key) leads it and is read, where the embeddings of
+    this random-weight model do not rank it first."""
+    g = torch.Generator().manual_seed(2)
+    doc = torch.randint(3, 13, (1, 160), generator=g)  # a filler of 10 common tokens
+    doc[0, 61:65] = torch.tensor([250, 251, 252, 253])  # the needle: 3 rare tokens in chunk [56, 64), 1 in [64, 72)
+    question = torch.cat([torch.randint(3, 13, (1, 10), generator=g), torch.tensor([[250, 251, 252, 253]])], 1)
+    ids = torch.cat([doc, question], 1)
+    read = {}
+    for lexical in (16, 0):
+        wrapped = memkit.wrap(tiny_model(arch), **dict(CFG, question_top_k=1, question_neighbors=0,
+                                                      question_lexical=lexical))
+        with torch.no_grad():
+            wrapped.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        read[lexical] = [tuple(t["span"]) for t in wrapped.memory.trace()]
+    assert read[16] == [(56, 64)]
+    assert read[0] != read[16]  # the embeddings alone pick another chunk
+    for bad in (-1, 1.5, True):
+        with pytest.raises(memkit.ConfigError, match="question_lexical"):
+            memkit.wrap(tiny_model(arch), **dict(CFG, question_lexical=bad))
