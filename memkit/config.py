@@ -150,7 +150,7 @@ class MemoryConfig(ConfigBase):
     # shuffled filler 5/5 at 1k tokens, 1/5 at 2k; at the question step of a 256k haystack sinks + 12 chunks + window
     # made 2.2k tokens and it missed with the needle attended; the needle's 3 chunks alone (1.1k) were answered
     question_lexical: int = 16  # at that question step, a third ranking is fused: BM25 (Robertson & Zaragoza 2009)
-    # of its last question_lexical token ids (later ones weigh more) against the token ids memory keeps per chunk;
+    # of its last question_lexical token ids and their adjacent pairs (later ones weigh more) against the token ids memory keeps per chunk;
     # 0 = off. A needle shares rare words with its question (a name, a uuid, "pass key") that one sentence-embedding
     # of a 128-token chunk dilutes: RULER multi-key lines that differ only in the key ranked the answer's chunk 22nd
     # and 48th by MiniLM at 16k. 16 tokens: the question's end (its subject) without much of the text before it

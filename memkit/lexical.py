@@ -2,12 +2,14 @@
 
 Okapi BM25 (Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and Beyond", 2009) scores each
 chunk for a query by the query's terms it contains, each weighted by its inverse document frequency over the
-chunks and saturated in its count. Here terms are token ids (no tokenizer, stemming or stop list: a token that
-half the chunks or more contain gets idf 0, the Robertson-Sparck Jones weight floored at 0, so a filler's words
-and "the" weigh nothing), documents are memory chunks, and the query is a question's last tokens, weighted by
-position: the t tokens weigh 1/t .. t/t (a token's last use counts), because a question's end is its subject and
-its start may still be the text before it. Dense retrieval with one sentence embedding per 128-token chunk
-dilutes the one rare word (a name, a key, a uuid) a needle shares with its question; BM25 does not.
+chunks and saturated in its count. Here terms are token ids and pairs of adjacent token ids (no tokenizer,
+stemming or stop list: a term that half the chunks or more contain gets idf 0, the Robertson-Sparck Jones weight
+floored at 0, so a filler's words and "the" weigh nothing; pairs make a key spelled in common pieces, a uuid's hex
+fragments, distinctive where each piece alone is everywhere), documents are memory chunks, and the query is a
+question's last tokens, weighted by position: the t tokens weigh 1/t .. t/t (a term's last use counts), because a
+question's end is its subject and its start may still be the text before it. Dense retrieval with one sentence
+embedding per 128-token chunk dilutes the one rare word (a name, a key, a uuid) a needle shares with its question;
+BM25 does not.
 """
 
 from __future__ import annotations
@@ -19,11 +21,20 @@ import numpy as np
 __all__ = ["bm25", "token_index"]
 
 
+def _terms(tokens: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Terms of a token sequence (t,): the t token ids, then the t - 1 adjacent pairs coded above every token id
+    ((a + 1) << 32 | b, token ids < 2^31); and each term's position (a pair: its second token's)."""
+    t = np.asarray(tokens, np.int64).reshape(-1)
+    pairs = ((t[:-1] + 1) << 32) | t[1:]
+    return np.concatenate([t, pairs]), np.concatenate([np.arange(len(t)), np.arange(1, len(t))])
+
+
 def token_index(rows: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flatten m chunks' token ids for :func:`bm25`: (flat (T,) int64 tokens, owner (T,) int64 chunk row of each
-    token, lens (m,) float64 tokens per chunk)."""
-    lens = np.asarray([len(r) for r in rows], np.float64)  # (m,)
-    flat = np.concatenate([np.asarray(r, np.int64) for r in rows]) if rows else np.zeros(0, np.int64)  # (T,)
+    """Flatten m chunks' terms (token ids and adjacent pairs) for :func:`bm25`: (flat (T,) int64 terms, owner (T,)
+    int64 chunk row of each term, lens (m,) float64 terms per chunk)."""
+    terms = [_terms(r)[0] for r in rows]
+    lens = np.asarray([len(x) for x in terms], np.float64)  # (m,)
+    flat = np.concatenate(terms) if terms else np.zeros(0, np.int64)  # (T,)
     owner = np.repeat(np.arange(len(rows), dtype=np.int64), lens.astype(np.int64))  # (T,)
     return flat, owner, lens
 
@@ -35,8 +46,11 @@ def bm25(flat: np.ndarray, owner: np.ndarray, lens: np.ndarray, query_tokens: An
     toks = np.asarray(query_tokens, np.int64).reshape(-1)
     if not m or not len(toks):
         return np.zeros(m)
-    qt, last = np.unique(toks[::-1], return_index=True)  # (nq,) distinct tokens; how far each one's last use is back
-    weight = (len(toks) - last) / len(toks) if recency else np.ones(len(qt))  # (nq,) in (0, 1]
+    terms, pos = _terms(toks)
+    qt = np.unique(terms)  # (nq,) distinct query terms
+    at = np.full(len(qt), -1)
+    np.maximum.at(at, np.searchsorted(qt, terms), pos)  # each term's last position in the query
+    weight = (at + 1) / len(toks) if recency else np.ones(len(qt))  # (nq,) in (0, 1]
     hit = np.isin(flat, qt)
     if not hit.any():
         return np.zeros(m)
