@@ -122,14 +122,23 @@ class MemLongStyle(Style):
         k = min(cfg.top_k, cfg.question_top_k) if inclusive and cfg.question_top_k is not None else cfg.top_k
         words = None
         if inclusive and cfg.question_lexical > 0:  # the question's own last tokens, for BM25
-            ids = torch.cat([call.win_ids, input_ids.to(call.win_ids.device)], 1)  # (B, window + block)
-            valid = torch.cat([call.win_valid, blk_valid.to(call.win_valid.device)], 1)
+            ids, valid = self._window_ids(call, input_ids, blk_valid, inclusive)
             words = [ids[r][valid[r]][-cfg.question_lexical:].cpu().numpy() for r in rows]
         got = memory.retrieve_batch(q, [call.namespaces[r] for r in rows], k=k, device=call.device,
                                     dtype=self.rt.dtype, exclude=sinks, lexical=words)
         self._set_memory(call, dict(zip(rows, got)))
         if inclusive and cfg.question_reread:
             self._reread(call, dict(zip(rows, got)))
+
+    @staticmethod
+    def _window_ids(call: CallState, input_ids: torch.Tensor, blk_valid: torch.Tensor, inclusive: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, valid) (B, window [+ block]) of the tokens a step's queries read: the window, and with
+        ``inclusive`` (generate's question step) the block being read too."""
+        if not inclusive:
+            return call.win_ids, call.win_valid
+        return (torch.cat([call.win_ids, input_ids.to(call.win_ids.device)], 1),
+                torch.cat([call.win_valid, blk_valid.to(call.win_valid.device)], 1))
 
     def _queries(self, call: CallState, rows: list[int], input_ids: torch.Tensor, blk_valid: torch.Tensor,
                  inclusive: bool) -> dict[int, np.ndarray | None]:
@@ -143,10 +152,7 @@ class MemLongStyle(Style):
             vec, ok = got
             unit = torch.nn.functional.normalize(vec, dim=-1).cpu().numpy()  # (B, H*D)
             return {r: unit[r] for r in rows if bool(ok[r])}
-        ids, valid = call.win_ids, call.win_valid
-        if inclusive:
-            ids = torch.cat([ids, input_ids.to(ids.device)], 1)
-            valid = torch.cat([valid, blk_valid], 1)
+        ids, valid = self._window_ids(call, input_ids, blk_valid, inclusive)
         # The question (generate's last prompt step): a second query of its last question_tokens tokens alone
         n_q = self.config.question_tokens if inclusive else 0
         texts, keep = [], []

@@ -223,34 +223,33 @@ class MemoryManager:
             assert ns is not None
             known = ns.known(digests)
             fresh = [j for j in range(n) if known[j] is None and (digests[j] is None or digests[j] not in digests[:j])]
+            out = np.asarray([-1 if c is None else c for c in known], np.int64)  # (n,) ids already stored
             if len(fresh) < n:  # some chunks are stored already: store the rest, report the existing ids
-                out = np.asarray([-1 if c is None else c for c in known], np.int64)
-                if fresh:
-                    sel = torch.as_tensor(fresh)
-                    keep = [rows[j] for j in fresh]
-                    new_ids = self.add_chunks(
-                        keys[sel], values[sel], emb[fresh], sp[fresh], namespace=namespace,
-                        texts=[texts[j] for j in fresh] if texts is not None else None,
-                        token_ids=([digests[j] for j in fresh] if any(r is None for r in keep) else
-                                   _padded(keep, self.chunk_size))).numpy()
-                    out[fresh] = new_ids
-                return torch.from_numpy(np.asarray([out[j] if out[j] >= 0 else ns.digests[digests[j]]  # type: ignore[index]
-                                                    for j in range(n)], np.int64))
-            ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-            if n == 0:
+                sel = torch.as_tensor(fresh, dtype=torch.long)
+                keys, values, emb, sp = keys[sel], values[sel], emb[fresh], sp[fresh]
+                texts = [texts[j] for j in fresh] if texts is not None else None
+                new_digests, rows = [digests[j] for j in fresh], [rows[j] for j in fresh]
+            else:
+                new_digests = digests
+            m = len(fresh)
+            ids = np.arange(self._next_id, self._next_id + m, dtype=np.int64)
+            if m:
+                self.store.put(ids, torch.stack([keys, values], dim=2))  # (m, L, 2, H, C, D); CapacityError changes nothing
+                try:
+                    ns.add(ids, emb, sp, texts, new_digests, rows)
+                except BaseException:
+                    self.store.remove(ids)
+                    raise
+                self._next_id += m
+                self._counters["added"] += m
+                victims = ns.victims(self.config.capacity_tokens, self.chunk_size)
+                self._drop(ns, victims)
+                self._counters["evicted"] += len(victims)
+            if m == n:
                 return torch.from_numpy(ids)
-            self.store.put(ids, torch.stack([keys, values], dim=2))  # (n, L, 2, H, C, D); CapacityError changes nothing
-            try:
-                ns.add(ids, emb, sp, texts, digests, rows)
-            except BaseException:
-                self.store.remove(ids)
-                raise
-            self._next_id += n
-            self._counters["added"] += n
-            victims = ns.victims(self.config.capacity_tokens, self.chunk_size)
-            self._drop(ns, victims)
-            self._counters["evicted"] += len(victims)
-            return torch.from_numpy(ids)
+            out[fresh] = ids
+            return torch.from_numpy(np.asarray([out[j] if out[j] >= 0 else ns.digests[digests[j]]  # type: ignore[index]
+                                                for j in range(n)], np.int64))
 
     def _drop(self, ns: Namespace, ids: list[int]) -> None:
         if ids:
@@ -334,7 +333,7 @@ class MemoryManager:
         q = as_vectors(queries.reshape(-1, queries.shape[-1]) if stacked else queries, self.embed_dim,
                        name="queries").reshape(-1, Q, self.embed_dim)  # (B, Q, E); as_vectors validates values
         names = list(namespaces) if not isinstance(namespaces, str) else [namespaces]
-        lex = list(lexical) if lexical is not None else [None] * len(names)
+        lex = [None if w is None else _token_query(w) for w in lexical] if lexical is not None else [None] * len(names)
         if len(names) != q.shape[0] or len(ex) != len(names) or len(lex) != len(names):
             raise InvalidInputError(f"got {q.shape[0]} queries, {len(names)} namespaces, {len(ex)} exclusions and "
                                     f"{len(lex)} lexical queries; pass one of each per row")
@@ -352,9 +351,7 @@ class MemoryManager:
                     sj, ij = scores[j * Q:(j + 1) * Q], ids[j * Q:(j + 1) * Q]  # (Q, fetch)
                     ranked = Q > 1 or lex[b] is not None  # a fused ranking: candidates come in its order
                     if ranked:
-                        words = lex[b]
-                        sj, ij = ns.fuse(sj, ij, query=q[b], fetch=fetch, words=None if words is None else
-                                         np.asarray(words.cpu() if torch.is_tensor(words) else words))
+                        sj, ij = ns.fuse(sj, ij, query=q[b], fetch=fetch, words=lex[b])
                     rows[b] = ns.select(sj[0], ij[0], k, exclude=ex[b], max_similarity=sim, ranked=ranked,
                                         neighbors=self.config.fill_neighbors, query=q[b],
                                         neighbors_of_best=self.config.question_neighbors if ranked else 0)
@@ -601,12 +598,13 @@ class MemoryManager:
                 f"chunks={self.num_chunks()}, policy={self.config.policy!r})")
 
 
-def _padded(rows: list[Any], width: int) -> np.ndarray:
-    """(n, width) int64 of token rows padded with -1 (the token_ids form add_chunks takes)."""
-    out = np.full((len(rows), width), -1, np.int64)
-    for j, r in enumerate(rows):
-        out[j, :r.shape[0]] = r
-    return out
+def _token_query(words: Any) -> np.ndarray:
+    """A lexical query: token ids as a 1-D int64 array."""
+    arr = np.asarray(words.cpu() if torch.is_tensor(words) else words)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)) or (arr < 0).any():
+        raise InvalidInputError(f"a lexical query must be 1-D non-negative integer token ids (or None), got shape "
+                                f"{arr.shape} dtype {arr.dtype}")
+    return arr.astype(np.int64)
 
 
 def _name(namespace: Any, *, allow_none: bool = False) -> str | None:

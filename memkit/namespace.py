@@ -64,9 +64,14 @@ def fuse_ranks(scores: np.ndarray, ids: np.ndarray, *, k0: int = 60) -> tuple[np
             np.asarray([raw[c] for c in order], np.float32))
 
 
+def _is_digest_list(token_ids: Any) -> bool:
+    """True for a list of digests already made (str or None per chunk) in place of (n, C) token ids."""
+    return isinstance(token_ids, list) and all(isinstance(d, str) or d is None for d in token_ids)
+
+
 def token_digests(token_ids: Any, n: int) -> list[str | None]:
     """sha256 of each chunk's token ids (padding -1 dropped); ``token_ids`` (n, C) or n digests already made."""
-    if isinstance(token_ids, list) and all(isinstance(d, str) or d is None for d in token_ids):
+    if _is_digest_list(token_ids):
         if len(token_ids) != n:
             raise InvalidInputError(f"got {len(token_ids)} token-id digests for {n} chunks")
         return list(token_ids)
@@ -81,7 +86,7 @@ def token_rows(token_ids: Any, spans: np.ndarray) -> list[np.ndarray | None]:
     does not hold exactly its span's length of tokens (or when only digests were given): such a chunk is never
     re-read from tokens that may not be its own."""
     n = spans.shape[0]
-    if token_ids is None or (isinstance(token_ids, list) and all(isinstance(d, str) or d is None for d in token_ids)):
+    if token_ids is None or _is_digest_list(token_ids):
         return [None] * n
     arr = np.asarray(token_ids.cpu() if torch.is_tensor(token_ids) else token_ids)
     out: list[np.ndarray | None] = []
@@ -216,12 +221,16 @@ class Namespace:
         start, end = self.spans[cid]
         return start >= span[0] and end <= span[1]
 
+    def _by_edges(self) -> tuple[dict[int, int], dict[int, int]]:
+        """(start -> id, end -> id) of the stored chunks, built once after each change."""
+        if self._edges is None:
+            self._edges = ({a: c for c, (a, _) in self.spans.items()}, {b: c for c, (_, b) in self.spans.items()})
+        return self._edges
+
     def _adjacent(self, of: Any, chosen: list[int], room: int, exclude: tuple[int, int] | None) -> list[int]:
         """Up to ``room`` chunks adjacent in the text to the chunks ``of`` (best first), not in ``chosen`` and not
         inside ``exclude``: for each, the chunk ending where it starts, then the one starting where it ends."""
-        if self._edges is None:
-            self._edges = ({a: c for c, (a, _) in self.spans.items()}, {b: c for c, (_, b) in self.spans.items()})
-        by_start, by_end = self._edges
+        by_start, by_end = self._by_edges()
         around = (nb for c in of for nb in (by_end.get(self.spans[int(c)][0]), by_start.get(self.spans[int(c)][1])))
         extra: list[int] = []
         for nb in around:
@@ -330,9 +339,7 @@ class Namespace:
 
     def tokens_of(self, start: int, end: int) -> np.ndarray | None:
         """Token ids [start, end) of the stream when one stored chunk with token ids covers them, else None."""
-        if self._edges is None:
-            self._edges = ({a: c for c, (a, _) in self.spans.items()}, {b: c for c, (_, b) in self.spans.items()})
-        cid = self._edges[0].get(start)
+        cid = self._by_edges()[0].get(start)
         row = self.token_ids.get(cid) if cid is not None else None
         if row is None or self.spans[cid][1] < end:  # type: ignore[index]
             return None

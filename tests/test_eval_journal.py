@@ -49,3 +49,7 @@ def test_resume_refuse_torn_line_and_concatenation(tmp_path: Path) -> None:
     (tmp_path / "all" / "ruler.jsonl").write_text("".join(lines))
     with pytest.raises(CorruptFileError, match="line 3"):
         SampleJournal(tmp_path / "all" / "ruler.jsonl", HEADER, resume=True)
+    lines[2] = json.dumps({"task": "t1", "score": 1.0}) + "\n"  # JSON, but not a sample
+    (tmp_path / "all" / "ruler.jsonl").write_text("".join(lines))
+    with pytest.raises(CorruptFileError, match="line 3, is not a sample"):
+        SampleJournal(tmp_path / "all" / "ruler.jsonl", HEADER, resume=True)

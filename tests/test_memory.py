@@ -470,3 +470,6 @@ def test_lexical_ranking_is_bm25_over_kept_token_ids():
     assert 6 in both.ids.tolist()
     with pytest.raises(InvalidInputError, match="lexical"):
         mm.retrieve_batch(q[None], ["default"], k=2, lexical=[None, None])
+    for bad in (np.asarray([[7, 99]]), np.asarray([1.5]), np.asarray(["x"]), np.asarray([-3])):
+        with pytest.raises(InvalidInputError, match="token ids"):
+            mm.retrieve_batch(q[None], ["default"], k=2, lexical=[bad])

@@ -231,36 +231,9 @@ def _question_memory(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.T
     return got
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_question_reread_reads_chunks_as_the_plain_model_reads_them(arch: str) -> None:
-    """question_reread: at the question step the retrieved chunks' K/V are those of the plain model reading
-    [sinks | chunks] as one short prompt (positions 0..N-1), not the K/V stored while their block attended its own
-    window and memory; off, the stored K/V are attended (and differ in layers past the first)."""
-    ids = _ids(121, 9)
-    on = _question_memory(memkit.wrap(tiny_model(arch), **CFG), ids)
-    off = _question_memory(memkit.wrap(tiny_model(arch), **dict(CFG, question_reread=False)), ids)
-    spans, S = on["spans"], on["sinks"]
-    assert spans == off["spans"] and len(spans) == CFG["top_k"] and S == CFG["sink_tokens"]
-    toks = torch.cat([ids[0, :S]] + [ids[0, a:b] for a, b in spans])[None]  # (1, S + M)
-    plain = tiny_model(arch)
-    with torch.no_grad():
-        cache = plain(toks, use_cache=True).past_key_values
-    rt = memkit.wrap(tiny_model(arch), **CFG).memkit_runtime
-    rot, layers = rt.rotary, rt.style.memory_layers  # stored index j holds the K/V of model layer layers[j]
-    M = toks.shape[1] - S
-    pos = torch.arange(S, S + M)[None]
-    deep = len(on["k"]) - 1
-    for j in on["k"]:
-        layer = cache.layers[layers[j]]
-        ref_k, ref_v = layer.keys[:, :, S:], layer.values[:, :, S:]  # (1, H, M, D) rotated at S..S+M-1
-        got_k = rot.rotate(layers[j], on["k"][j][:, :, :M], pos)
-        torch.testing.assert_close(got_k, ref_k, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(on["v"][j][:, :, :M], ref_v, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(off["v"][deep][:, :, :M], on["v"][deep][:, :, :M], atol=1e-3)  # stored K/V differ
-
-
 def _assert_plain_reading(arch: str, got: dict[str, object], toks: torch.Tensor, S: int) -> None:
-    """got's memory K/V (question step) == the plain model's K/V of toks[:, S:] when it reads toks (1, S + M)."""
+    """got's memory K/V (question step) == the plain model's K/V of toks[:, S:] when it reads toks (1, S + M),
+    keys rotated at S..S+M-1 as the plain model's are."""
     plain = tiny_model(arch)
     with torch.no_grad():
         cache = plain(toks, use_cache=True).past_key_values
@@ -273,6 +246,23 @@ def _assert_plain_reading(arch: str, got: dict[str, object], toks: torch.Tensor,
         got_k = rot.rotate(layers[j], got["k"][j][:, :, :M], pos)  # type: ignore[index]
         torch.testing.assert_close(got_k, layer.keys[:, :, S:], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got["v"][j][:, :, :M], layer.values[:, :, S:], rtol=1e-4, atol=1e-5)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_question_reread_reads_chunks_as_the_plain_model_reads_them(arch: str) -> None:
+    """question_reread: at the question step the retrieved chunks' K/V are those of the plain model reading
+    [sinks | chunks] as one short prompt (positions 0..N-1), not the K/V stored while their block attended its own
+    window and memory; off, the stored K/V are attended (and differ in layers past the first)."""
+    ids = _ids(121, 9)
+    on = _question_memory(memkit.wrap(tiny_model(arch), **CFG), ids)
+    off = _question_memory(memkit.wrap(tiny_model(arch), **dict(CFG, question_reread=False)), ids)
+    spans, S = on["spans"], on["sinks"]
+    assert spans == off["spans"] and len(spans) == CFG["top_k"] and S == CFG["sink_tokens"]
+    toks = torch.cat([ids[0, :S]] + [ids[0, a:b] for a, b in spans])[None]  # (1, S + M)
+    _assert_plain_reading(arch, on, toks, S)
+    M = toks.shape[1] - S
+    deep = len(on["k"]) - 1
+    assert not torch.allclose(off["v"][deep][:, :, :M], on["v"][deep][:, :, :M], atol=1e-3)  # stored K/V differ
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

@@ -77,7 +77,11 @@ class SampleJournal:
                         f"{self.path} was written by a run with other settings ({', '.join(diff)} differ); resuming "
                         "would mix them in one table: rerun with the same settings or choose another output folder")
             else:
-                self.done[sample_key(obj)] = obj
+                try:
+                    self.done[sample_key(obj)] = obj
+                except (KeyError, TypeError, ValueError):
+                    raise CorruptFileError(f"{self.path}, line {i + 1}, is not a sample (task, length, mode, index); "
+                                           "fix or remove that line, or choose another output folder") from None
             good.append(line)
         if len(good) != len(lines):  # drop the torn tail so the next append starts on a fresh line
             tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
