@@ -1,4 +1,4 @@
-"""Per-token losses behind ``memkit eval ppl --ranges``: one read scores several ranges exactly.
+"""Per-token losses behind ``memkit eval ppl --ranges``: one read scores several ranges exactly; its --text is read safely.
 
 Checked on a tiny random Llama: range means from per-token losses equal the streaming ``.loss`` of the
 same range, a longer read leaves earlier tokens' losses unchanged (causality), and the full-attention
@@ -7,12 +7,15 @@ per-token losses equal the plain model's cross-entropy.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import memkit
 from memkit.errors import InvalidInputError
+from memkit.evaluation.common import read_text_file
 from memkit.evaluation.ppl import full_attention_token_losses, parse_ranges, range_loss, token_losses
 from memkit.testing.tiny_models import one_thread, tiny_model
 
@@ -59,3 +62,18 @@ def test_parse_ranges() -> None:
     for bad in ("4k", "8k-4k", "", "a-b"):
         with pytest.raises(InvalidInputError):
             parse_ranges(bad)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").is_file(), reason="needs Linux /proc (a file that cannot be read)")
+def test_an_unreadable_or_empty_text_file_is_a_memkit_error(tmp_path: Path) -> None:
+    """`eval ppl`, `eval styles` and `train` read a user's --text through read_text_file: a file that exists
+    but cannot be read (here /proc/self/mem, whose read fails with EIO even for root) or is empty names itself."""
+    with pytest.raises(InvalidInputError, match="cannot be read"):
+        read_text_file(Path("/proc/self/mem"), "text file")
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    with pytest.raises(InvalidInputError, match="is empty"):
+        read_text_file(empty, "text file")
+    fine = tmp_path / "t.txt"
+    fine.write_bytes(b"caf\xe9 ok")  # undecodable byte replaced, not an error
+    assert read_text_file(fine, "text file") == "caf\ufffd ok"

@@ -84,7 +84,9 @@ def _text(name: str) -> tuple[str, str]:
 
     path = Path(name).expanduser()
     if path.is_file():
-        body = path.read_text(encoding="utf-8", errors="replace")
+        from memkit.evaluation.common import read_text_file
+
+        body = read_text_file(path, "--text")
     elif name == "kjv":
         body = "\n".join(kjv_verses())
     elif name in shakespeare_texts():

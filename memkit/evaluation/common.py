@@ -75,6 +75,19 @@ def check_file(path: str | None, what: str) -> Path | None:
     return p
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of a user's file (undecodable bytes replaced); an unreadable or empty file raises an
+    InvalidInputError that names it."""
+    try:
+        body = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise InvalidInputError(f"{what} {str(path)!r} cannot be read ({e.strerror or e}); check its permissions "
+                                "or give another file") from e
+    if not body.strip():
+        raise InvalidInputError(f"{what} {str(path)!r} is empty")
+    return body
+
+
 def load_config_arg(path: str | None, **overrides: Any) -> Any:
     """The MemoryConfig of ``--config`` (validated now, so a bad file fails before the model loads)."""
     from memkit.config import load_config

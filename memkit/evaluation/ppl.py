@@ -38,6 +38,7 @@ from memkit.evaluation.common import (
     make_runner,
     max_positions,
     parse_modes,
+    read_text_file,
     set_threads,
     write_json,
 )
@@ -176,9 +177,7 @@ def _score_ranges(m: Any, mode: str, name: str, ids: Any, ranges: list[tuple[int
 
 
 def _tokens(tokenizer: Any, path: Path) -> list[int]:
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise InvalidInputError(f"text file {str(path)!r} is empty")
+    text = read_text_file(path, "text file")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)
     if getattr(tokenizer, "add_bos_token", False) and bos is not None:

@@ -79,10 +79,11 @@ def style_configs(base: Any) -> dict[str, Any]:
 
 def _text_ids(tok: Any, text: str) -> list[int]:
     from memkit.corpora import play_text
+    from memkit.evaluation.common import read_text_file
 
     path = Path(text).expanduser()
     if path.is_file():
-        body = path.read_text(encoding="utf-8", errors="replace")
+        body = read_text_file(path, "--text")
     elif "/" in text or text.endswith(".txt"):
         raise InvalidInputError(f"text file {text!r} does not exist")
     else:
