@@ -146,6 +146,8 @@ class MemLongStyle(Style):
         if not rows:
             return out
         if self.retriever_kind == "keys":
+            if inclusive:  # generate's question step: the question's own queries (the window may be another call's)
+                return self._question_key_queries(call, rows, input_ids, blk_valid)
             got = call.query_vectors()
             if got is None:
                 return out
@@ -168,6 +170,25 @@ class MemLongStyle(Style):
             if n_q:
                 emb = emb.reshape(len(keep), 2, -1)
             out = {r: emb[i] for i, r in enumerate(keep)}
+        return out
+
+    def _question_key_queries(self, call: CallState, rows: list[int], input_ids: torch.Tensor,
+                              blk_valid: torch.Tensor) -> dict[int, np.ndarray | None]:
+        """The ``keys`` retriever at generate's question step: the last ``chunk_size`` tokens of [window | block]
+        read afresh (:meth:`Runtime.probe_queries`); per row the unit mean query of all of them and, with
+        ``question_tokens``, of the last ``question_tokens`` (2, H*D), fused as the text retriever's two queries are.
+        Between blocks the query stays the previous tokens' in-context queries (no token sees its own future)."""
+        ids, valid = self._window_ids(call, input_ids, blk_valid, True)
+        C, n_q = self.config.chunk_size, self.config.question_tokens
+        out: dict[int, np.ndarray | None] = {}
+        for r in rows:
+            row = ids[r][valid[r]][-C:]  # (n,) the question and what precedes it
+            if row.numel() == 0:
+                continue
+            q = self.rt.probe_queries(row[None].long())[0].float()  # (H, n, D)
+            vecs = [q.mean(1)] + ([q[:, -n_q:].mean(1)] if n_q else [])  # each (H, D)
+            unit = torch.nn.functional.normalize(torch.stack([v.reshape(-1) for v in vecs]), dim=-1)  # (1|2, H*D)
+            out[r] = unit.cpu().numpy() if n_q else unit[0].cpu().numpy()
         return out
 
     def _set_memory(self, call: CallState, got: dict[int, Retrieved]) -> None:

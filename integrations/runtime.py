@@ -256,15 +256,34 @@ class Runtime:
         over these tokens alone at positions 0..N-1, nothing stored, while this thread's call waits. Returns per
         layer the position-free keys and the values (1, Hkv, N, D). Used by :meth:`Style.before_step` at the
         question step to read retrieved chunks in the context the question sees (``question_reread``)."""
+        keys, values, _ = self._probe_read(ids, queries=False)
+        return keys, values
+
+    def probe_queries(self, ids: torch.Tensor) -> torch.Tensor:
+        """Position-free queries (1, Hkv, N, D) (averaged over each key head's query group) at the retriever layer
+        when ``ids`` (1, N) are read afresh, as :meth:`reread` reads them. The ``keys`` retriever's question query
+        (:meth:`Style.before_step` at generate's question step) is their mean: the question's own queries, not
+        those of whatever the window held before it."""
+        _, _, q = self._probe_read(ids, queries=True)
+        if q is None:
+            raise InvalidInputError("the probe read recorded no queries: this style has no query layer")
+        return q
+
+    def _probe_read(self, ids: torch.Tensor, *, queries: bool
+               ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
+        """One probe step over ``ids`` (1, N) at positions 0..N-1, nothing stored: per layer K and V (1, Hkv, N, D),
+        and with ``queries`` the retriever layer's position-free queries (1, Hkv, N, D)."""
         outer = self.call
         if outer is None or outer.thread != threading.get_ident():
-            raise InvalidInputError("reread runs inside this thread's memkit call")
+            raise InvalidInputError("a probe read runs inside this thread's memkit call")
         probe = self._new_call(int(ids.shape[0]), ["__reread__"], "probe", 0, None, None)
+        if queries:
+            probe.retriever_layer = self.style.query_layer()
         self.call = probe
         try:
             with torch.no_grad():
                 self.base(input_ids=ids.to(self.device), use_cache=False)
-            return dict(probe.pending_k), dict(probe.pending_v)
+            return dict(probe.pending_k), dict(probe.pending_v), probe.pending_q
         finally:
             self.style.end_call(probe)
             self.call = outer

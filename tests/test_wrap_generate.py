@@ -329,3 +329,26 @@ def test_question_lexical_retrieves_the_chunk_sharing_the_question_rare_tokens(a
     for bad in (-1, 1.5, True):
         with pytest.raises(memkit.ConfigError, match="question_lexical"):
             memkit.wrap(tiny_model(arch), **dict(CFG, question_lexical=bad))
+
+
+def test_keys_retriever_queries_with_the_question(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The keys retriever (no tokenizer) at generate's question step queries with the question's own tokens, read
+    afresh (Runtime.probe_queries): over the same loaded memory, each question retrieves by its own queries. It used
+    to query with the in-context queries of this call's tokens before the question step, so a question read in one
+    step (a prompt of at most chunk_size tokens, as after ingest or load) retrieved nothing: `memkit eval qa` with
+    `retriever: keys` found none of 20 inserted facts."""
+    donor = memkit.wrap(tiny_model("llama"), **CFG)
+    donor.memory.ingest(_ids(120, 10))
+    donor.memory.save(tmp_path / "m")
+    cfg = dict(CFG, question_top_k=1, question_neighbors=0, question_lexical=0)  # the embedding query alone
+    read = set()
+    for seed in range(11, 17):
+        wrapped = memkit.wrap(tiny_model("llama"), **cfg)
+        assert wrapped.memkit_runtime.memory.config.retriever in ("auto", "keys")
+        wrapped.memory.load(tmp_path / "m")
+        with torch.no_grad():
+            wrapped.generate(_ids(CFG["chunk_size"], seed), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        spans = [tuple(t["span"]) for t in wrapped.memory.trace()]
+        assert len(spans) == 1 and spans[0][1] <= 120
+        read.add(spans[0])
+    assert len(read) > 1  # the question chose the chunk
