@@ -419,7 +419,8 @@ class TailCapture:
     A forward pre-hook on the input embeddings runs inside each decoder step after memkit has retrieved for it
     and before the step's K/V are committed, so at the step whose tokens reach the prompt's end the memory
     holds exactly the chunks evicted before it (the window starts after the last of them) and ``trace()`` is
-    that step's retrieval: the chunks it attends.
+    that step's retrieval: the chunks it attends. Probe reads inside a step (the keys retriever's question
+    query, ``question_reread``) pass through the embeddings too and are not counted.
     """
 
     def __init__(self, model: Any, prompt_len: int) -> None:
@@ -442,6 +443,9 @@ class TailCapture:
 
     def _hook(self, module: Any, args: tuple[Any, ...]) -> None:
         if self.done or not args:
+            return
+        call = self.model.memkit_runtime.current_call()
+        if call is not None and call.mode == "probe":  # a probe read inside a step (question query, re-read)
             return
         self.seen += int(args[0].shape[-1])
         if self.seen < self.n:
