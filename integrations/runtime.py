@@ -212,7 +212,7 @@ class Runtime:
         call = CallState(batch=batch, num_layers=self.L + len(self.style.extra_attention()),
                          sink_tokens=cfg.sink_tokens, window=cfg.window, chunk_size=cfg.chunk_size,
                          memory_layers=self.style.memory_layers,
-                         retriever_layer=None if probe else self.style.query_layer(), device=self.device, mode=mode,
+                         retriever_layer=self.style.query_layer(), device=self.device, mode=mode,
                          namespaces=namespaces, call_base=[0] * batch if probe else
                          [self._span_end(ns) for ns in namespaces], prompt_cols=prompt_cols, prompt_ids=prompt_ids,
                          progress=progress)
@@ -256,7 +256,7 @@ class Runtime:
         over these tokens alone at positions 0..N-1, nothing stored, while this thread's call waits. Returns per
         layer the position-free keys and the values (1, Hkv, N, D). Used by :meth:`Style.before_step` at the
         question step to read retrieved chunks in the context the question sees (``question_reread``)."""
-        keys, values, _ = self._probe_read(ids, queries=False)
+        keys, values, _ = self._probe_read(ids)
         return keys, values
 
     def probe_queries(self, ids: torch.Tensor) -> torch.Tensor:
@@ -264,21 +264,19 @@ class Runtime:
         when ``ids`` (1, N) are read afresh, as :meth:`reread` reads them. The ``keys`` retriever's question query
         (:meth:`Style.before_step` at generate's question step) is their mean: the question's own queries, not
         those of whatever the window held before it."""
-        _, _, q = self._probe_read(ids, queries=True)
+        _, _, q = self._probe_read(ids)
         if q is None:
             raise InvalidInputError("the probe read recorded no queries: this style has no query layer")
         return q
 
-    def _probe_read(self, ids: torch.Tensor, *, queries: bool
-               ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
+    def _probe_read(self, ids: torch.Tensor
+                    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
         """One probe step over ``ids`` (1, N) at positions 0..N-1, nothing stored: per layer K and V (1, Hkv, N, D),
-        and with ``queries`` the retriever layer's position-free queries (1, Hkv, N, D)."""
+        and the style's query layer's position-free queries (1, Hkv, N, D) (None when it keeps none)."""
         outer = self.call
         if outer is None or outer.thread != threading.get_ident():
             raise InvalidInputError("a probe read runs inside this thread's memkit call")
         probe = self._new_call(int(ids.shape[0]), ["__reread__"], "probe", 0, None, None)
-        if queries:
-            probe.retriever_layer = self.style.query_layer()
         self.call = probe
         try:
             with torch.no_grad():
