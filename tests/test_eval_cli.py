@@ -64,6 +64,18 @@ def test_eval_passkey_end_to_end(tiny, tmp_path):
             assert isinstance(rec["needle_retrieved"], bool)  # the trace is read for every memkit answer
 
 
+
+def test_eval_passkey_fixed_key(tiny, tmp_path):
+    """--key puts the same digits in every cell (a miss at one length can be asked again at another)."""
+    model, _text, _cfg = tiny
+    r = memkit_cli("eval", "passkey", "--model", str(model), "--lengths", "512,1k", "--depths", "0.3",
+                   "--modes", "full", "--key", "98798", "--out", "pk.json", "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "pk.json").read_text())
+    assert data["key"] == "98798"
+    assert [rec["key"] for rec in data["results"]] == ["98798", "98798"]
+
+
 @pytest.fixture(scope="module")
 def bench_all(tiny, tmp_path_factory):
     """One ``memkit bench all`` run on the tiny model and text: (completed process, results folder)."""
@@ -187,6 +199,7 @@ def test_bench_all_backends_report_and_rebuild(bench_all, tmp_path):
     (["eval", "passkey", "--lengths", "abc"], "not a token count"),
     (["eval", "passkey", "--depths", "1.5"], "outside [0, 1]"),
     (["eval", "passkey", "--modes", "memkit,banana"], "unknown mode"),
+    (["eval", "passkey", "--key", "1234"], "must be five digits"),
     (["eval", "ppl", "--text", "{text}", "--model", "{model}", "--end", "100k"], "fewer than --end"),
     (["bench", "context", "--model", "{empty}", "--lengths", "1k"], "no model weights"),
     (["bench", "context", "--caps", "banana=1k"], "write SETUP=LENGTH"),

@@ -17,6 +17,7 @@ real text+chat 3/5, real text+plain 3/5, classic+chat 1/5).
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from typing import Any
 
@@ -59,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, default=1, metavar="N",
                    help="different keys per length x depth cell (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the keys (default: 0)")
+    p.add_argument("--key", default=None, metavar="DIGITS",
+                   help="the same five-digit key in every cell instead of keys drawn from --seed, e.g. to ask the "
+                        "plain model at a length it fits for the key a long prompt missed (default: drawn per cell)")
     p.add_argument("--max-new-tokens", type=int, default=8, metavar="N",
                    help="tokens generated for the answer (default: 8)")
     p.add_argument("--full-max", default=None, metavar="LEN",
@@ -98,13 +102,13 @@ def answer(model: Any, tokenizer: Any, hay: Haystack, *, max_new_tokens: int = 8
 
 def evaluate(model: Any, tokenizer: Any, lengths: list[int], depths: list[float], *, trials: int = 1,
              seed: int = 0, filler: str = DEFAULT_FILLER, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 8,
-             log: Any = None) -> list[dict[str, Any]]:
-    """One record per length x depth x trial (see :func:`answer`)."""
+             key: str | None = None, log: Any = None) -> list[dict[str, Any]]:
+    """One record per length x depth x trial (see :func:`answer`); ``key`` fixes the digits of every cell."""
     out = []
     for n in lengths:
         for d in depths:
             for t in range(trials):
-                hay = build_haystack(tokenizer, n, d, filler=filler, prompt=prompt, seed=seed + t)
+                hay = build_haystack(tokenizer, n, d, key=key, filler=filler, prompt=prompt, seed=seed + t)
                 rec = answer(model, tokenizer, hay, max_new_tokens=max_new_tokens)
                 rec.update(length=n, trial=t)
                 out.append(rec)
@@ -143,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     modes = parse_modes(args.modes)
     if args.trials < 1 or args.max_new_tokens < 1:
         raise InvalidInputError("--trials and --max-new-tokens must be >= 1")
+    if args.key is not None and not re.fullmatch(r"\d{5}", args.key):
+        raise InvalidInputError(f"--key {args.key!r} must be five digits, e.g. --key 98798")
     config = load_config_arg(args.config) if any(m != "full" for m in modes) else None
     from memkit.models import resolve_model_path
 
@@ -161,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
     header = {"command": "eval passkey", "model": args.model or "bundled SmolLM2-135M-Instruct",
               "model_max_positions": npos, "modes": modes, "lengths": lengths, "depths": depths,
-              "filler": args.filler, "prompt": args.prompt, "trials": args.trials,
+              "filler": args.filler, "prompt": args.prompt, "trials": args.trials, "key": args.key,
               "config": config.to_dict() if config is not None else None}
     for mode in modes:
         run_lengths = [n for n in lengths if mode != "full" or n <= full_max]
@@ -184,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         with make_runner(model, tok, mode, config, progress=not args.no_progress) as m:
             results.extend(evaluate(m, tok, run_lengths, depths, trials=args.trials, seed=args.seed,
                                     filler=args.filler, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                                    log=tagged))
+                                    key=args.key, log=tagged))
     table = _summary(results, modes, lengths, depths)
     print()
     print(table)
