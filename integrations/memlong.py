@@ -221,10 +221,13 @@ class MemLongStyle(Style):
         call.set_memory(mk, mv, valid, true_pos, ids)
 
     def _reread(self, call: CallState, got: dict[int, Retrieved]) -> None:
-        """Question step: replace the stored K/V of each row's retrieved chunks with the K/V of [sinks | chunks]
-        read afresh (the plain model's reading of that short prompt). Stored K/V were written while their block
-        attended its own window and retrieved chunks; a small model then misses a needle it reads when the same
-        tokens come without that context.
+        """Question step: replace the stored K/V of each row's retrieved chunks and of its window with the K/V of
+        [sinks | chunks | window] read afresh, so the question reads exactly what the plain model reads given that
+        short prompt. Stored K/V were written while their block attended its own window and retrieved chunks; a
+        small model then misses a needle it reads when the same tokens come without that context (chunks), and
+        misses it too when only the chunks are read afresh and the window keeps the K/V of its own reading (a KJV
+        passkey the plain model answered from the same sinks, chunks and window). The window's new K/V stay the
+        window's: the answer attends them, and they are what memory stores when the window is evicted or flushed.
 
         A chunk's tokens come from this call or, for a chunk an earlier call stored (ingest, then a question), from
         the token ids memory keeps with it. The sinks in front are this call's when every chunk is this call's, else
@@ -253,7 +256,9 @@ class MemLongStyle(Style):
                 got_sinks = self.rt.memory.tokens_of(0, n, namespace=call.namespaces[r]) if n > 0 else None
                 sinks = got_sinks if got_sinks is not None else torch.zeros(0, dtype=torch.long)
             S = int(sinks.shape[0])
-            ids = torch.cat([sinks, *pieces]).long()[None]  # (1, S + sum of chunk lengths)
+            cols = torch.nonzero(call.win_valid[r]).flatten()  # (w,) the window's real columns, in order
+            window = call.win_ids[r, cols].cpu()  # (w,) its tokens (this call's: ingest and flush empty it)
+            ids = torch.cat([sinks, *pieces, window]).long()[None]  # (1, S + sum of chunk lengths + w)
             keys, values = self.rt.reread(ids)
             off = S
             for i, (a, b) in enumerate(spans):
@@ -263,6 +268,22 @@ class MemLongStyle(Style):
                     call.mem_k[j][r, :, i * C:i * C + n] = keys[layer][0, :, off:off + n].to(call.mem_k[j].dtype)
                     call.mem_v[j][r, :, i * C:i * C + n] = values[layer][0, :, off:off + n].to(call.mem_v[j].dtype)
                 off += n
+            if cols.numel():
+                self._replace_window(call, r, cols, keys, values, off)
+
+    @staticmethod
+    def _replace_window(call: CallState, r: int, cols: torch.Tensor, keys: dict[int, torch.Tensor],
+                        values: dict[int, torch.Tensor], off: int) -> None:
+        """Row ``r``'s window K/V (B, H, Wb, D) per layer at ``cols`` := the re-read K/V (1, H, N, D) from ``off``.
+        New tensors, not edits: a checkpoint replay's snapshot keeps the window it saw."""
+        for layer, k_old in enumerate(call.win_k):
+            v_old = call.win_v[layer]
+            if k_old is None or v_old is None or layer not in keys:
+                continue
+            k, v = k_old.clone(), v_old.clone()
+            k[r][:, cols.to(k.device)] = keys[layer][0, :, off:].to(k.device, k.dtype)
+            v[r][:, cols.to(v.device)] = values[layer][0, :, off:].to(v.device, v.dtype)
+            call.win_k[layer], call.win_v[layer] = k, v
 
     def attend(self, call: CallState, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                **kwargs: Any) -> torch.Tensor:

@@ -155,10 +155,11 @@ class MemoryConfig(ConfigBase):
     # of a 128-token chunk dilutes: RULER multi-key lines that differ only in the key ranked the answer's chunk 22nd
     # and 48th by MiniLM at 16k. 16 tokens: the question's end (its subject) without much of the text before it
     # (32 took in the verse before a KJV passkey question and ranked that verse's neighbours first)
-    question_reread: bool = True  # at that question step, its chunks are read afresh as [sinks | chunks]
-    # (the plain model's reading of that short prompt) instead of attending the K/V stored while their block attended
-    # its own window and 12 other chunks: shuffled-filler passkeys at 8k, the needle's 3 chunks attended, 0/5 with the
-    # stored K/V, 5/5 read afresh; costs one forward of sinks + chunks per answer
+    question_reread: bool = True  # at that question step, its chunks and window are read afresh as
+    # [sinks | chunks | window] (the plain model's reading of that short prompt) instead of attending the K/V stored
+    # while their block attended its own window and 12 other chunks: shuffled-filler passkeys at 8k, the needle's 3
+    # chunks attended, 0/5 with the stored K/V, 5/5 read afresh; a KJV passkey at 16k missed with only the chunks read
+    # afresh, answered with the window too; costs one forward of sinks + chunks + window per answer
     fill_neighbors: bool = True  # slots that near-duplicate skipping (or a small memory) leaves free take the chunks
     # right before and after the chosen ones, best chunk first: a sentence split at a chunk boundary is read whole
     # (16k passkey in repeated filler, depth 0.9: the needle's second half was retrieved, its first half skipped as

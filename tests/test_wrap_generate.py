@@ -265,6 +265,52 @@ def test_question_reread_reads_chunks_as_the_plain_model_reads_them(arch: str) -
     assert not torch.allclose(off["v"][deep][:, :, :M], on["v"][deep][:, :, :M], atol=1e-3)  # stored K/V differ
 
 
+def _question_step_view(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Tensor,
+                        reread: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(memkit's logits (V,) for the first answer token, the short prompt (1, n) of what its question step attended:
+    [sinks | chunks | window | the step's own tokens])."""
+    rt = wrapped.memkit_runtime
+    seen: dict[str, object] = {}
+
+    def record(module, args, out):  # type: ignore[no-untyped-def]
+        call = rt.current_call()
+        assert call is not None
+        T = int(args[0].shape[1])
+        if call.mode != "probe" and call.cols + T == ids.shape[1] and not seen:
+            seen.update(S=int(call.sink_valid[0].sum()), T=T, window=call.win_ids[0][call.win_valid[0]].clone())
+
+    handle = rt.base.layers[0].register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            out = wrapped.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0, output_logits=True,
+                                   return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    spans = [t["span"] for t in wrapped.memory.trace()]
+    S, T, window = seen["S"], seen["T"], seen["window"]
+    assert len(spans) == CFG["top_k"] and S == CFG["sink_tokens"] and len(window) > 0  # type: ignore[arg-type]
+    assert torch.equal(window, ids[0, ids.shape[1] - T - len(window):ids.shape[1] - T])  # type: ignore[arg-type, operator]
+    short = torch.cat([ids[0, :S]] + [ids[0, a:b] for a, b in spans] + [window, ids[0, -T:]])[None]  # type: ignore[misc]
+    return out.logits[0][0], short
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_question_step_reads_sinks_chunks_and_window_as_the_plain_model_reads_them(arch: str) -> None:
+    """question_reread: the question step attends the K/V of [sinks | chunks | window] read afresh, so its next-token
+    logits are the plain model's on that short prompt followed by the step's own tokens. Re-reading the chunks
+    alone is not enough: the window's stored K/V come from its own reading (a KJV passkey at 16k was missed with
+    the needle's chunks read afresh and answered by the plain model from the same sinks, chunks and window)."""
+    ids = _ids(121, 9)
+    got, short = _question_step_view(memkit.wrap(tiny_model(arch), **CFG), ids, True)
+    with torch.no_grad():
+        ref = tiny_model(arch)(short).logits[0, -1]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    off, short_off = _question_step_view(memkit.wrap(tiny_model(arch), **dict(CFG, question_reread=False)), ids,
+                                         False)
+    assert torch.equal(short_off, short)  # the same chunks and window ...
+    assert not torch.allclose(off, ref, atol=1e-3)  # ... read from the stored K/V differ
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_question_reread_reads_chunks_of_an_earlier_call_from_their_token_ids(arch: str) -> None:
     """Ingest a document, then ask in a new call: the question's chunks were stored by the earlier call, and memory
