@@ -265,8 +265,8 @@ def test_question_reread_reads_chunks_as_the_plain_model_reads_them(arch: str) -
     assert not torch.allclose(off["v"][deep][:, :, :M], on["v"][deep][:, :, :M], atol=1e-3)  # stored K/V differ
 
 
-def _question_step_view(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Tensor,
-                        reread: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _question_step_view(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(memkit's logits (V,) for the first answer token, the short prompt (1, n) of what its question step attended:
     [sinks | chunks | window | the step's own tokens])."""
     rt = wrapped.memkit_runtime
@@ -301,12 +301,11 @@ def test_question_step_reads_sinks_chunks_and_window_as_the_plain_model_reads_th
     alone is not enough: the window's stored K/V come from its own reading (a KJV passkey at 16k was missed with
     the needle's chunks read afresh and answered by the plain model from the same sinks, chunks and window)."""
     ids = _ids(121, 9)
-    got, short = _question_step_view(memkit.wrap(tiny_model(arch), **CFG), ids, True)
+    got, short = _question_step_view(memkit.wrap(tiny_model(arch), **CFG), ids)
     with torch.no_grad():
         ref = tiny_model(arch)(short).logits[0, -1]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    off, short_off = _question_step_view(memkit.wrap(tiny_model(arch), **dict(CFG, question_reread=False)), ids,
-                                         False)
+    off, short_off = _question_step_view(memkit.wrap(tiny_model(arch), **dict(CFG, question_reread=False)), ids)
     assert torch.equal(short_off, short)  # the same chunks and window ...
     assert not torch.allclose(off, ref, atol=1e-3)  # ... read from the stored K/V differ
 

@@ -29,7 +29,7 @@ from typing import Any
 from memkit.errors import InvalidInputError
 from memkit.units import parse_length, parse_lengths  # re-exported: the eval commands import them from here
 
-__all__ = ["Haystack", "build_haystack", "parse_length", "parse_lengths", "parse_depths", "FILLERS", "PROMPTS",
+__all__ = ["Haystack", "build_haystack", "check_key", "parse_length", "parse_lengths", "parse_depths", "FILLERS", "PROMPTS",
            "extract_key"]
 
 FILLERS = ("classic", "real", "meadow", "ledger", "kjv", "shuffled")
@@ -170,6 +170,12 @@ def _template(tokenizer: Any, prompt: str) -> tuple[str, str]:
     raise InvalidInputError(f"prompt {prompt!r} is unknown; choose one of {list(PROMPTS)}")
 
 
+def check_key(key: str, what: str = "key") -> None:
+    """Raise InvalidInputError unless ``key`` is five digits (``what`` names it in the message, e.g. "--key")."""
+    if not re.fullmatch(r"\d{5}", key):
+        raise InvalidInputError(f"{what} {key!r} must be five digits, e.g. {what} 98798")
+
+
 def build_haystack(tokenizer: Any, n_tokens: int, depth: float, *, key: str | None = None, filler: str = "classic",
                    prompt: str = "plain", seed: int = 0) -> Haystack:
     """A passkey prompt of about ``n_tokens`` tokens (within one filler unit) with the key at ``depth``.
@@ -183,8 +189,7 @@ def build_haystack(tokenizer: Any, n_tokens: int, depth: float, *, key: str | No
         raise InvalidInputError(f"filler {filler!r} is unknown; choose one of {list(FILLERS)}")
     if key is None:
         key = str(random.Random(f"{seed}|{n_tokens}|{depth}").randint(10_000, 99_999))
-    if not re.fullmatch(r"\d{5}", key):
-        raise InvalidInputError(f"key {key!r} must be five digits")
+    check_key(key)
     before, after = _template(tokenizer, prompt)
     head = tokenizer(before, add_special_tokens=False)["input_ids"]
     bos = getattr(tokenizer, "bos_token_id", None)

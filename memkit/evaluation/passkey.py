@@ -17,7 +17,6 @@ real text+chat 3/5, real text+plain 3/5, classic+chat 1/5).
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from typing import Any
 
@@ -34,7 +33,7 @@ from memkit.evaluation.common import (
     set_threads,
     write_json,
 )
-from memkit.evaluation.haystack import FILLERS, PROMPTS, Haystack, build_haystack, extract_key, parse_depths, parse_lengths
+from memkit.evaluation.haystack import FILLERS, PROMPTS, Haystack, build_haystack, check_key, extract_key, parse_depths, parse_lengths
 
 __all__ = ["add_arguments", "run", "answer", "evaluate"]
 
@@ -147,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
     modes = parse_modes(args.modes)
     if args.trials < 1 or args.max_new_tokens < 1:
         raise InvalidInputError("--trials and --max-new-tokens must be >= 1")
-    if args.key is not None and not re.fullmatch(r"\d{5}", args.key):
-        raise InvalidInputError(f"--key {args.key!r} must be five digits, e.g. --key 98798")
+    if args.key is not None:
+        check_key(args.key, "--key")
     config = load_config_arg(args.config) if any(m != "full" for m in modes) else None
     from memkit.models import resolve_model_path
 
