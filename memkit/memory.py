@@ -351,7 +351,7 @@ class MemoryManager:
                     sj, ij = scores[j * Q:(j + 1) * Q], ids[j * Q:(j + 1) * Q]  # (Q, fetch)
                     ranked = Q > 1 or lex[b] is not None  # a fused ranking: candidates come in its order
                     if ranked:
-                        sj, ij = ns.fuse(sj, ij, query=q[b], fetch=fetch, words=lex[b])
+                        sj, ij = ns.fuse(sj, ij, query=q[b], fetch=fetch, words=lex[b], exclude=ex[b])
                     rows[b] = ns.select(sj[0], ij[0], k, exclude=ex[b], max_similarity=sim, ranked=ranked,
                                         neighbors=self.config.fill_neighbors, query=q[b],
                                         neighbors_of_best=self.config.question_neighbors if ranked else 0)

@@ -285,16 +285,22 @@ class Namespace:
         return cids[top], score[top].astype(np.float32), float(np.median(score))
 
     def fuse(self, scores: np.ndarray, ids: np.ndarray, *, query: np.ndarray, fetch: int,
-             words: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+             words: np.ndarray | None = None, exclude: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One ranking from Q embedding rankings (Q, fetch) (best first, -1 = padding) and, with ``words`` (the
         question's token ids), the BM25 ranking of :meth:`lexical`: reciprocal rank fusion of all of them (Cormack
         et al. 2009), each chunk reported with its best embedding score for ``query`` (Q, E). When the BM25 best
         chunk scores at least ``LEXICAL_LEAD`` x the median chunk (it shares the question's rare words: a name, a
         key, a uuid, where the rest share only common ones), it leads the ranking: rank fusion alone lets two
-        embedding rankings that agree on filler outvote it. Returns (scores (1, n), ids (1, n)) in fused order."""
+        embedding rankings that agree on filler outvote it. Chunks inside ``exclude`` [lo, hi) (the call's sinks,
+        attended anyway) leave the BM25 ranking first: a prompt's opening instructions share the question's words
+        ("the provided text") and would otherwise take the lead that :meth:`select` then drops. Returns (scores
+        (1, n), ids (1, n)) in fused order."""
         lead = None
         if words is not None:
             lid, lsc, typical = self.lexical(words, fetch)
+            if exclude is not None and len(lid):
+                usable = np.asarray([not self._inside(int(c), exclude) for c in lid], bool)
+                lid, lsc = lid[usable], lsc[usable]
             if len(lid):
                 row = np.full((1, ids.shape[1]), -1, np.int64)
                 raw = np.full((1, ids.shape[1]), -np.inf, scores.dtype)

@@ -473,3 +473,26 @@ def test_lexical_ranking_is_bm25_over_kept_token_ids():
     for bad in (np.asarray([[7, 99]]), np.asarray([1.5]), np.asarray(["x"]), np.asarray([-3])):
         with pytest.raises(InvalidInputError, match="token ids"):
             mm.retrieve_batch(q[None], ["default"], k=2, lexical=[bad])
+
+
+def test_lexical_lead_skips_chunks_inside_the_excluded_sinks():
+    """A prompt's opening instructions (the sinks, attended anyway) share the question's words, so their chunk can
+    top BM25: it must not take the lead slot that select() then drops. The best BM25 chunk outside ``exclude``
+    leads instead (RULER niah_multikey_3 at 32k: the instructions' chunk led, the key's chunk second, not attended)."""
+    mm = make_mm(top_k=1)
+    n = 10
+    k, v, e, spans = chunks(n)
+    tok = torch.full((n, C), 7)
+    tok[:, 0] = torch.arange(n) + 20  # one token of its own per chunk (identical rows would be one chunk)
+    tok[0, 1:3] = torch.tensor([50, 51])  # the instructions: two of the question's words, found nowhere else
+    tok[6, 2] = 99  # the needle: the question's last word
+    mm.add_chunks(k, v, e, spans, token_ids=tok)
+    ns = mm._ns["default"]
+    words = np.asarray([50, 51, 99])
+    assert ns.lexical(words, 10)[0].tolist() == [0, 6]  # the instructions' chunk tops BM25
+    q = e[1] + e[2] - 2 * e[6]  # the embeddings rank the needle last
+    sinks = (int(spans[0, 0]), int(spans[0, 1]))
+    got = mm.retrieve_batch(q[None], ["default"], k=1, max_similarity=None, lexical=[words], exclude=[sinks])[0]
+    assert got.ids.tolist() == [6]
+    # without the exclusion the instructions' chunk itself is the one returned
+    assert mm.retrieve_batch(q[None], ["default"], k=1, max_similarity=None, lexical=[words])[0].ids.tolist() == [0]
