@@ -8,7 +8,7 @@ Liu et al. 2024): candidates in score order, minus chunks the caller attends any
 better chunk (maximal marginal relevance with a hard threshold, Carbonell & Goldstein 1998), then time order.
 At a question the candidates come from a fused ranking (:meth:`Namespace.fuse`): reciprocal rank fusion (Cormack
 et al. 2009) of the embedding rankings and a BM25 ranking (Robertson & Zaragoza 2009) of the question's tokens over
-the token ids kept per chunk, the BM25 best leading when it alone shares the question's rare words.
+the token ids kept per chunk, the BM25 best outside the sinks leading when it alone shares the question's rare words.
 Nothing here takes a lock: the manager calls it under its own.
 """
 
