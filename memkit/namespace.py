@@ -198,9 +198,7 @@ class Namespace:
         candidates are already in their order of merit (a fused ranking) and ``scores`` are only reported.
         ``neighbors_of_best``: the chunks just before and after the best ``neighbors_of_best`` chosen chunks are
         taken even when no slot is free (they displace the lowest-ranked chosen chunks)."""
-        ok = ids >= 0
-        if exclude is not None:
-            ok &= np.asarray([c >= 0 and not self._inside(int(c), exclude) for c in ids], bool)
+        ok = (ids >= 0) & self._outside(ids, exclude)
         s, i = scores[ok], ids[ok]
         if not ranked:
             best = np.argsort(-s, kind="stable")
@@ -220,6 +218,13 @@ class Namespace:
     def _inside(self, cid: int, span: tuple[int, int]) -> bool:
         start, end = self.spans[cid]
         return start >= span[0] and end <= span[1]
+
+    def _outside(self, ids: np.ndarray, exclude: tuple[int, int] | None) -> np.ndarray:
+        """(n,) bool: which of ``ids`` (n,) are not stored chunks inside ``exclude`` [lo, hi); padding (-1) counts
+        as outside (callers drop it themselves)."""
+        if exclude is None:
+            return np.ones(len(ids), bool)
+        return np.asarray([c < 0 or not self._inside(int(c), exclude) for c in ids], bool).reshape(len(ids))
 
     def _by_edges(self) -> tuple[dict[int, int], dict[int, int]]:
         """(start -> id, end -> id) of the stored chunks, built once after each change."""
@@ -298,9 +303,8 @@ class Namespace:
         lead = None
         if words is not None:
             lid, lsc, typical = self.lexical(words, fetch)
-            if exclude is not None and len(lid):
-                usable = np.asarray([not self._inside(int(c), exclude) for c in lid], bool)
-                lid, lsc = lid[usable], lsc[usable]
+            usable = self._outside(lid, exclude)
+            lid, lsc = lid[usable], lsc[usable]
             if len(lid):
                 row = np.full((1, ids.shape[1]), -1, np.int64)
                 raw = np.full((1, ids.shape[1]), -np.inf, scores.dtype)
