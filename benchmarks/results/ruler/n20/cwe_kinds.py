@@ -24,8 +24,9 @@ for r in rows:
     x = docs[r["index"]]
     body = x["input"].split("Memorize the ones that appear most often.\n")[-1].split("\nQuestion:")[0]
     words = re.findall(r"\d+\. (\S+)", body)  # the list's entries, in order
-    share.append(sum(w in set(x["outputs"]) for w in words) / len(words))
-    said = list(dict.fromkeys(w for w in re.findall(r"[a-z][a-z\-]+", r["prediction"].lower()) if w in set(words)))
+    answers, entries = set(x["outputs"]), set(words)
+    share.append(sum(w in answers for w in words) / len(words))
+    said = list(dict.fromkeys(w for w in re.findall(r"[a-z][a-z\-]+", r["prediction"].lower()) if w in entries))
     if len(said) <= 2:
         kind = "one or two words repeated"
     else:
