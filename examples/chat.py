@@ -6,9 +6,9 @@ call read (``flush_window``, the default), so the fact is a chunk in memory, fou
 
     python examples/chat.py                 # both halves; the second runs in a fresh Python process
     python examples/chat.py --threads 1     # on a busy machine
-    python examples/chat.py --top-k 12      # memkit's default number of chunks (see the README: it misses)
 
-Measured here (2 CPU cores, SmolLM2-135M-Instruct): see the README's "Memory across calls".
+memkit's defaults answer it: the question step reads the chunks whose evidence stands apart (here the fact's), not a
+fixed dozen (docs/configuration.md, `select`). `memkit eval chat` runs this scenario over 20 facts of several kinds.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def say(model: memkit.integrations.wrap.MemkitModel, tok: object, text: str, pre
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()  # type: ignore[attr-defined]
 
 
-def first_half(memory_dir: Path, code: str, chat_tokens: int, top_k: int) -> None:
+def first_half(memory_dir: Path, code: str, chat_tokens: int) -> None:
     hf_model, tok = load_smollm2()
-    model = memkit.wrap(hf_model, tokenizer=tok, progress=False, top_k=top_k)
+    model = memkit.wrap(hf_model, tokenizer=tok, progress=False)
     print("user:", FACT.format(code=code))
     print("assistant:", say(model, tok, FACT.format(code=code)))
     scene = play_text("tempest")
@@ -65,16 +65,17 @@ def first_half(memory_dir: Path, code: str, chat_tokens: int, top_k: int) -> Non
     print(f"memory saved to {memory_dir}: {model.memory.num_chunks()} chunks, {told:,} tokens")
 
 
-def second_half(memory_dir: Path, top_k: int) -> str:
+def second_half(memory_dir: Path) -> str:
     hf_model, tok = load_smollm2()
-    model = memkit.wrap(hf_model, tokenizer=tok, progress=False, top_k=top_k)
+    model = memkit.wrap(hf_model, tokenizer=tok, progress=False)
     model.memory.load(memory_dir)  # refused if another model or set-up wrote it
     print(f"new process: memory loaded ({model.memory.num_chunks()} chunks)")
     answer = say(model, tok, QUESTION, prefix=ANSWER_PREFIX, new=8)
     print("user:", QUESTION)
     print("assistant:", ANSWER_PREFIX, answer)
     hit = [t for t in model.memory.trace() if "locker" in (t["text"] or "")]
-    print("retrieved the fact's chunk:", bool(hit), [tuple(t["span"]) for t in hit])
+    print("retrieved the fact's chunk:", bool(hit), [tuple(t["span"]) for t in hit],
+          f"({len(model.memory.trace())} chunk(s) read: {model.memory.manager.selection().get('reason', '')})")
     return answer
 
 
@@ -82,22 +83,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--code", default="4729", help="the fact to remember (default 4729)")
     p.add_argument("--chat-tokens", type=int, default=6000, help="tokens of other chat after the fact (default 6000)")
-    p.add_argument("--top-k", type=int, default=1,
-                   help="chunks each turn reads from memory (default 1: with SmolLM2-135M the fact's chunk is found "
-                        "at any top_k, but the model answers from it only when it is alone; see the README)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--resume", default=None, help=argparse.SUPPRESS)  # the second half, in a new process
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.resume:
-        answer = second_half(Path(args.resume), args.top_k)
+        answer = second_half(Path(args.resume))
         return 0 if args.code in answer else 1
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        first_half(Path(d) / "memory", args.code, args.chat_tokens, args.top_k)
-        cmd = [sys.executable, __file__, "--resume", str(Path(d) / "memory"), "--code", args.code,
-               "--top-k", str(args.top_k)]
+        first_half(Path(d) / "memory", args.code, args.chat_tokens)
+        cmd = [sys.executable, __file__, "--resume", str(Path(d) / "memory"), "--code", args.code]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         rc = subprocess.run(cmd, check=False).returncode

@@ -18,6 +18,7 @@ import torch
 
 from memkit.config import resolve_layers
 from memkit.errors import ConfigError
+from memkit.retrieval import RowRequest
 from memkit.retrievers import make_retriever, retriever_input
 from memkit.styles import MemLongConfig
 
@@ -26,6 +27,7 @@ from .style import Style
 if TYPE_CHECKING:  # pragma: no cover
     from memkit.config import MemoryConfig
     from memkit.memory import MemoryManager, Retrieved
+    from memkit.retrieval import Reread
 
     from .context import CallState, Evicted
     from .runtime import Runtime
@@ -106,89 +108,50 @@ class MemLongStyle(Style):
             return
         if not call.new_block:
             return  # answering: keep the chunks retrieved for this block (the question's) for a block's worth of tokens
-        # generate's last prompt step and its answer steps query with the tokens they read (the question) too
-        inclusive = call.mode == "generate" and call.cols + input_ids.shape[1] >= call.prompt_cols
+        # generate's last prompt step (the question) and its answer steps: the question step's pipeline, whose
+        # queries read the tokens of the step too
+        question = call.mode == "generate" and call.cols + input_ids.shape[1] >= call.prompt_cols
         memory = self.rt.memory
         rows = [r for r in range(call.B) if memory.num_chunks(call.namespaces[r]) > 0]
-        queries = self._queries(call, rows, input_ids, blk_valid, inclusive)
-        found = {r: v for r, v in queries.items() if v is not None}
-        rows = [r for r in rows if r in found]
         if not rows:
             call.set_memory({}, {}, call.mem_valid[:, :0], call.mem_true_pos[:, :0], [[] for _ in range(call.B)])
             return
-        q = np.stack([found[r] for r in rows])  # (rows, E), or (rows, 2, E) with the question's own query
-        # A chunk inside this call's sinks is attended already: the manager skips it, so top_k stay distinct.
-        sinks = [(call.call_base[r], call.call_base[r] + int(call.sink_valid[r].sum())) for r in rows]
-        k = min(cfg.top_k, cfg.question_top_k) if inclusive and cfg.question_top_k is not None else cfg.top_k
-        words = None
-        if inclusive and cfg.question_lexical > 0:  # the question's own last tokens, for BM25
-            ids, valid = self._window_ids(call, input_ids, blk_valid, inclusive)
-            words = [ids[r][valid[r]][-cfg.question_lexical:].cpu().numpy() for r in rows]
-        got = memory.retrieve_batch(q, [call.namespaces[r] for r in rows], k=k, device=call.device,
-                                    dtype=self.rt.dtype, exclude=sinks, lexical=words)
-        self._set_memory(call, dict(zip(rows, got)))
-        if inclusive and cfg.question_reread:
-            self._reread(call, dict(zip(rows, got)))
+        requests = self._requests(call, rows, input_ids, blk_valid, question)
+        step = "question" if question else "block"
+        got = memory.retrieve_step(requests, step, device=call.device, dtype=self.rt.dtype, reader=self.rt.reader,
+                                   decode=self.rt.tokenizer.decode if self.rt.tokenizer is not None else None)
+        found = {r: row for r, row in zip(rows, got) if row.result is not None and len(row.result) > 0}
+        self._set_memory(call, {r: row.result for r, row in found.items()})  # type: ignore[misc]
+        for r, row in found.items():
+            if row.reread is not None:
+                self._put_reread(call, r, row.reread)
 
-    @staticmethod
-    def _window_ids(call: CallState, input_ids: torch.Tensor, blk_valid: torch.Tensor, inclusive: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, valid) (B, window [+ block]) of the tokens a step's queries read: the window, and with
-        ``inclusive`` (generate's question step) the block being read too."""
-        if not inclusive:
-            return call.win_ids, call.win_valid
-        return (torch.cat([call.win_ids, input_ids.to(call.win_ids.device)], 1),
-                torch.cat([call.win_valid, blk_valid.to(call.win_valid.device)], 1))
-
-    def _queries(self, call: CallState, rows: list[int], input_ids: torch.Tensor, blk_valid: torch.Tensor,
-                 inclusive: bool) -> dict[int, np.ndarray | None]:
-        out: dict[int, np.ndarray | None] = {}
-        if not rows:
-            return out
-        if self.retriever_kind == "keys":
-            if inclusive:  # generate's question step: the question's own queries (the window may be another call's)
-                return self._question_key_queries(call, rows, input_ids, blk_valid)
+    def _requests(self, call: CallState, rows: list[int], input_ids: torch.Tensor, blk_valid: torch.Tensor,
+                  question: bool) -> list[RowRequest]:
+        """Per row, what the step's pipeline reads: the tokens its queries may use (the window, and at the question
+        step the block too: only its last logits are used, so the question may query with its own tokens), the
+        call's sinks to skip, the keys retriever's in-context query, and for the re-read what the call has read."""
+        ids, valid = call.win_ids, call.win_valid
+        if question:
+            ids = torch.cat([ids, input_ids.to(ids.device)], 1)
+            valid = torch.cat([valid, blk_valid.to(valid.device)], 1)
+        recent = None
+        if self.retriever_kind == "keys" and not question:
             got = call.query_vectors()
-            if got is None:
-                return out
-            vec, ok = got
-            unit = torch.nn.functional.normalize(vec, dim=-1).cpu().numpy()  # (B, H*D)
-            return {r: unit[r] for r in rows if bool(ok[r])}
-        ids, valid = self._window_ids(call, input_ids, blk_valid, inclusive)
-        # The question (generate's last prompt step): a second query of its last question_tokens tokens alone
-        n_q = self.config.question_tokens if inclusive else 0
-        texts, keep = [], []
+            if got is not None:
+                vec, ok = got
+                unit = torch.nn.functional.normalize(vec, dim=-1).cpu().numpy()  # (B, H*D)
+                recent = {r: unit[r] for r in range(call.B) if bool(ok[r])}
+        out = []
         for r in rows:
-            row = ids[r][valid[r]][-self.config.chunk_size:].tolist()
-            if row:
-                texts.append(self.rt.tokenizer.decode(row))
-                if n_q:
-                    texts.append(self.rt.tokenizer.decode(row[-n_q:]))
-                keep.append(r)
-        if texts:
-            emb = self.rt.memory.embed(texts=texts)  # (rows * (1 or 2), E)
-            if n_q:
-                emb = emb.reshape(len(keep), 2, -1)
-            out = {r: emb[i] for i, r in enumerate(keep)}
-        return out
-
-    def _question_key_queries(self, call: CallState, rows: list[int], input_ids: torch.Tensor,
-                              blk_valid: torch.Tensor) -> dict[int, np.ndarray | None]:
-        """The ``keys`` retriever at generate's question step: the last ``chunk_size`` tokens of [window | block]
-        read afresh (:meth:`Runtime.probe_queries`); per row the unit mean query of all of them and, with
-        ``question_tokens``, of the last ``question_tokens`` (2, H*D), fused as the text retriever's two queries are.
-        Between blocks the query stays the previous tokens' in-context queries (no token sees its own future)."""
-        ids, valid = self._window_ids(call, input_ids, blk_valid, True)
-        C, n_q = self.config.chunk_size, self.config.question_tokens
-        out: dict[int, np.ndarray | None] = {}
-        for r in rows:
-            row = ids[r][valid[r]][-C:]  # (n,) the question and what precedes it
-            if row.numel() == 0:
-                continue
-            q = self.rt.probe_queries(row[None].long())[0].float()  # (H, n, D)
-            vecs = [q.mean(1)] + ([q[:, -n_q:].mean(1)] if n_q else [])  # each (H, D)
-            unit = torch.nn.functional.normalize(torch.stack([v.reshape(-1) for v in vecs]), dim=-1)  # (1|2, H*D)
-            out[r] = unit.cpu().numpy() if n_q else unit[0].cpu().numpy()
+            sinks = int(call.sink_valid[r].sum())
+            read = call.read_ids(r) if question else None
+            window = call.win_ids[r, torch.nonzero(call.win_valid[r]).flatten()].cpu().numpy() if question else None
+            out.append(RowRequest(namespace=call.namespaces[r], tokens=ids[r][valid[r]].cpu().numpy(),
+                                  exclude=(call.call_base[r], call.call_base[r] + sinks),
+                                  recent_query=recent.get(r) if recent is not None else None,
+                                  call_tokens=read.numpy() if read is not None else None,
+                                  call_base=call.call_base[r], sinks=sinks, window=window))
         return out
 
     def _set_memory(self, call: CallState, got: dict[int, Retrieved]) -> None:
@@ -220,56 +183,22 @@ class MemLongStyle(Style):
             ids[r] = res.ids.tolist()
         call.set_memory(mk, mv, valid, true_pos, ids)
 
-    def _reread(self, call: CallState, got: dict[int, Retrieved]) -> None:
-        """Question step: replace the stored K/V of each row's retrieved chunks and of its window with the K/V of
-        [sinks | chunks | window] read afresh, so the question reads exactly what the plain model reads given that
-        short prompt. Stored K/V were written while their block attended its own window and retrieved chunks; a
-        small model then misses a needle it reads when the same tokens come without that context (chunks), and
-        misses it too when only the chunks are read afresh and the window keeps the K/V of its own reading (a KJV
-        passkey the plain model answered from the same sinks, chunks and window). The window's new K/V stay the
-        window's: the answer attends them, and they are what memory stores when the window is evicted or flushed.
-
-        A chunk's tokens come from this call or, for a chunk an earlier call stored (ingest, then a question), from
-        the token ids memory keeps with it. The sinks in front are this call's when every chunk is this call's, else
-        the stream's own first ``sink_tokens`` tokens as memory holds them (none if that chunk is gone), cut before
-        the first chunk. A row with a chunk whose tokens are unknown (stored without ids) keeps the stored K/V."""
+    def _put_reread(self, call: CallState, r: int, fresh: Reread) -> None:
+        """Row ``r``'s retrieved chunks and window attend the K/V the ``reread`` stage read afresh for
+        [sinks | chunks | window] (so the question reads what the plain model reads given that short prompt) instead
+        of the stored ones. The window's new K/V stay the window's: the answer attends them, and they are what memory
+        stores when the window is evicted or flushed."""
         C = self.config.chunk_size
-        for r, res in got.items():
-            if len(res) == 0:
-                continue
-            row = call.read_ids(r)  # (n_real,) this call's real tokens so far
-            base = call.call_base[r]
-            spans = res.spans.tolist()  # (k', 2) stream positions [start, end), time order
-            pieces: list[torch.Tensor] = []
-            for i, (a, b) in enumerate(spans):
-                known = res.token_ids[i] if i < len(res.token_ids) else None
-                if row is not None and a >= base and b - base <= row.shape[0]:
-                    pieces.append(row[a - base:b - base])
-                elif known is not None:
-                    pieces.append(torch.from_numpy(known))
-            if len(pieces) != len(spans):
-                continue
-            if row is not None and spans[0][0] >= base:
-                sinks = row[:int(call.sink_valid[r].sum())]  # (S,) this call's sinks
-            else:
-                n = min(self.config.sink_tokens, spans[0][0])
-                got_sinks = self.rt.memory.tokens_of(0, n, namespace=call.namespaces[r]) if n > 0 else None
-                sinks = got_sinks if got_sinks is not None else torch.zeros(0, dtype=torch.long)
-            S = int(sinks.shape[0])
+        off = fresh.sinks
+        for i, n in enumerate(fresh.lengths):
+            for j in call.mem_k:  # stored index -> the memory layer whose K/V it holds
+                layer = self.memory_layers[j]
+                call.mem_k[j][r, :, i * C:i * C + n] = fresh.keys[layer][0, :, off:off + n].to(call.mem_k[j].dtype)
+                call.mem_v[j][r, :, i * C:i * C + n] = fresh.values[layer][0, :, off:off + n].to(call.mem_v[j].dtype)
+            off += n
+        if fresh.window:
             cols = torch.nonzero(call.win_valid[r]).flatten()  # (w,) the window's real columns, in order
-            window = call.win_ids[r, cols].cpu()  # (w,) its tokens (this call's: ingest and flush empty it)
-            ids = torch.cat([sinks, *pieces, window]).long()[None]  # (1, S + sum of chunk lengths + w)
-            keys, values = self.rt.reread(ids)
-            off = S
-            for i, (a, b) in enumerate(spans):
-                n = b - a
-                for j in call.mem_k:  # stored index -> the memory layer whose K/V it holds
-                    layer = self.memory_layers[j]
-                    call.mem_k[j][r, :, i * C:i * C + n] = keys[layer][0, :, off:off + n].to(call.mem_k[j].dtype)
-                    call.mem_v[j][r, :, i * C:i * C + n] = values[layer][0, :, off:off + n].to(call.mem_v[j].dtype)
-                off += n
-            if cols.numel():
-                self._replace_window(call, r, cols, keys, values, off)
+            self._replace_window(call, r, cols, fresh.keys, fresh.values, off)
 
     @staticmethod
     def _replace_window(call: CallState, r: int, cols: torch.Tensor, keys: dict[int, torch.Tensor],

@@ -49,7 +49,7 @@ from .hf_compat import broken_assumption, cache_kwarg, check_versions, resolve_d
 from .positions import Rotary
 from .replay import Replay, checkpoint_layers
 
-__all__ = ["Runtime", "find_attention_modules"]
+__all__ = ["Runtime", "ProbeReader", "find_attention_modules"]
 
 TRIM_EVERY = 4  # blocks between malloc_trim calls: ~15 ms each against 1-3 s per block on CPU
 PROBE_TOKENS = 8  # tokens of the set-up probe; their keys fingerprint the model for memory saves
@@ -66,6 +66,20 @@ def find_attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         if name.endswith("Attention") and isinstance(idx, int) and not getattr(m, "is_cross_attention", False):
             found.setdefault(idx, m)
     return [found[i] for i in sorted(found)]
+
+
+class ProbeReader:
+    """The narrow interface a retrieval pipeline is given (:class:`memkit.retrieval.Reader`): read token ids afresh in
+    a probe step of this model, nothing stored. The pipeline never sees the runtime itself."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._read, self._queries = runtime.reread, runtime.probe_queries
+
+    def read(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        return self._read(ids)
+
+    def queries(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._queries(ids)
 
 
 class Runtime:
@@ -103,6 +117,7 @@ class Runtime:
         self.probe_keys: dict[int, torch.Tensor] = {}  # layer -> (H, PROBE_TOKENS, D) position-free probe keys
         self.style = STYLES.get(config.style)(self, config)  # the registered strategy; resolves its layers
         self.checkpointing: Callable[[], None] | None = None
+        self.reader = ProbeReader(self)  # what the retrieval pipeline may ask of the model (a probe read)
         self._install()
         try:
             self._probe()
@@ -255,7 +270,7 @@ class Runtime:
         """Read ``ids`` (1, N) afresh, as the plain model reads a short prompt: one probe step of causal attention
         over these tokens alone at positions 0..N-1, nothing stored, while this thread's call waits. Returns per
         layer the position-free keys and the values (1, Hkv, N, D). Used by :meth:`Style.before_step` at the
-        question step to read retrieved chunks in the context the question sees (``question_reread``)."""
+        question step to read retrieved chunks in the context the question sees (the ``reread`` stage)."""
         keys, values, _ = self._probe_read(ids)
         return keys, values
 

@@ -29,6 +29,10 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("bench", "all"): ("memkit.bench.all", "the whole benchmark matrix, writing benchmarks/REPORT.md"),
     ("eval", "ppl"): ("memkit.evaluation.ppl", "sliding-window perplexity with and without memory"),
     ("eval", "passkey"): ("memkit.evaluation.passkey", "passkey retrieval accuracy over lengths and depths"),
+    ("eval", "chat"): ("memkit.evaluation.chat", "a fact told once in a chat, ~6k tokens of other turns, a save, a new "
+                       "process, the question: how often it is answered"),
+    ("eval", "battery"): ("memkit.evaluation.battery", "every task memkit's defaults must hold (chat, inserted facts, "
+                          "passkeys, RULER, perplexity, speed), journalled and resumable; --quick before a stop"),
     ("eval", "qa"): ("memkit.evaluation.qa", "questions about long real documents: plain inside its positions vs "
                      "wrapped beyond"),
     ("eval", "styles"): ("memkit.evaluation.styles", "window-only vs MemLong vs LongMem (untrained, trained): "

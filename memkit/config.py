@@ -31,6 +31,8 @@ from memkit.configbase import (
     read_mapping,
 )
 from memkit.errors import ConfigError, InvalidInputError
+from memkit.retrieval.config import LEGACY_KEYS as LEGACY_RETRIEVAL
+from memkit.retrieval.config import RetrievalConfig, migrate_legacy_retrieval
 from memkit.styles import STYLES, LayerSpec, LongMemConfig, MemLongConfig, StyleConfig, style_config_class
 from memkit.units import parse_bytes
 
@@ -42,6 +44,8 @@ KV_DTYPES = ("fp32", "fp16", "bf16", "int8")
 POSITION_SCHEMES = ("contiguous", "zero", "original")
 MAX_TOP_K = 1024  # chunks per block; 1,024 x 128 tokens is far past any model's trained positions
 MAX_TOKENS = 1 << 20  # window, block, chunk and sink sizes
+LEGACY_RETRIEVAL_KEYS = tuple(LEGACY_RETRIEVAL)  # memkit 0.2's top-level retrieval keys, in InitVar order
+_UNSET: Any = object()  # "not given" for those keys
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|meta)(:\d+)?")
 
 # Old top-level keys -> (style, key in that style's block)
@@ -114,7 +118,8 @@ class KVStoreConfig(ConfigBase):
 class MemoryConfig(ConfigBase):
     """Everything :func:`memkit.wrap` needs. Defaults are the best training-free setup measured here."""
 
-    nested: ClassVar[dict[str, type[ConfigBase]]] = {"bank": BankConfig, "kvstore": KVStoreConfig}
+    nested: ClassVar[dict[str, type[ConfigBase]]] = {"bank": BankConfig, "kvstore": KVStoreConfig,
+                                                     "retrieval": RetrievalConfig}
 
     style: str = "memlong"  # registered style: "memlong" (retrieval causal attention) or "longmem" (gated joint)
     style_config: StyleConfig | None = None  # the style's block (MemLongConfig, LongMemConfig); None = defaults
@@ -133,37 +138,7 @@ class MemoryConfig(ConfigBase):
     position_scheme: str = "contiguous"  # memory placed just before the window: keeps distances < 8k
     retriever: str = "auto"  # registered retriever: "text" (MiniLM of chunk text), "keys" (mean of keys), "auto" =
     # text if a tokenizer exists
-    max_chunk_similarity: float | str | None = "auto"  # skip a retrieved chunk whose embedding has cosine >= this
-    # with a better one already chosen (the next candidate takes the slot): repeated text fills one slot, not k.
-    # "auto" = 0.9 for text retrievers (MiniLM here: distinct Shakespeare chunks <= 0.73, shifted repeats of a
-    # filler >= 0.96) and off for "keys" (mean keys of distinct chunks reach 0.997: no threshold separates them)
-    question_tokens: int = 32  # generate's last prompt step also queries with its last question_tokens tokens (the
-    # question alone), fused with the chunk-sized query by reciprocal rank (Cormack et al. 2009): in a filler that
-    # shares words with the question ("brass key"), the chunk-sized query, mostly filler, ranks filler first; 0 = off
-    question_neighbors: int = 1  # at that question step, the best question_neighbors chunks of the fused ranking
-    # bring the chunks just before and after them even when no slot is free (they displace the lowest-ranked): a
-    # question matches the words *before* its answer, and an answer split at a chunk boundary is read whole
-    # (256k passkey in shuffled filler: the chunk ending "The pass key is" was retrieved, the digits in the next
-    # chunk were not, and the model answered "a small wooden piece"); 0 = off
-    question_top_k: int | None = None  # chunks that question step attends (at most top_k); None = top_k. A small
-    # model reads a needle only among so many tokens: SmolLM2-135M with full attention answered a passkey in the
-    # shuffled filler 5/5 at 1k tokens, 1/5 at 2k; at the question step of a 256k haystack sinks + 12 chunks + window
-    # made 2.2k tokens and it missed with the needle attended; the needle's 3 chunks alone (1.1k) were answered
-    question_lexical: int = 16  # at that question step, a third ranking is fused: BM25 (Robertson & Zaragoza 2009)
-    # of its last question_lexical token ids and their adjacent pairs (later ones weigh more) against the token ids memory keeps per chunk;
-    # 0 = off. A needle shares rare words with its question (a name, a uuid, "pass key") that one sentence-embedding
-    # of a 128-token chunk dilutes: RULER multi-key lines that differ only in the key ranked the answer's chunk 22nd
-    # and 48th by MiniLM at 16k. 16 tokens: the question's end (its subject) without much of the text before it
-    # (32 took in the verse before a KJV passkey question and ranked that verse's neighbours first)
-    question_reread: bool = True  # at that question step, its chunks and window are read afresh as
-    # [sinks | chunks | window] (the plain model's reading of that short prompt) instead of attending the K/V stored
-    # while their block attended its own window and 12 other chunks: shuffled-filler passkeys at 8k, the needle's 3
-    # chunks attended, 0/5 with the stored K/V, 5/5 read afresh; a KJV passkey at 16k missed with only the chunks read
-    # afresh, answered with the window too; costs one forward of sinks + chunks + window per answer
-    fill_neighbors: bool = True  # slots that near-duplicate skipping (or a small memory) leaves free take the chunks
-    # right before and after the chosen ones, best chunk first: a sentence split at a chunk boundary is read whole
-    # (16k passkey in repeated filler, depth 0.9: the needle's second half was retrieved, its first half skipped as
-    # a filler duplicate, and the key was missed). Chunks of real text fill all slots, so it rarely applies there.
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # the block and question steps' stages
     policy: str = "recency_frequency"  # MemLong's dynamic update, run for real
     capacity_tokens: int | None = None  # None = unbounded (bounded by the K/V store budgets); else >= chunk_size
     protect_recent: float = 0.5  # recency_frequency: newest fraction never evicted
@@ -171,8 +146,27 @@ class MemoryConfig(ConfigBase):
     # partial) so a short chat turn is remembered; False = only chunks that left the window are stored
     progress: bool = True  # tqdm progress bars on long inputs
     backend: InitVar[str | None] = None  # shorthand for bank.backend (not a field of its own)
+    # memkit 0.2's retrieval keys: accepted with a FutureWarning and moved into `retrieval` (LEGACY_KEYS)
+    max_chunk_similarity: InitVar[Any] = _UNSET
+    fill_neighbors: InitVar[Any] = _UNSET
+    question_tokens: InitVar[Any] = _UNSET
+    question_neighbors: InitVar[Any] = _UNSET
+    question_top_k: InitVar[Any] = _UNSET
+    question_lexical: InitVar[Any] = _UNSET
+    question_reread: InitVar[Any] = _UNSET
 
-    def __post_init__(self, backend: str | None) -> None:
+    def __post_init__(self, backend: str | None, *legacy: Any) -> None:
+        given = {k: v for k, v in zip(LEGACY_RETRIEVAL_KEYS, legacy) if v is not _UNSET}
+        if given:  # the old keys win over the block's values (both given to the constructor: the newer spelling)
+            moved = migrate_legacy_retrieval(given, stacklevel=5)["retrieval"]
+            current = self.retrieval.to_dict() if isinstance(self.retrieval, RetrievalConfig) else self.retrieval
+            self.retrieval = RetrievalConfig.from_dict(merge_retrieval(current if isinstance(current, dict) else {},
+                                                                       moved))
+        if isinstance(self.retrieval, dict):
+            self.retrieval = RetrievalConfig.from_dict(self.retrieval)
+        if not isinstance(self.retrieval, RetrievalConfig):
+            raise ConfigError("MemoryConfig.retrieval must be a RetrievalConfig or a mapping {block: ..., question: "
+                              "...} of stages")
         if isinstance(self.bank, dict):
             self.bank = BankConfig.from_dict(self.bank)
         if isinstance(self.kvstore, dict):
@@ -203,23 +197,14 @@ class MemoryConfig(ConfigBase):
         for name in ("chunk_size", "window", "block_size"):
             check_positive(f"MemoryConfig.{name}", getattr(self, name), maximum=MAX_TOKENS)
         check_positive("MemoryConfig.top_k", self.top_k, allow_zero=True, maximum=MAX_TOP_K)
-        check_positive("MemoryConfig.question_tokens", self.question_tokens, allow_zero=True, maximum=MAX_TOKENS)
         check_positive("MemoryConfig.sink_tokens", self.sink_tokens, allow_zero=True, maximum=MAX_TOKENS)
         check_positive("MemoryConfig.capacity_tokens", self.capacity_tokens, allow_none=True)
         if self.capacity_tokens is not None and self.capacity_tokens < self.chunk_size:
             raise ConfigError(f"MemoryConfig.capacity_tokens={self.capacity_tokens} is below one chunk "
                               f"({self.chunk_size} tokens): memory would always be empty. Use None (unbounded) or at "
                               "least chunk_size")
-        if not is_cosine_setting(self.max_chunk_similarity):
-            raise ConfigError(f"MemoryConfig.max_chunk_similarity must be a cosine in (-1, 1], 'auto' or None "
-                              f"(keep near-duplicate chunks), got {self.max_chunk_similarity!r}")
         check_number("MemoryConfig.protect_recent", self.protect_recent, low=0.0, high=1.0, high_open=True)
         check_bool("MemoryConfig.flush_window", self.flush_window)
-        check_positive("MemoryConfig.question_neighbors", self.question_neighbors, allow_zero=True, maximum=MAX_TOKENS)
-        check_positive("MemoryConfig.question_top_k", self.question_top_k, allow_none=True, maximum=MAX_TOP_K)
-        check_bool("MemoryConfig.question_reread", self.question_reread)
-        check_positive("MemoryConfig.question_lexical", self.question_lexical, allow_zero=True, maximum=MAX_TOKENS)
-        check_bool("MemoryConfig.fill_neighbors", self.fill_neighbors)
         check_bool("MemoryConfig.progress", self.progress)
 
     def _validate_names(self) -> None:
@@ -249,7 +234,7 @@ class MemoryConfig(ConfigBase):
     def from_dict(cls, data: dict[str, Any]) -> MemoryConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"MemoryConfig.from_dict expects a dict, got {type(data).__name__}")
-        data = _migrate_legacy(dict(data))
+        data = migrate_legacy_retrieval(_migrate_legacy(dict(data)))
         style = data.get("style", "memlong")
         if not isinstance(style, str) or style not in STYLES:
             raise ConfigError(f"style={style!r} is not a registered style; choose one of {STYLES.names()}")
@@ -295,6 +280,29 @@ class MemoryConfig(ConfigBase):
         return self.style_config
 
 
+def _legacy_property(key: str) -> property:
+    """Reading a memkit 0.2 retrieval key: its value in the retrieval block, with a FutureWarning naming the place."""
+    step, stage, setting = LEGACY_RETRIEVAL[key][-1]
+
+    def get(self: MemoryConfig) -> Any:
+        warnings.warn(f"MemoryConfig.{key} moved to retrieval.{step}.{stage}" + (f".{setting}" if setting else "")
+                      + " (see docs/configuration.md)", FutureWarning, stacklevel=2)
+        cfg = self.retrieval.stage(step, stage)
+        if setting is None:
+            return cfg is not None
+        if key == "question_top_k" and cfg is not None and getattr(cfg, "adaptive", False):
+            return None  # the question step chooses how many itself (at most top_k)
+        if cfg is None:
+            return 0 if key in ("question_lexical", "question_tokens", "question_neighbors") else None
+        return getattr(cfg, setting)
+
+    return property(get, doc=f"memkit 0.2's {key}: now retrieval.{step}.{stage}")
+
+
+for _key in LEGACY_RETRIEVAL_KEYS:  # after the dataclass is made: its __init__ keeps the InitVar defaults
+    setattr(MemoryConfig, _key, _legacy_property(_key))
+
+
 def _migrate_legacy(data: dict[str, Any]) -> dict[str, Any]:
     """Move memkit 0.1's flat style keys into their style's block, warning once with the new spelling."""
     moved = [k for k in data if k in LEGACY_KEYS]
@@ -323,6 +331,20 @@ def _migrate_legacy(data: dict[str, Any]) -> dict[str, Any]:
     warnings.warn("memkit config keys " + "; ".join(parts) + ". Write them in the style block, e.g. "
                   "`memlong: {memory_layers: all}` or `longmem: {gate_init: -8}`", FutureWarning, stacklevel=4)
     return data
+
+
+def merge_retrieval(base: dict[str, Any] | RetrievalConfig, over: dict[str, Any]) -> dict[str, Any]:
+    """A retrieval block ``over`` laid over ``base`` stage by stage: a stage's settings merge, ``false`` turns it off."""
+    out = base.to_dict() if isinstance(base, RetrievalConfig) else {k: dict(v) if isinstance(v, dict) else v
+                                                                   for k, v in base.items()}
+    for step, stages in over.items():
+        if not isinstance(stages, dict) or not isinstance(out.get(step), dict):
+            out[step] = stages
+            continue
+        for name, value in stages.items():
+            old = out[step].get(name)
+            out[step][name] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
 
 
 def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
@@ -355,10 +377,14 @@ def load_config(source: str | Path | dict[str, Any] | MemoryConfig | None = None
         raise ConfigError(
             f"config must be a MemoryConfig, dict or path to a YAML/JSON file, got {type(source).__name__}"
         )
+    base = migrate_legacy_retrieval(base)
+    overrides = migrate_legacy_retrieval(dict(overrides))
     if "style" in overrides and overrides["style"] != base.get("style", "memlong"):
         base.pop(base.get("style", "memlong"), None)  # switching style: the old style's block does not apply
     for key, value in overrides.items():
-        if key in ("bank", "kvstore", *STYLES.names()) and isinstance(value, dict) and isinstance(
+        if key == "retrieval" and isinstance(value, dict) and isinstance(base.get(key), (dict, RetrievalConfig)):
+            base[key] = merge_retrieval(base[key], value)  # a partial block overrides single stages' settings
+        elif key in ("bank", "kvstore", *STYLES.names()) and isinstance(value, dict) and isinstance(
                 base.get(key), dict):
             base[key] = {**base[key], **value}  # a partial block overrides single settings
         else:

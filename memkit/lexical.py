@@ -1,4 +1,4 @@
-"""BM25 over token ids: the lexical ranking a question adds to the embedding rankings (``question_lexical``).
+"""BM25 over token ids: the lexical ranking a question adds to the embedding rankings (the ``fusion`` stage of :mod:`memkit.retrieval`).
 
 Okapi BM25 (Robertson & Zaragoza, "The Probabilistic Relevance Framework: BM25 and Beyond", 2009) scores each
 chunk for a query by the query's terms it contains, each weighted by its inverse document frequency over the

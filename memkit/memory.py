@@ -40,6 +40,7 @@ import re
 import threading
 import time
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -63,14 +64,17 @@ from memkit.files import atomic_save, file_digests, read_versioned_json, save_pa
 from memkit.kvstore import KVStore
 from memkit.namespace import Namespace, Retrieved, token_digests, token_rows
 from memkit.policy import EvictionPolicy, make_policy
+from memkit.retrieval import Pipeline, Reader, Row, RowRequest, StepContext
+from memkit.retrieval.stages.candidates import CandidatesConfig
+from memkit.retrieval.stages.dedup import DedupConfig
+from memkit.retrieval.stages.fusion import FusionConfig
+from memkit.retrieval.stages.select import SelectConfig
 from memkit.retrievers import RETRIEVERS, make_retriever, retriever_input
 
 __all__ = ["MemoryManager", "Retrieved"]
 
 FORMAT, FORMAT_VERSION = "memkit-memory", 2  # 2: sealed manifest, owner record
 MANIFEST = "manifest.json"
-TEXT_MAX_SIMILARITY = 0.9  # "auto" for text retrievers: MiniLM puts distinct prose chunks <= 0.73, repeats >= 0.96
-DISTINCT_EXTRA = 16  # with max_chunk_similarity, at least this many candidates beyond k are scanned
 
 
 class _ClassOrInstance:
@@ -113,6 +117,7 @@ class MemoryManager:
         self._lock = threading.RLock()
         self._counters = {"added": 0, "evicted": 0, "retrievals": 0}
         self._timers: list[Callable[[str, float], None]] = []
+        self._pipelines: dict[str, Pipeline] = {}  # step -> its pipeline, built from config.retrieval on first use
         check_bank_config(self._bank_config("__check__"), self.embed_dim)  # a bad backend fails now, not at a store
 
     # ------------------------------------------------------------------ timing hook
@@ -286,21 +291,6 @@ class MemoryManager:
                                     f"{tuple(q.shape)}; use retrieve_batch for several")
         return self.retrieve_batch(q, [namespace], k, device=device, dtype=dtype, max_similarity=max_similarity)[0]
 
-    def _max_similarity(self, value: float | str | None = "config") -> float | None:
-        """A max_similarity argument resolved: "config" = config.max_chunk_similarity; "auto" =
-        TEXT_MAX_SIMILARITY for text retrievers, None for the key-mean retriever; a number is a cosine."""
-        if value == "config":
-            value = self.config.max_chunk_similarity
-        if not is_cosine_setting(value):
-            raise InvalidInputError(f"max_similarity must be a cosine in (-1, 1], 'auto', 'config' or None, "
-                                    f"got {value!r}")
-        if value != "auto":
-            return None if value is None else float(value)
-        kind = getattr(self.retriever, "input", None) or (self.config.retriever if self.config.retriever != "auto"
-                                                           else "text")
-        keys = kind == "keys" or (kind in RETRIEVERS and retriever_input(kind) == "keys")
-        return None if keys else TEXT_MAX_SIMILARITY
-
     def retrieve_batch(self, queries: Any, namespaces: Sequence[str], k: int | None = None,
                        device: str | torch.device | None = None, *, dtype: torch.dtype = torch.float32,
                        max_similarity: float | str | None = "config",
@@ -308,24 +298,24 @@ class MemoryManager:
                        lexical: Sequence[Any] | None = None) -> list[Retrieved]:
         """One retrieval per row: queries (B, embed_dim), namespaces (B,) -> B Retrieved, each in time order.
 
-        Queries (B, Q, embed_dim) give each row Q queries whose candidate rankings are fused by reciprocal rank
-        (:func:`~memkit.namespace.fuse_ranks`); the scores returned are each chunk's best raw score. ``lexical``
-        (per row token ids (t,) or None) adds one more ranking to fuse: BM25 of those tokens against the token ids
-        kept with each chunk (:meth:`~memkit.namespace.Namespace.lexical`), its chunks scored by the queries too.
+        The block step's pipeline (:mod:`memkit.retrieval`: candidates, near-duplicate skip, the first k, neighbours
+        filling free slots) run on the caller's queries. Queries (B, Q, embed_dim) give each row Q queries whose
+        candidate rankings are fused by reciprocal rank (the question step's ``fusion`` stage); ``lexical`` (per row
+        token ids (t,) or None) adds a BM25 ranking of those tokens against the token ids kept with each chunk. A fused
+        row also brings the neighbours of its best chunk as the question step does. The scores returned are each
+        chunk's best embedding score.
 
         Rows of the same namespace are searched in one batched bank call; pages are fetched once for all.
-        ``max_similarity`` (default: ``config.max_chunk_similarity``; None turns it off): a candidate whose
+        ``max_similarity`` ("config" = the config's ``dedup`` setting; None turns it off): a candidate whose
         retrieval embedding has cosine >= this with a better-scoring chunk already chosen is skipped and the
-        next candidate takes its slot, so near-duplicate chunks (repeated boilerplate, filler) do not fill
-        the k slots with the same content. ``exclude`` (one token range [lo, hi) or None per row): chunks whose
-        span lies inside it are skipped (the caller attends them anyway), and the next candidates take their
-        slots. The policy and the trace see exactly the chunks returned.
+        next candidate takes its slot. ``exclude`` (one token range [lo, hi) or None per row): chunks whose span
+        lies inside it are skipped (the caller attends them anyway), and the next candidates take their slots. The
+        policy and the trace see exactly the chunks returned.
         """
         k = check_k(self.config.top_k if k is None else k)
-        sim = self._max_similarity(max_similarity)
-        ex = list(exclude) if exclude is not None else [None] * len(namespaces)
-        extra = max((1 + (hi - lo) // self.chunk_size for lo, hi in (e for e in ex if e is not None)), default=0)
-        fetch = (k if sim is None else k + max(k, DISTINCT_EXTRA)) + extra  # candidates scanned for k usable chunks
+        if max_similarity != "config" and not is_cosine_setting(max_similarity):
+            raise InvalidInputError(f"max_similarity must be a cosine in (-1, 1], 'auto', 'config' or None, "
+                                    f"got {max_similarity!r}")
         stacked = getattr(queries, "ndim", 2) == 3  # (B, Q, E) array or tensor: Q queries per row, rankings fused
         Q = int(queries.shape[1]) if stacked else 1
         if Q < 1:
@@ -333,51 +323,116 @@ class MemoryManager:
         q = as_vectors(queries.reshape(-1, queries.shape[-1]) if stacked else queries, self.embed_dim,
                        name="queries").reshape(-1, Q, self.embed_dim)  # (B, Q, E); as_vectors validates values
         names = list(namespaces) if not isinstance(namespaces, str) else [namespaces]
+        ex = list(exclude) if exclude is not None else [None] * len(names)
         lex = [None if w is None else _token_query(w) for w in lexical] if lexical is not None else [None] * len(names)
         if len(names) != q.shape[0] or len(ex) != len(names) or len(lex) != len(names):
             raise InvalidInputError(f"got {q.shape[0]} queries, {len(names)} namespaces, {len(ex)} exclusions and "
                                     f"{len(lex)} lexical queries; pass one of each per row")
+        for name in names:
+            _name(name)
+        fused = Q > 1 or any(w is not None for w in lex)
+        requests = [RowRequest(namespace=n, exclude=e, queries=q[b], words=lex[b]) for b, (n, e) in
+                    enumerate(zip(names, ex))]
+        out = self._run(self._direct_pipeline(fused, max_similarity), requests, k, device=device, dtype=dtype)
+        return [r.result for r in out]  # type: ignore[misc]
+
+    def _direct_pipeline(self, fused: bool, max_similarity: float | str | None) -> Pipeline:
+        """retrieve_batch's pipeline: the block step's stages (with the question step's fusion and neighbours for
+        fused rows), a fixed selection, and the caller's near-duplicate threshold."""
+        cfg = self.config.retrieval
+        step = "question" if fused else "block"
+        stages: dict[str, Any] = {name: cfg.stage("block", name) for name in ("candidates", "dedup", "neighbours")}
+        stages["select"] = SelectConfig()
+        if fused:
+            stages["fusion"] = cfg.stage("question", "fusion") or FusionConfig(lexical_tokens=0)
+            stages["neighbours"] = cfg.stage("question", "neighbours")
+        stages["candidates"] = stages["candidates"] or CandidatesConfig()
+        if max_similarity != "config":
+            base = stages["dedup"] or DedupConfig()
+            stages["dedup"] = DedupConfig(max_similarity=max_similarity, auto_text=base.auto_text)
+        return Pipeline.build(step, stages)
+
+    def pipeline(self, step: str) -> Pipeline:
+        """The pipeline of ``step`` ("block" or "question") built from ``config.retrieval`` (built once)."""
+        got = self._pipelines.get(step)
+        if got is None:
+            got = self._pipelines[step] = Pipeline.build(step, self.config.retrieval.stages(step))
+        return got
+
+    def retrieve_step(self, requests: Sequence[RowRequest], step: str, *, device: str | torch.device | None = None,
+                      dtype: torch.dtype = torch.float32, reader: Reader | None = None,
+                      decode: Callable[[list[int]], str] | None = None) -> list[Row]:
+        """One step's retrieval for its rows: the step's pipeline (``config.retrieval``) runs its query stages, then
+        its rank stages under this manager's lock, the chosen chunks' pages are fetched and the trace recorded, then
+        its read stages (``reader``: the model's probe reads; ``decode``: token ids -> text for text queries). Each
+        returned :class:`~memkit.retrieval.Row` holds ``result`` (a :class:`Retrieved`, empty when nothing was
+        found) and, when the ``reread`` stage ran, ``reread``."""
+        return self._run(self.pipeline(step), list(requests), self.config.top_k, device=device, dtype=dtype,
+                         reader=reader, decode=decode)
+
+    def _run(self, pipe: Pipeline, requests: list[RowRequest], k: int, *, device: str | torch.device | None,
+             dtype: torch.dtype, reader: Reader | None = None,
+             decode: Callable[[list[int]], str] | None = None) -> list[Row]:
+        ctx = StepContext(manager=self, step=pipe.step, k=k, chunk_size=self.chunk_size,
+                          sink_tokens=self.config.sink_tokens, retriever_input=self.retriever_input(),
+                          decode=decode, reader=reader)
+        rows = [Row(r, queries=None if r.queries is None else np.asarray(r.queries, np.float32).reshape(
+            -1, self.embed_dim)) for r in requests]  # (Q, E) when the caller gave them
         target = torch.device(device) if device is not None else self.device
-        with self._timed("search"), self._lock:
-            rows: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(names)
-            groups: dict[str, list[int]] = {}
-            for b, name in enumerate(names):
-                if self._namespace(name, create=False) is not None:
-                    groups.setdefault(name, []).append(b)
-            for name, idx in groups.items():
-                ns = self._ns[name]
-                scores, ids = ns.bank.search(q[idx].reshape(-1, self.embed_dim), fetch)  # (m*Q, fetch), best first
-                for j, b in enumerate(idx):
-                    sj, ij = scores[j * Q:(j + 1) * Q], ids[j * Q:(j + 1) * Q]  # (Q, fetch)
-                    ranked = Q > 1 or lex[b] is not None  # a fused ranking: candidates come in its order
-                    if ranked:
-                        sj, ij = ns.fuse(sj, ij, query=q[b], fetch=fetch, words=lex[b], exclude=ex[b])
-                    rows[b] = ns.select(sj[0], ij[0], k, exclude=ex[b], max_similarity=sim, ranked=ranked,
-                                        neighbors=self.config.fill_neighbors, query=q[b],
-                                        neighbors_of_best=self.config.question_neighbors if ranked else 0)
-            wanted = list(dict.fromkeys(int(c) for r in rows if r is not None for c in r[0]))
-            pages = self.store.get(wanted, target, dtype=dtype) if wanted else None  # (u, L, 2, H, C, D)
-            pos = {c: j for j, c in enumerate(wanted)}
-            out: list[Retrieved] = []
-            for b, name in enumerate(names):
-                r = rows[b]
-                if r is None or not len(r[0]):
-                    out.append(self._empty(name, target, dtype))
-                    if name in self._ns:
-                        self._ns[name].trace = []
-                    continue
-                ns = self._ns[name]
-                ids_b, scores_b = r
-                assert pages is not None
-                sel = pages[torch.as_tensor([pos[int(c)] for c in ids_b], device=pages.device)]  # (k', L, 2, H, C, D)
-                spans = torch.as_tensor([ns.spans[int(c)] for c in ids_b], dtype=torch.int64).reshape(-1, 2)
-                texts = [ns.texts.get(int(c)) for c in ids_b]
-                tokens = [ns.token_ids.get(int(c)) for c in ids_b]
-                out.append(Retrieved(torch.from_numpy(ids_b.copy()), torch.from_numpy(scores_b.astype(np.float32)),
-                                     spans, sel[:, :, 0], sel[:, :, 1], name, texts, tokens))
-                ns.record(ids_b, scores_b)
-            self._counters["retrievals"] += len(names)
-            return out
+        pipe.run("query", rows, ctx)  # embeddings time themselves ("embed")
+        with self._timed("search"):
+            with self._lock:
+                for r in rows:
+                    ns = self._ns.get(r.request.namespace)
+                    r.ns = ns if ns is not None and ns.spans else None
+                pipe.run("rank", rows, ctx)
+                self._materialise(rows, target, dtype)
+        pipe.run("read", rows, ctx)
+        return rows
+
+    def _materialise(self, rows: list[Row], device: torch.device, dtype: torch.dtype) -> None:
+        """Under the lock: each row's chosen chunks in time order with their pages (fetched once for all rows);
+        the namespace records them (policy, trace, selection)."""
+        wanted = list(dict.fromkeys(c for r in rows if r.ns is not None for c in r.chosen))
+        pages = self.store.get(wanted, device, dtype=dtype) if wanted else None  # (u, L, 2, H, C, D)
+        pos = {c: j for j, c in enumerate(wanted)}
+        for r in rows:
+            name, ns = r.request.namespace, r.ns
+            if ns is None or not r.chosen:
+                r.result = self._empty(name, device, dtype)
+                if name in self._ns:
+                    self._ns[name].trace, self._ns[name].selection = [], dict(r.selection)
+                continue
+            assert pages is not None and r.queries is not None
+            chosen = sorted(r.chosen, key=lambda c: (ns.spans[c][0], c))  # time order
+            missing = [c for c in chosen if c not in r.known]
+            if missing:  # neighbours outside the candidates: scored as the bank scores them
+                r.known.update(zip(missing, ns.scores_of(r.queries, np.asarray(missing, np.int64)).tolist()))
+            ids_b = np.asarray(chosen, np.int64)
+            scores_b = np.asarray([r.known[c] for c in chosen], np.float32)
+            sel = pages[torch.as_tensor([pos[c] for c in chosen], device=pages.device)]  # (k', L, 2, H, C, D)
+            spans = torch.as_tensor([ns.spans[c] for c in chosen], dtype=torch.int64).reshape(-1, 2)
+            r.result = Retrieved(torch.from_numpy(ids_b), torch.from_numpy(scores_b), spans, sel[:, :, 0],
+                                 sel[:, :, 1], name, [ns.texts.get(c) for c in chosen],
+                                 [ns.token_ids.get(c) for c in chosen])
+            r.selection["chosen"] = len(chosen)
+            ns.record(ids_b, scores_b, r.why, r.selection)
+        self._counters["retrievals"] += len(rows)
+
+    def retriever_input(self) -> str:
+        """What the bank's vectors embed: "text" or "keys" (the key-mean retriever)."""
+        kind = getattr(self.retriever, "input", None) or (self.config.retriever if self.config.retriever != "auto"
+                                                           else "text")
+        keys = kind == "keys" or (kind in RETRIEVERS and retriever_input(kind) == "keys")
+        return "keys" if keys else "text"
+
+    def selection(self, namespace: str = "default") -> dict[str, Any]:
+        """How the last retrieval of ``namespace`` chose its chunks: mode ("fixed" or "adaptive"), the budget, how
+        many were chosen, and for adaptive the signal that decided, its gap and the reason ({} if none)."""
+        namespace = _name(namespace)  # type: ignore[assignment]
+        with self._lock:
+            ns = self._ns.get(namespace)
+            return dict(ns.selection) if ns is not None else {}
 
     def search_many(self, queries: Any, namespace: str, k: int, *, device: torch.device, dtype: torch.dtype,
                     trace_max: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -526,7 +581,9 @@ class MemoryManager:
                   retriever: Any = None) -> MemoryManager:
         manifest = _read_manifest(save_path(path, "loading memory"))
         try:
-            config = MemoryConfig.from_dict(manifest["config"])
+            with warnings.catch_warnings():  # a save of memkit 0.2 spells retrieval settings the old way: not the
+                warnings.simplefilter("ignore", FutureWarning)  # user's config to fix, so no warning
+                config = MemoryConfig.from_dict(manifest["config"])
         except MemkitError as exc:
             raise CorruptFileError(f"{path}: saved config is invalid ({exc})") from exc
         if device is not None:

@@ -2,13 +2,12 @@
 
 A namespace (a batch row, a user, a session) owns the retrieval side of its chunks: the embeddings in its own
 bank, the policy that picks eviction victims, and per chunk its token span, text, token digest and (when the
-writer gave them) its token ids, so a reader can read the chunk afresh (``question_reread``). K/V pages
-live in the manager's shared store under the same ids. Chunk selection for a query happens here (MemLong,
-Liu et al. 2024): candidates in score order, minus chunks the caller attends anyway, minus near-duplicates of a
-better chunk (maximal marginal relevance with a hard threshold, Carbonell & Goldstein 1998), then time order.
-At a question the candidates come from a fused ranking (:meth:`Namespace.fuse`): reciprocal rank fusion (Cormack
-et al. 2009) of the embedding rankings and a BM25 ranking (Robertson & Zaragoza 2009) of the question's tokens over
-the token ids kept per chunk, the BM25 best outside the sinks leading when it alone shares the question's rare words.
+writer gave them) its token ids, so a reader can read the chunk afresh (the ``reread`` stage). K/V pages live in
+the manager's shared store under the same ids. The retrieval stages (:mod:`memkit.retrieval`) read a namespace
+through its small reading API: bank search, scores of given chunks (:meth:`Namespace.scores_of`), BM25 over the
+kept token ids (:meth:`Namespace.lexical`, Robertson & Zaragoza 2009), the chunks adjacent in the text
+(:meth:`Namespace.adjacent`) and which chunks lie inside a span (:meth:`Namespace.outside`); the manager records
+what a retrieval returned (:meth:`Namespace.record`: policy, trace, and the selection's reasons).
 Nothing here takes a lock: the manager calls it under its own.
 """
 
@@ -17,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,39 +29,8 @@ from memkit.errors import CorruptFileError, InvalidInputError
 from memkit.lexical import bm25, token_index
 from memkit.policy import EvictionPolicy
 
-__all__ = ["Namespace", "Retrieved", "distinct_rows", "fuse_ranks", "token_digests", "token_rows"]
-LEXICAL_LEAD = 2.0  # the BM25 best chunk leads the fused ranking when it scores >= this x the median chunk
+__all__ = ["Namespace", "Retrieved", "token_digests", "token_rows"]
 TOKENS_FILE = "tokens.safetensors"  # optional: token ids of the chunks that have them (readers before it ignore it)
-
-
-def distinct_rows(vectors: np.ndarray, max_similarity: float, k: int) -> np.ndarray:
-    """Greedy pick over candidates in score order (n, dim): up to k row indices, each with cosine <
-    ``max_similarity`` to every row picked before it (maximal marginal relevance with a hard threshold)."""
-    v = np.asarray(vectors, np.float32)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-    picked: list[int] = []
-    for t in range(v.shape[0]):
-        if not picked or float((v[picked] @ v[t]).max()) < max_similarity:
-            picked.append(t)
-            if len(picked) == k:
-                break
-    return np.asarray(picked, np.int64)
-
-
-def fuse_ranks(scores: np.ndarray, ids: np.ndarray, *, k0: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reciprocal rank fusion (Cormack, Clarke & Buettcher 2009) of Q ranked candidate lists (Q, n), best first,
-    -1 = padding: (ids, fused score, best raw score) ordered by fused score, ties by the best raw score."""
-    fused: dict[int, float] = {}
-    raw: dict[int, float] = {}
-    for q in range(ids.shape[0]):
-        for rank, (c, v) in enumerate(zip(ids[q].tolist(), scores[q].tolist())):
-            if c < 0:
-                continue
-            fused[c] = fused.get(c, 0.0) + 1.0 / (k0 + rank + 1)
-            raw[c] = max(raw.get(c, -np.inf), v)
-    order = sorted(fused, key=lambda c: (-fused[c], -raw[c]))
-    return (np.asarray(order, np.int64), np.asarray([fused[c] for c in order], np.float64),
-            np.asarray([raw[c] for c in order], np.float32))
 
 
 def _is_digest_list(token_ids: Any) -> bool:
@@ -129,6 +98,7 @@ class Namespace:
         self.digests: dict[str, int] = {}  # sha256 of a chunk's token ids -> its id: the same text is stored once
         self.tokens = 0
         self.trace: list[dict[str, Any]] = []
+        self.selection: dict[str, Any] = {}  # how the last retrieval chose its chunks (the select stage's reasons)
         self._edges: tuple[dict[int, int], dict[int, int]] | None = None  # start -> id, end -> id (built lazily)
         self._lex: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None  # lexical index (lazily)
 
@@ -187,44 +157,22 @@ class Namespace:
         for d in [d for d, cid in self.digests.items() if cid in gone]:
             del self.digests[d]
 
-    # ------------------------------------------------------------------ reading
-    def select(self, scores: np.ndarray, ids: np.ndarray, k: int, *, exclude: tuple[int, int] | None,
-               max_similarity: float | None, neighbors: bool = False, query: np.ndarray | None = None,
-               ranked: bool = False, neighbors_of_best: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """From one query's candidates (fetch,) best first: up to k ids and scores, in time order, skipping chunks
-        inside ``exclude`` [lo, hi) and near-duplicates (cosine >= ``max_similarity``) of a better chosen one.
-        ``neighbors``: slots left free take the chunks just before and after the chosen ones (best chosen chunk
-        first), scored against ``query`` (E,) or (Q, E) (the best of the Q) as the bank scores. ``ranked``: the
-        candidates are already in their order of merit (a fused ranking) and ``scores`` are only reported.
-        ``neighbors_of_best``: the chunks just before and after the best ``neighbors_of_best`` chosen chunks are
-        taken even when no slot is free (they displace the lowest-ranked chosen chunks)."""
-        ok = (ids >= 0) & self._outside(ids, exclude)
-        s, i = scores[ok], ids[ok]
-        if not ranked:
-            best = np.argsort(-s, kind="stable")
-            s, i = s[best], i[best]
-        keep: Any = distinct_rows(self.bank.get(i), max_similarity, k) if max_similarity is not None and len(i) > 1 \
-            else slice(0, k)
-        s, i = s[keep], i[keep]
-        fill = neighbors and len(i) < k  # len(i) never shrinks below: neighbours of the best only reorder and add
-        known = dict(zip(ids.tolist(), scores.tolist())) if neighbors_of_best > 0 or fill else {}
-        if neighbors_of_best > 0 and len(i):
-            s, i = self._with_neighbors_of_best(s, i, k, min(neighbors_of_best, len(i)), exclude, known, query)
-        if neighbors and 0 < len(i) < k:
-            s, i = self._fill_neighbors(s, i, k, exclude, known, query)
-        order = sorted(range(len(i)), key=lambda t: (self.spans[int(i[t])][0], int(i[t])))
-        return i[order], s[order]
-
-    def _inside(self, cid: int, span: tuple[int, int]) -> bool:
+    # ------------------------------------------------------------------ reading (for the retrieval stages)
+    def inside(self, cid: int, span: tuple[int, int]) -> bool:
+        """Chunk ``cid`` lies inside the stream positions [lo, hi)."""
         start, end = self.spans[cid]
         return start >= span[0] and end <= span[1]
 
-    def _outside(self, ids: np.ndarray, exclude: tuple[int, int] | None) -> np.ndarray:
+    def outside(self, ids: np.ndarray, exclude: tuple[int, int] | None) -> np.ndarray:
         """(n,) bool: which of ``ids`` (n,) are not stored chunks inside ``exclude`` [lo, hi); padding (-1) counts
         as outside (callers drop it themselves)."""
         if exclude is None:
             return np.ones(len(ids), bool)
-        return np.asarray([c < 0 or not self._inside(int(c), exclude) for c in ids], bool).reshape(len(ids))
+        return np.asarray([c < 0 or not self.inside(int(c), exclude) for c in ids], bool).reshape(len(ids))
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """(n, E) retrieval embeddings of stored chunks ``ids`` (n,), as the bank holds them."""
+        return np.asarray(self.bank.get(np.asarray(ids, np.int64)), np.float32)
 
     def _by_edges(self) -> tuple[dict[int, int], dict[int, int]]:
         """(start -> id, end -> id) of the stored chunks, built once after each change."""
@@ -232,92 +180,75 @@ class Namespace:
             self._edges = ({a: c for c, (a, _) in self.spans.items()}, {b: c for c, (_, b) in self.spans.items()})
         return self._edges
 
-    def _adjacent(self, of: Any, chosen: list[int], room: int, exclude: tuple[int, int] | None) -> list[int]:
+    def adjacent(self, of: Any, chosen: list[int], room: int, exclude: tuple[int, int] | None,
+                 whole: int | None = None) -> list[int]:
         """Up to ``room`` chunks adjacent in the text to the chunks ``of`` (best first), not in ``chosen`` and not
-        inside ``exclude``: for each, the chunk ending where it starts, then the one starting where it ends."""
+        inside ``exclude``: for each, the chunk ending where it starts, then the one starting where it ends. With
+        ``whole`` (the chunk size), a partial chunk (shorter than ``whole``) ends a call's text: the chunk after it
+        begins another call's (another chat turn), so no neighbour is taken across it."""
         by_start, by_end = self._by_edges()
-        around = (nb for c in of for nb in (by_end.get(self.spans[int(c)][0]), by_start.get(self.spans[int(c)][1])))
+
+        def partial(cid: int) -> bool:
+            a, b = self.spans[cid]
+            return whole is not None and b - a < whole
+
+        def around(c: int) -> tuple[int | None, int | None]:
+            a, b = self.spans[c]
+            before, after = by_end.get(a), by_start.get(b)
+            return (None if before is not None and partial(before) else before), (None if partial(c) else after)
+
         extra: list[int] = []
-        for nb in around:
+        for nb in (nb for c in of for nb in around(int(c))):
             if len(extra) >= room:
                 break
-            if nb is None or nb in chosen or nb in extra or (exclude is not None and self._inside(nb, exclude)):
+            if nb is None or nb in chosen or nb in extra or (exclude is not None and self.inside(nb, exclude)):
                 continue
             extra.append(nb)
         return extra
 
-    def _with_neighbors_of_best(self, s: np.ndarray, i: np.ndarray, k: int, best: int,
-                                exclude: tuple[int, int] | None, known: dict[int, float],
-                                query: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Chosen (s, i) best first -> the ``best`` first, their neighbours in the text, then the rest, k at most."""
-        top = [int(c) for c in i[:best]]
-        need = self._adjacent(top, top, max(0, k - best), exclude)
-        order = top + need + [int(c) for c in i[best:] if int(c) not in need]
-        return self._scored(order[:k], known, query, s.dtype), np.asarray(order[:k], i.dtype)
-
-    def _scored(self, chosen: list[int], known: dict[int, float], query: np.ndarray | None, dtype: Any) -> np.ndarray:
-        """Scores of ``chosen``: from the candidates' when known, else the bank's score for ``query``."""
-        missing = [c for c in chosen if c not in known]
-        if missing:
-            if query is None:
-                raise InvalidInputError("filling neighbours needs the query to score chunks outside the candidates")
-            for c, v in zip(missing, self.scores_of(query, np.asarray(missing, np.int64))):
-                known[c] = float(v)
-        return np.asarray([known[c] for c in chosen], dtype)
-
-    def _fill_neighbors(self, s: np.ndarray, i: np.ndarray, k: int, exclude: tuple[int, int] | None,
-                        known: dict[int, float], query: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Chosen (s, i) best first, plus the chunks adjacent to them in the text until k are chosen."""
-        chosen = [int(c) for c in i]
-        extra = self._adjacent(chosen, chosen, k - len(chosen), exclude)
-        if not extra:
-            return s, i
-        return np.concatenate([s, self._scored(extra, known, query, s.dtype)]), np.concatenate([i, np.asarray(extra, i.dtype)])
-
-    def lexical(self, query_tokens: np.ndarray, n: int, *, recency: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+    def lexical(self, query_tokens: np.ndarray, n: int, *, k1: float = 1.2, b: float = 0.75, recency: bool = True
+                ) -> tuple[np.ndarray, np.ndarray, float, Callable[[np.ndarray], np.ndarray]]:
         """BM25 of the chunks that have token ids for ``query_tokens`` (:func:`memkit.lexical.bm25`): up to ``n``
-        (ids, scores), best first, chunks sharing no weighted token with the query left out, and the median score
-        over all chunks with token ids."""
+        (ids, scores), best first, chunks sharing no weighted token with the query left out; the median score over
+        all chunks with token ids; and a function giving the score of any stored ids (0 for chunks without ids)."""
         if self._lex is None:
             cids = np.asarray([c for c in self.spans if c in self.token_ids], np.int64)  # (m,)
             self._lex = (cids, *token_index([self.token_ids[int(c)] for c in cids]))
         cids, flat, owner, lens = self._lex
-        score = bm25(flat, owner, lens, query_tokens, recency=recency)  # (m,)
+        score = bm25(flat, owner, lens, query_tokens, k1=k1, b=b, recency=recency)  # (m,)
+        at = {int(c): float(v) for c, v in zip(cids.tolist(), score.tolist())}
+
+        def of(ids: np.ndarray) -> np.ndarray:
+            return np.asarray([at.get(int(c), 0.0) for c in ids], np.float64)
+
         if not len(score) or n <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0, of
         top = np.flatnonzero(score > 0)
         top = top[np.argsort(-score[top], kind="stable")][:n]
-        return cids[top], score[top].astype(np.float32), float(np.median(score))
+        return cids[top], score[top].astype(np.float32), float(np.median(score)), of
 
-    def fuse(self, scores: np.ndarray, ids: np.ndarray, *, query: np.ndarray, fetch: int,
-             words: np.ndarray | None = None, exclude: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """One ranking from Q embedding rankings (Q, fetch) (best first, -1 = padding) and, with ``words`` (the
-        question's token ids), the BM25 ranking of :meth:`lexical`: reciprocal rank fusion of all of them (Cormack
-        et al. 2009), each chunk reported with its best embedding score for ``query`` (Q, E). When the BM25 best
-        chunk scores at least ``LEXICAL_LEAD`` x the median chunk (it shares the question's rare words: a name, a
-        key, a uuid, where the rest share only common ones), it leads the ranking: rank fusion alone lets two
-        embedding rankings that agree on filler outvote it. Chunks inside ``exclude`` [lo, hi) (the call's sinks,
-        attended anyway) leave the BM25 ranking first: a prompt's opening instructions share the question's words
-        ("the provided text") and would otherwise take the lead that :meth:`select` then drops. Returns (scores
-        (1, n), ids (1, n)) in fused order."""
-        lead = None
-        if words is not None:
-            lid, lsc, typical = self.lexical(words, fetch)
-            usable = self._outside(lid, exclude)
-            lid, lsc = lid[usable], lsc[usable]
-            if len(lid):
-                row = np.full((1, ids.shape[1]), -1, np.int64)
-                raw = np.full((1, ids.shape[1]), -np.inf, scores.dtype)
-                row[0, :len(lid)], raw[0, :len(lid)] = lid[:ids.shape[1]], self.scores_of(query, lid)[:ids.shape[1]]
-                scores, ids = np.concatenate([scores, raw]), np.concatenate([ids, row])
-                if lsc[0] >= LEXICAL_LEAD * typical:
-                    lead = int(lid[0])
-        fused, _, best = fuse_ranks(scores, ids)
-        if lead is not None:
-            at = int(np.flatnonzero(fused == lead)[0])
-            order = np.r_[at, np.delete(np.arange(len(fused)), at)]
-            fused, best = fused[order], best[order]
-        return best[None], fused[None]
+    def linked(self, cid: int, max_df: int) -> list[int]:
+        """Chunks that share a rare adjacent-token pair with chunk ``cid``: a pair found in at most ``max_df`` chunks
+        (a name, a key or a variable spelled the same way twice), ``cid``'s first. Chunks without token ids link
+        nothing."""
+        if self._lex is None:
+            self.lexical(np.zeros(1, np.int64), 0)  # builds the index
+        assert self._lex is not None
+        cids, flat, owner, _ = self._lex
+        row = np.flatnonzero(cids == cid)
+        if not len(row):
+            return []
+        pairs = flat >= (1 << 32)  # adjacent pairs are coded above every token id (memkit.lexical)
+        mine = np.unique(flat[pairs & (owner == row[0])])
+        if not len(mine):
+            return []
+        hit = pairs & np.isin(flat, mine)
+        terms, owners = flat[hit], owner[hit]
+        uniq = np.unique(np.stack([terms, owners], 1), axis=0)  # (term, chunk) present
+        df = dict(zip(*np.unique(uniq[:, 0], return_counts=True)))
+        rare = [t for t, n in df.items() if 2 <= n <= max_df]
+        found = uniq[np.isin(uniq[:, 0], rare) & (uniq[:, 1] != row[0]), 1]
+        return [int(c) for c in cids[np.unique(found)]]
 
     def scores_of(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The bank's score ("higher = closer") of stored chunks ``ids`` (n,) for ``query`` (E,)."""
@@ -329,12 +260,16 @@ class Namespace:
             q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         return (q @ vecs.T).max(0)  # type: ignore[no-any-return]
 
-    def record(self, ids: np.ndarray, scores: np.ndarray) -> None:
-        """A retrieval returned ``ids`` (time order) with ``scores``: tell the policy, keep the trace."""
+    def record(self, ids: np.ndarray, scores: np.ndarray, why: dict[int, str] | None = None,
+               selection: dict[str, Any] | None = None) -> None:
+        """A retrieval returned ``ids`` (time order) with ``scores``: tell the policy, keep the trace (each chunk with
+        why it was chosen, when given) and the selection's reasons."""
         self.policy.on_retrieve(ids)
         rank = {int(c): t for t, c in enumerate(ids[np.argsort(-scores, kind="stable")])}
         self.trace = [{"id": int(c), "score": float(s), "span": list(self.spans[int(c)]),
-                       "text": self.texts.get(int(c)), "rank": rank[int(c)]} for c, s in zip(ids, scores)]
+                       "text": self.texts.get(int(c)), "rank": rank[int(c)],
+                       **({"why": why.get(int(c), "rank")} if why is not None else {})} for c, s in zip(ids, scores)]
+        self.selection = dict(selection or {})
 
     def record_hits(self, uniq: np.ndarray, hits: np.ndarray, best: np.ndarray, trace_max: int) -> None:
         """A many-query search chose the distinct chunks ``uniq`` ``hits`` times: the policy sees each once, the

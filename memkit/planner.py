@@ -265,7 +265,7 @@ def _plan_memkit(out: Plan, shape: ModelShape, ctx: int, wb: int, batch: int, cf
         out.lines.append(("disk", "disk-tier pages (page files)", disk_pages))
     dim = cfg.bank.dim or 384
     out.lines.append(("host", f"bank vectors: {chunks:,} chunks x {dim}-d float32", chunks * dim * 4))
-    # token ids kept per chunk (question_reread, question_lexical): int64; the BM25 index holds ~2 terms per token
+    # token ids kept per chunk (the reread stage, BM25 in the fusion stage): int64; the BM25 index holds ~2 terms per token
     # (the token and its pair with the next), each int64 with an int64 owner row
     out.lines.append(("host", f"token ids: {batch * ctx:,} tokens x 8 bytes, and the question's BM25 index (x 4)",
                       batch * ctx * 8 * 5))

@@ -19,6 +19,12 @@ from memkit.memory import MemoryManager
 L, H, C, D, E = 2, 2, 8, 4, 16
 
 
+def steps(*, dedup="auto", fill=True, of_best=1) -> dict:
+    """A retrieval block with the near-duplicate threshold and neighbour rules set in both steps."""
+    return {"block": {"dedup": {"max_similarity": dedup}, "neighbours": {"fill": fill}},
+            "question": {"dedup": {"max_similarity": dedup}, "neighbours": {"fill": fill, "of_best": of_best}}}
+
+
 def make_mm(**cfg) -> MemoryManager:
     kv = {"device_bytes": 16 * 1024, "host_bytes": 1 << 22, "dtype": "fp32", **cfg.pop("kvstore", {})}
     config = MemoryConfig(chunk_size=C, top_k=cfg.pop("top_k", 4), kvstore=kv, **cfg)
@@ -108,7 +114,7 @@ def test_policy_choices_match_their_definitions():
 
 
 def test_namespaces_are_isolated_under_interleaved_writes():
-    mm = make_mm(top_k=4, max_chunk_similarity=None)  # every round stores the same vectors again
+    mm = make_mm(top_k=4, retrieval=steps(dedup=None))  # every round stores the same vectors again
     owner = {}
     k, v, e, s = chunks(4)
     for round_ in range(5):
@@ -306,17 +312,19 @@ def test_near_duplicate_chunks_fill_one_slot_and_the_next_candidates_take_the_re
     assert len(set(plain.ids.tolist()) & set(range(3, 9))) == 4  # without it the repeats fill every slot
 
 
-def test_max_chunk_similarity_auto_and_bad_values():
-    assert make_mm()._max_similarity() == 0.9
-    assert make_mm(retriever="keys")._max_similarity() is None
-    assert make_mm(max_chunk_similarity=None)._max_similarity() is None
-    assert make_mm(max_chunk_similarity=0.5)._max_similarity() == 0.5
+def test_dedup_threshold_auto_and_bad_values():
+    from memkit.retrieval.stages.dedup import DedupConfig
+
+    assert DedupConfig().threshold(make_mm().retriever_input()) == 0.9
+    assert make_mm(retriever="keys").retriever_input() == "keys" and DedupConfig().threshold("keys") is None
+    assert DedupConfig(max_similarity=None).threshold("text") is None
+    assert DedupConfig(max_similarity=0.5).threshold("keys") == 0.5
+    assert DedupConfig(auto_text=0.8).threshold("text") == 0.8
     for bad in (1.5, -1.0, "high", True):
-        with pytest.raises(ConfigError, match="max_chunk_similarity"):
-            MemoryConfig(max_chunk_similarity=bad)
+        with pytest.raises(ConfigError, match=r"dedup\.max_similarity"):
+            make_mm(retrieval=steps(dedup=bad))
         with pytest.raises(InvalidInputError, match="max_similarity"):
             make_mm().retrieve(torch.ones(E) / 4, max_similarity=bad)
-    assert make_mm()._max_similarity("auto") == 0.9 and make_mm()._max_similarity(None) is None
 
 
 def test_free_slots_take_the_neighbours_of_the_chosen_chunks():
@@ -328,7 +336,7 @@ def test_free_slots_take_the_neighbours_of_the_chosen_chunks():
     e[6] = torch.nn.functional.normalize(torch.randn(E, generator=torch.Generator().manual_seed(9)), dim=0)
     q = e[6] + 0.5 * filler  # ...but chunk 6 (the needle's second half) is what the query asks for
     for fill, want in ((True, {5, 6, 7}), (False, None)):
-        mm = make_mm(top_k=4, max_chunk_similarity=0.9, fill_neighbors=fill)
+        mm = make_mm(top_k=4, retrieval=steps(dedup=0.9, fill=fill))
         mm.add_chunks(k, v, e, spans)
         r = mm.retrieve(q)
         got = r.ids.tolist()
@@ -343,20 +351,20 @@ def test_free_slots_take_the_neighbours_of_the_chosen_chunks():
             assert r.scores[j].item() == pytest.approx(ref, abs=1e-4)
             torch.testing.assert_close(r.keys[j], k[cid], rtol=0, atol=0)
         assert [t["id"] for t in mm.trace()] == got  # the trace lists exactly what is attended
-    with pytest.raises(ConfigError):
-        MemoryConfig(fill_neighbors="yes")
+    with pytest.raises(ConfigError, match=r"neighbours\.fill"):
+        MemoryConfig(retrieval={"block": {"neighbours": {"fill": "yes"}}})
 
 
 def test_the_questions_best_chunk_brings_its_neighbours_when_no_slot_is_free():
     """At the question step (Q > 1 queries, fused), the best chunk's neighbours in the text are taken even when
     distinct chunks fill every slot (they displace the lowest-ranked): a question matches the words before its
     answer, and an answer split at a chunk boundary is read whole. A single query (every other step) is unchanged;
-    question_neighbors=0 turns it off."""
+    ``neighbours: {of_best: 0}`` turns it off."""
     k, v, _, spans = chunks(12)
     e = torch.eye(E)[:12]  # orthogonal embeddings: scores are exact
     q = e[5] + 0.3 * (e[1] + e[2] + e[9] + e[10])  # chunk 5 first; 1, 2, 9, 10 next; 4 and 6 score 0
     for n_best, want in ((1, True), (0, None)):
-        mm = make_mm(top_k=4, max_chunk_similarity=None, question_neighbors=n_best)
+        mm = make_mm(top_k=4, retrieval=steps(dedup=None, of_best=n_best))
         mm.add_chunks(k, v, e, spans)
         assert 4 not in mm.retrieve(q).ids.tolist() and 6 not in mm.retrieve(q).ids.tolist()  # one query
         r = mm.retrieve_batch(torch.stack([q, q])[None], ["default"])[0]
@@ -371,14 +379,14 @@ def test_the_questions_best_chunk_brings_its_neighbours_when_no_slot_is_free():
                 else float(e[cid] @ q)
             assert r.scores[j].item() == pytest.approx(ref, abs=1e-4)
             torch.testing.assert_close(r.keys[j], k[cid], rtol=0, atol=0)
-    with pytest.raises(ConfigError):
-        MemoryConfig(question_neighbors=-1)
+    with pytest.raises(ConfigError, match=r"neighbours\.of_best"):
+        MemoryConfig(retrieval={"question": {"neighbours": {"of_best": -1}}})
 
 
 def test_two_queries_per_row_are_fused_by_reciprocal_rank():
     """(B, Q, E) queries: each row's Q rankings are fused (reciprocal rank); the scores are each chunk's best raw
     score. A chunk second for both queries beats chunks first for one and last for the other."""
-    from memkit.namespace import fuse_ranks
+    from memkit.retrieval.stages.fusion import fuse_ranks
 
     ids = np.array([[1, 2, 3, 4], [3, 2, 4, 1]])
     scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.95, 0.85, 0.2, 0.1]], np.float32)
@@ -388,7 +396,7 @@ def test_two_queries_per_row_are_fused_by_reciprocal_rank():
     assert fused.tolist() == sorted(fused.tolist(), reverse=True)
     assert order.tolist().index(2) < order.tolist().index(1)  # second twice beats first-then-last
 
-    mm = make_mm(top_k=1, max_chunk_similarity=None, question_neighbors=0)
+    mm = make_mm(top_k=1, retrieval=steps(dedup=None, of_best=0))
     k, v, e, spans = chunks(6)
     mm.add_chunks(k, v, e, spans)
     q_a = e[2] + 0.8 * e[4]  # ranks 2 first, 4 second
@@ -402,12 +410,12 @@ def test_two_queries_per_row_are_fused_by_reciprocal_rank():
     assert both.scores[both.ids.tolist().index(4)].item() == pytest.approx(ref, abs=1e-4)
     with pytest.raises(DimensionMismatchError):
         mm.retrieve_batch(torch.ones(1, 2, E + 1), ["default"])
-    with pytest.raises(ConfigError):
-        MemoryConfig(question_tokens=-1)
+    with pytest.raises(ConfigError, match=r"query\.question_tokens"):
+        MemoryConfig(retrieval={"question": {"query": {"question_tokens": -1}}})
 
 
 def test_token_ids_are_kept_retrieved_saved_and_forgotten(tmp_path: Path):
-    """add_chunks keeps each chunk's real token ids (what question_reread reads afresh): retrieve returns them,
+    """add_chunks keeps each chunk's real token ids (what the reread stage reads afresh): retrieve returns them,
     save/load keeps them, a duplicate chunk keeps the first copy's, eviction forgets them, and a row that does not
     hold its span's length of tokens is not kept (None) rather than kept wrong."""
     mm = make_mm(top_k=6, capacity_tokens=5 * C)
@@ -449,7 +457,8 @@ def test_lexical_ranking_is_bm25_over_kept_token_ids():
     mm.add_chunks(k[:9], v[:9], e[:9], spans[:9], token_ids=tok[:9])
     mm.add_chunks(k[9:], v[9:], e[9:], spans[9:])  # chunk 9: no token ids
     ns = mm._ns["default"]
-    ids, scores, typical = ns.lexical(np.asarray([7, 99, 5000]), 10)
+    ids, scores, typical, score_of = ns.lexical(np.asarray([7, 99, 5000]), 10)
+    assert score_of(np.asarray([6, 0, 9])).tolist() == [scores[0], 0.0, 0.0]  # any chunk's score; 9 has no ids
     assert ids.tolist() == [6] and scores[0] > 0 and typical == 0  # token 7 is in every chunk: it weighs nothing
     # later tokens weigh more: the chunk with the question's last rare token leads
     assert ns.lexical(np.asarray([20, 99]), 10)[0].tolist() == [6, 0]

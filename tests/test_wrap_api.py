@@ -194,7 +194,8 @@ def test_repeated_text_fills_one_retrieval_slot(max_sim: float | None) -> None:
     copy of the filler are retrieved with the default near-duplicate collapse; without it shifted copies take the
     other slots. Exact repeats are stored once. (Shifts of a 7-token sentence in 8-token chunks reach MiniLM
     cosine 0.87-0.98, so this uses 0.85; "auto" = 0.9 is tuned on 128-token chunks, where shifts reach >= 0.96.)
-    fill_neighbors is off: it would give the free slots to the fact's neighbours (tests/test_memory.py)."""
+    Neighbour filling is off: it would give the free slots to the fact's neighbours (tests/test_memory.py), and the
+    question step reads a fixed top_k (the adaptive count would read the fact alone)."""
     from transformers import AutoTokenizer
 
     from memkit.resources import minilm_dir
@@ -205,7 +206,9 @@ def test_repeated_text_fills_one_retrieval_slot(max_sim: float | None) -> None:
     fact = enc("the secret word of the vault is amber")[:8]
     doc = filler * 24 + fact + filler * 24  # the fact is chunk 21 exactly (24 * 7 = 21 * 8)
     wrapped = memkit.wrap(tiny_model("llama", vocab_size=tok.vocab_size), tokenizer=tok,
-                          **dict(CFG, max_chunk_similarity=max_sim, fill_neighbors=False))
+                          **dict(CFG, retrieval={step: {"dedup": {"max_similarity": max_sim}, "neighbours": {"fill": False},
+                                                        **({"select": {"adaptive": False}} if step == "question" else {})}
+                                                 for step in ("block", "question")}))
     with torch.no_grad():
         wrapped.memory.ingest(doc, namespace="doc", progress=False)
         assert wrapped.memory.num_chunks("doc") == 8  # 42 filler chunks are 7 distinct shifts, plus the fact

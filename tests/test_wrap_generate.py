@@ -10,7 +10,13 @@ import memkit
 from memkit.integrations.generate import MemkitCache
 from memkit.testing.tiny_models import ARCHITECTURES, one_thread, tiny_model
 
-CFG = dict(window=32, chunk_size=8, block_size=16, top_k=3, sink_tokens=2, progress=False)
+CFG = dict(window=32, chunk_size=8, block_size=16, top_k=3, sink_tokens=2, progress=False,
+           retrieval={"question": {"select": {"adaptive": False}}})  # the question step reads top_k: counts are known
+
+
+def qcfg(**stages: object) -> dict[str, object]:
+    """CFG with the question step's stages changed (a stage: its settings, or False = off)."""
+    return dict(CFG, retrieval={"question": {"select": {"adaptive": False}, **stages}})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,7 +143,7 @@ def test_the_answer_sees_what_the_question_saw(arch: str) -> None:
     def record(module, args, out):  # type: ignore[no-untyped-def]
         call = rt.current_call()
         assert call is not None
-        if call.mode == "probe":  # the question step's re-read of its chunks (question_reread)
+        if call.mode == "probe":  # the question step's re-read of its chunks (the reread stage)
             return
         steps.append((call.cols, int(args[0].shape[1]), int(call.stats()["window"][0])))  # args[0]: (1, T, D)
 
@@ -172,7 +178,7 @@ def _memory_chunks_per_step(wrapped: memkit.integrations.wrap.MemkitModel, ids: 
     def record(module, args, out):  # type: ignore[no-untyped-def]
         call = rt.current_call()
         assert call is not None
-        if call.mode == "probe":  # the question step's re-read of its chunks (question_reread)
+        if call.mode == "probe":  # the question step's re-read of its chunks (the reread stage)
             return
         steps.append((call.cols, int(args[0].shape[1]), len(call.mem_ids[0])))
 
@@ -186,24 +192,29 @@ def _memory_chunks_per_step(wrapped: memkit.integrations.wrap.MemkitModel, ids: 
     return steps, last
 
 
-def test_question_top_k_limits_the_question_step_only() -> None:
-    """question_top_k: the step that reads the question and the answer steps of its block attend at most that many
-    chunks; every earlier block of the prompt still attends top_k; forward is unchanged; None = top_k."""
+def test_question_select_k_limits_the_question_step_only() -> None:
+    """retrieval.question.select.k: the step that reads the question and the answer steps of its block attend at
+    most that many chunks; every earlier block of the prompt still attends top_k; forward is unchanged; the legacy
+    key question_top_k still sets it (with a FutureWarning)."""
     ids = _ids(121, 8)
-    steps, last = _memory_chunks_per_step(memkit.wrap(tiny_model("llama"), **dict(CFG, question_top_k=1)), ids, 4)
+    one = qcfg(select={"k": 1}, neighbours={"of_best": 0})
+    steps, last = _memory_chunks_per_step(memkit.wrap(tiny_model("llama"), **one), ids, 4)
     assert [n for _, _, n in steps[:last]][-2:] == [3, 3]  # prompt blocks with a full memory: top_k chunks
     assert [n for _, _, n in steps[last:]] == [1] * 4  # the question and 3 answer steps: one chunk
     base, last0 = _memory_chunks_per_step(memkit.wrap(tiny_model("llama"), **CFG), ids, 4)
     assert last0 == last and [n for _, _, n in base[last:]] == [3] * 4
-    bigger, _ = _memory_chunks_per_step(memkit.wrap(tiny_model("llama"), **dict(CFG, question_top_k=10)), ids, 4)
+    bigger, _ = _memory_chunks_per_step(memkit.wrap(tiny_model("llama"), **qcfg(select={"k": 10})), ids, 4)
     assert [n for _, _, n in bigger] == [n for _, _, n in base]  # capped at top_k
+    with pytest.warns(FutureWarning, match=r"question_top_k -> retrieval\.question\.select\.k"):
+        legacy = memkit.wrap(tiny_model("llama"), **dict(CFG, question_top_k=1, question_neighbors=0))
+    assert _memory_chunks_per_step(legacy, ids, 4)[0] == steps
     with torch.no_grad():  # forward reads no question: the setting changes nothing there
         a = memkit.wrap(tiny_model("llama"), **CFG)(ids).logits
-        b = memkit.wrap(tiny_model("llama"), **dict(CFG, question_top_k=1))(ids).logits
+        b = memkit.wrap(tiny_model("llama"), **one)(ids).logits
     assert torch.equal(a, b)
     for bad in (0, -2, 1.5, "3"):
-        with pytest.raises(memkit.ConfigError, match="question_top_k"):
-            memkit.wrap(tiny_model("llama"), **dict(CFG, question_top_k=bad))
+        with pytest.raises(memkit.ConfigError, match=r"select\.k"):
+            memkit.wrap(tiny_model("llama"), **qcfg(select={"k": bad}))
 
 
 def _question_memory(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Tensor) -> dict[str, object]:
@@ -214,7 +225,7 @@ def _question_memory(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.T
     def record(module, args, out):  # type: ignore[no-untyped-def]
         call = rt.current_call()
         assert call is not None
-        if call.mode == "probe":  # the question step's re-read of its chunks (question_reread)
+        if call.mode == "probe":  # the question step's re-read of its chunks (the reread stage)
             return
         if call.cols + int(args[0].shape[1]) == ids.shape[1] and not got:
             got["k"] = {j: t.clone() for j, t in call.mem_k.items()}
@@ -250,12 +261,12 @@ def _assert_plain_reading(arch: str, got: dict[str, object], toks: torch.Tensor,
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_question_reread_reads_chunks_as_the_plain_model_reads_them(arch: str) -> None:
-    """question_reread: at the question step the retrieved chunks' K/V are those of the plain model reading
+    """The reread stage: at the question step the retrieved chunks' K/V are those of the plain model reading
     [sinks | chunks] as one short prompt (positions 0..N-1), not the K/V stored while their block attended its own
     window and memory; off, the stored K/V are attended (and differ in layers past the first)."""
     ids = _ids(121, 9)
     on = _question_memory(memkit.wrap(tiny_model(arch), **CFG), ids)
-    off = _question_memory(memkit.wrap(tiny_model(arch), **dict(CFG, question_reread=False)), ids)
+    off = _question_memory(memkit.wrap(tiny_model(arch), **qcfg(reread=False)), ids)
     spans, S = on["spans"], on["sinks"]
     assert spans == off["spans"] and len(spans) == CFG["top_k"] and S == CFG["sink_tokens"]
     toks = torch.cat([ids[0, :S]] + [ids[0, a:b] for a, b in spans])[None]  # (1, S + M)
@@ -296,7 +307,7 @@ def _question_step_view(wrapped: memkit.integrations.wrap.MemkitModel, ids: torc
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_question_step_reads_sinks_chunks_and_window_as_the_plain_model_reads_them(arch: str) -> None:
-    """question_reread: the question step attends the K/V of [sinks | chunks | window] read afresh, so its next-token
+    """The reread stage: the question step attends the K/V of [sinks | chunks | window] read afresh, so its next-token
     logits are the plain model's on that short prompt followed by the step's own tokens. Re-reading the chunks
     alone is not enough: the window's stored K/V come from its own reading (a KJV passkey at 16k was missed with
     the needle's chunks read afresh and answered by the plain model from the same sinks, chunks and window)."""
@@ -305,7 +316,7 @@ def test_question_step_reads_sinks_chunks_and_window_as_the_plain_model_reads_th
     with torch.no_grad():
         ref = tiny_model(arch)(short).logits[0, -1]
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    off, short_off = _question_step_view(memkit.wrap(tiny_model(arch), **dict(CFG, question_reread=False)), ids)
+    off, short_off = _question_step_view(memkit.wrap(tiny_model(arch), **qcfg(reread=False)), ids)
     assert torch.equal(short_off, short)  # the same chunks and window ...
     assert not torch.allclose(off, ref, atol=1e-3)  # ... read from the stored K/V differ
 
@@ -318,7 +329,7 @@ def test_question_reread_reads_chunks_of_an_earlier_call_from_their_token_ids(ar
     doc, q = _ids(120, 10), _ids(12, 11)
     got = {}
     for reread in (True, False):
-        wrapped = memkit.wrap(tiny_model(arch), **dict(CFG, question_reread=reread))
+        wrapped = memkit.wrap(tiny_model(arch), **qcfg(reread=reread))
         wrapped.memory.ingest(doc)
         got[reread] = _question_memory(wrapped, q)
     spans = got[True]["spans"]
@@ -333,7 +344,7 @@ def test_question_reread_reads_chunks_of_an_earlier_call_from_their_token_ids(ar
 
 def test_question_reread_keeps_stored_kv_of_chunks_without_token_ids() -> None:
     """Chunks added without token ids (add_chunks from a caller, or a memory saved before memkit kept them) cannot
-    be read afresh: they are attended as stored, so the answer equals the one with question_reread off."""
+    be read afresh: they are attended as stored, so the answer equals the one with the reread stage off."""
     donor = memkit.wrap(tiny_model("llama"), **CFG)
     donor.memory.ingest(_ids(120, 10))
     mem = donor.memkit_runtime.memory  # the MemoryManager behind wrapped.memory
@@ -342,7 +353,7 @@ def test_question_reread_keeps_stored_kv_of_chunks_without_token_ids() -> None:
     embs = np.random.default_rng(0).standard_normal((len(got), mem.embed_dim)).astype(np.float32)
     outs = []
     for reread in (True, False):
-        wrapped = memkit.wrap(tiny_model("llama"), **dict(CFG, question_reread=reread))
+        wrapped = memkit.wrap(tiny_model("llama"), **qcfg(reread=reread))
         mgr = wrapped.memkit_runtime.memory
         mgr.add_chunks(got.keys, got.values, embs, got.spans)  # no token_ids
         assert all(t is None for t in mgr.retrieve(embs[0], k=3).token_ids)
@@ -354,7 +365,7 @@ def test_question_reread_keeps_stored_kv_of_chunks_without_token_ids() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_question_lexical_retrieves_the_chunk_sharing_the_question_rare_tokens(arch: str) -> None:
-    """question_lexical: the question step fuses a BM25 ranking of the question's token ids over memory's chunks;
+    """The fusion stage's lexical ranking: the question step fuses a BM25 ranking of the question's token ids over memory's chunks;
     the one chunk holding the question's rare tokens (a name, a key) leads it and is read, where the embeddings of
     this random-weight model do not rank it first."""
     g = torch.Generator().manual_seed(2)
@@ -364,16 +375,16 @@ def test_question_lexical_retrieves_the_chunk_sharing_the_question_rare_tokens(a
     ids = torch.cat([doc, question], 1)
     read = {}
     for lexical in (16, 0):
-        wrapped = memkit.wrap(tiny_model(arch), **dict(CFG, question_top_k=1, question_neighbors=0,
-                                                      question_lexical=lexical))
+        wrapped = memkit.wrap(tiny_model(arch), **qcfg(select={"k": 1}, neighbours={"of_best": 0},
+                                                           fusion={"lexical_tokens": lexical}))
         with torch.no_grad():
             wrapped.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
         read[lexical] = [tuple(t["span"]) for t in wrapped.memory.trace()]
     assert read[16] == [(56, 64)]
     assert read[0] != read[16]  # the embeddings alone pick another chunk
     for bad in (-1, 1.5, True):
-        with pytest.raises(memkit.ConfigError, match="question_lexical"):
-            memkit.wrap(tiny_model(arch), **dict(CFG, question_lexical=bad))
+        with pytest.raises(memkit.ConfigError, match=r"fusion\.lexical_tokens"):
+            memkit.wrap(tiny_model(arch), **qcfg(fusion={"lexical_tokens": bad}))
 
 
 def test_keys_retriever_queries_with_the_question(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -385,7 +396,7 @@ def test_keys_retriever_queries_with_the_question(tmp_path) -> None:  # type: ig
     donor = memkit.wrap(tiny_model("llama"), **CFG)
     donor.memory.ingest(_ids(120, 10))
     donor.memory.save(tmp_path / "m")
-    cfg = dict(CFG, question_top_k=1, question_neighbors=0, question_lexical=0)  # the embedding query alone
+    cfg = qcfg(select={"k": 1}, neighbours={"of_best": 0}, fusion={"lexical_tokens": 0})  # embedding queries alone
     read = set()
     for seed in range(11, 17):
         wrapped = memkit.wrap(tiny_model("llama"), **cfg)

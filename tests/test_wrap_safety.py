@@ -176,7 +176,8 @@ JUNK = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floa
                  st.text(max_size=12), st.binary(max_size=8), st.lists(st.integers(-5, 300), max_size=4),
                  st.dictionaries(st.text(max_size=6), st.integers(), max_size=2))
 CONFIG_KEYS = ["style", "top_k", "window", "block_size", "chunk_size", "sink_tokens", "position_scheme", "retriever",
-               "max_chunk_similarity", "policy", "capacity_tokens", "protect_recent", "flush_window", "progress",
+               "retrieval", "max_chunk_similarity", "question_top_k", "policy", "capacity_tokens", "protect_recent",
+               "flush_window", "progress",
                "backend", "bank", "kvstore", "memlong", "longmem"]
 
 

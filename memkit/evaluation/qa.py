@@ -34,7 +34,7 @@ from memkit.evaluation.common import (
 )
 from memkit.evaluation.qa_set import QA_KINDS, Document, Question, build_documents, score_answer
 
-__all__ = ["add_arguments", "run", "evaluate", "prompt_ids"]
+__all__ = ["add_arguments", "run", "evaluate", "prompt_ids", "answer_saved"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -107,19 +107,29 @@ def evaluate(model: Any, tokenizer: Any, docs: list[Document], mode: str, *, pla
             saved = Path(tmp) / "memory"
             mem.save(saved)
             for q in doc.questions:
-                mem.load(saved)
-                text, sec = _generate(model, tokenizer, prompt_ids(tokenizer, q), max_new_tokens)
-                rec = _record(doc, q, text, sec, len(doc.ids) - q.fact_span[1])
-                lo, hi = q.fact_span
-                trace = mem.trace()
-                rec["fact_retrieved"] = any(int(t["span"][0]) < hi and int(t["span"][1]) > lo for t in trace)
-                rec["document_tokens"] = len(doc.ids)
+                rec = answer_saved(model, tokenizer, doc, q, saved, max_new_tokens=max_new_tokens)
                 rec["read_seconds"] = round(read_s, 1)
                 out.append(rec)
                 if log:
                     log(mode, rec)
         mem.reset()
     return out
+
+
+def answer_saved(model: Any, tokenizer: Any, doc: Document, q: Question, saved: Path, *,
+                 max_new_tokens: int = 12) -> dict[str, Any]:
+    """Ask ``q`` in a fresh call on the memory saved in ``saved`` (the document read once): the record, with whether
+    the fact's chunk was among the chunks the question step read."""
+    mem = model.memory
+    mem.load(saved)
+    text, sec = _generate(model, tokenizer, prompt_ids(tokenizer, q), max_new_tokens)
+    rec = _record(doc, q, text, sec, len(doc.ids) - q.fact_span[1])
+    lo, hi = q.fact_span
+    rec["fact_retrieved"] = any(int(t["span"][0]) < hi and int(t["span"][1]) > lo for t in mem.trace())
+    rec["chunks_read"] = len(mem.trace())
+    rec["selection"] = mem.manager.selection()
+    rec["document_tokens"] = len(doc.ids)
+    return rec
 
 
 def summary(results: list[dict[str, Any]], modes: list[str]) -> str:

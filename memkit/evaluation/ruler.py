@@ -420,7 +420,7 @@ class TailCapture:
     and before the step's K/V are committed, so at the step whose tokens reach the prompt's end the memory
     holds exactly the chunks evicted before it (the window starts after the last of them) and ``trace()`` is
     that step's retrieval: the chunks it attends. Probe reads inside a step (the keys retriever's question
-    query, ``question_reread``) pass through the embeddings too and are not counted.
+    query, the ``reread`` stage) pass through the embeddings too and are not counted.
     """
 
     def __init__(self, model: Any, prompt_len: int) -> None:
@@ -520,7 +520,7 @@ def evaluate_sample(lm: Any, task: Any, request: Any, *, locate: bool = True) ->
 
 
 # ---------------------------------------------------------------------------------------------- command
-def _tokenizer_folder(args: argparse.Namespace, tok: Any) -> Path:
+def tokenizer_folder(args: argparse.Namespace, tok: Any) -> Path:
     """A local folder lm-eval's generators can load the tokenizer from (they call AutoTokenizer by name)."""
     from memkit.models import resolve_model_path
 
@@ -567,7 +567,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     t_start = time.perf_counter()
     model, tok = load_for_args(args)
-    folder = _tokenizer_folder(args, tok)
+    folder = tokenizer_folder(args, tok)
     npos = max_positions(model)
     full_max = parse_length(args.full_max) if args.full_max else npos
     chat = _chat_fn(tok) if args.chat_template else None

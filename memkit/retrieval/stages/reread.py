@@ -1,0 +1,86 @@
+"""Stage ``reread``: the question reads its chunks and window as the plain model reads that short prompt.
+
+Stored K/V were written while their block attended its own window and retrieved chunks; a small model misses a
+needle it reads when the same tokens come without that context (shuffled-filler passkeys at 8k with the needle's
+3 chunks attended: 0/5 with the stored K/V, 5/5 read afresh), and misses it too when only the chunks are read
+afresh and the window keeps the K/V of its own reading (a KJV passkey at 16k). So the question step reads
+[sinks | chunks | window] afresh through the pipeline's reader (one probe forward at positions 0..N-1, nothing
+stored) and hands the K/V back; the style puts them where the stored ones were.
+
+A chunk's tokens come from this call or, for a chunk an earlier call stored (ingest, then a question), from the
+token ids memory keeps with it. The sinks in front are this call's when every chunk is this call's, else the
+stream's own first ``sink_tokens`` tokens as memory holds them (none if that chunk is gone), cut before the first
+chunk. A row with a chunk whose tokens are unknown (stored without ids) keeps the stored K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from memkit.configbase import check_bool
+from memkit.retrieval.pipeline import Reread
+from memkit.retrieval.stage import Stage, StageConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from memkit.retrieval.pipeline import Row, StepContext
+
+
+@dataclass
+class RereadConfig(StageConfig):
+    window: bool = True  # read the window afresh too (not only the chunks)
+
+    def __post_init__(self) -> None:
+        check_bool("reread.window", self.window)
+
+
+class RereadStage(Stage):
+    name, phase, order, config_class, steps = "reread", "read", 70, RereadConfig, ("question",)
+    config: RereadConfig
+
+    def run(self, rows: list[Row], ctx: StepContext) -> None:
+        if ctx.reader is None:
+            return
+        import torch
+
+        for r in rows:
+            res = r.result
+            if res is None or len(res) == 0:
+                continue
+            ids = self._tokens(r, ctx)
+            if ids is None:
+                continue
+            sinks, pieces, window = ids
+            full = torch.from_numpy(np.concatenate([sinks, *pieces, window]).astype(np.int64))[None]  # (1, N)
+            keys, values = ctx.reader.read(full)
+            r.reread = Reread(keys, values, int(sinks.shape[0]), [int(p.shape[0]) for p in pieces],
+                              int(window.shape[0]))
+
+    def _tokens(self, r: Row, ctx: StepContext) -> tuple[np.ndarray, list[np.ndarray], np.ndarray] | None:
+        """(sinks, one token array per retrieved chunk in time order, window), or None when a chunk's tokens are
+        unknown."""
+        req, res = r.request, r.result
+        assert res is not None
+        call = req.call_tokens
+        base = req.call_base
+        spans = res.spans.tolist()  # (k', 2) stream positions, time order
+        pieces: list[np.ndarray] = []
+        for i, (a, b) in enumerate(spans):
+            known = res.token_ids[i] if i < len(res.token_ids) else None
+            if call is not None and a >= base and b - base <= call.shape[0]:
+                pieces.append(np.asarray(call[a - base:b - base], np.int64))
+            elif known is not None:
+                pieces.append(np.asarray(known, np.int64))
+            else:
+                return None
+        if call is not None and spans[0][0] >= base:
+            sinks = np.asarray(call[:req.sinks], np.int64)  # this call's sinks
+        else:
+            n = min(ctx.sink_tokens, spans[0][0])
+            got = ctx.manager.tokens_of(0, n, namespace=req.namespace) if n > 0 else None
+            sinks = got.numpy() if got is not None else np.zeros(0, np.int64)
+        window = np.asarray(req.window, np.int64) if self.config.window and req.window is not None \
+            else np.zeros(0, np.int64)
+        return sinks, pieces, window
