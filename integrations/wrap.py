@@ -14,8 +14,8 @@ the namespace of each batch row (``"default"`` for batch 1, ``"row{i}"`` otherwi
 you pass): chunks that left the window as it read, and at the end what is still in the window
 (``flush_window``, the default), so a chat turn of any length is remembered by the next call. A chunk whose
 tokens are already stored is not stored twice. ``memkit.unwrap(model)`` gives back the plain model with its
-original attention; ``with model.memory_disabled():`` runs the plain model temporarily. A wrapped model may be
-shared between threads: calls run one after another.
+original attention; ``with model.memory_disabled():`` runs the plain model temporarily, in the calling thread
+only. A wrapped model may be shared between threads: calls run one after another.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ class MemkitModel(torch.nn.Module):
         ``flush_window=False`` leaves the end of the input out of memory (default: the config's)."""
         rt = self.memkit_runtime
         if rt.disabled:
-            return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                 **_plain_kwargs(kwargs))
         if input_ids is None:
             raise InvalidInputError("memkit forward needs input_ids")
         if kwargs.pop("all_logits", None) is not None:
@@ -169,12 +170,15 @@ class MemkitModel(torch.nn.Module):
         """transformers' ``generate`` with memory; prompts of any length. Same keyword arguments."""
         rt = self.memkit_runtime
         if rt.disabled:
-            return self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          **_plain_kwargs(kwargs))
         return _generate(rt, input_ids, attention_mask, namespaces=namespaces, progress=progress, **kwargs)
 
     @contextlib.contextmanager
     def memory_disabled(self) -> Iterator[MemkitModel]:
-        """Within the block the model is the plain HF model (no memory, no window, original attention)."""
+        """Within the block the model is the plain HF model (no memory, no window, original attention) for the
+        calling thread only: other threads' calls keep their memory. memkit's own per-call keywords
+        (``flush_window``, ``namespaces``, ``progress``) are accepted and have nothing to do."""
         rt = self.memkit_runtime
         old, rt.disabled = rt.disabled, True
         try:
@@ -199,6 +203,15 @@ class MemkitModel(torch.nn.Module):
         rt = self._runtime
         return (f"MemkitModel({type(self.hf_model).__name__}, style={rt.config.style!r}, top_k={rt.config.top_k}, "
                 f"window={rt.config.window}, {rt.style.describe()})")
+
+
+def _plain_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of a call made inside ``memory_disabled()``, less memkit's own (the plain model refuses them)."""
+    flush = kwargs.pop("flush_window", None)
+    if flush is not None and not isinstance(flush, bool):
+        raise InvalidInputError(f"flush_window must be True, False or None (the config's), got {flush!r}")
+    kwargs.pop("memkit_tail", None)
+    return kwargs
 
 
 def wrap(model: Any, config: MemoryConfig | dict[str, Any] | str | Path | None = None, *, tokenizer: Any = None,
