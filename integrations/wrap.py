@@ -31,6 +31,7 @@ import torch
 
 from memkit.config import MemoryConfig, load_config
 from memkit.errors import ConfigError, InvalidInputError, UnsupportedModelError
+from memkit.paths import user_path
 
 from .attention import RUNTIME_ATTR
 from .generate import generate as _generate
@@ -190,7 +191,7 @@ class MemkitModel(torch.nn.Module):
         """Write memkit's config (JSON) and trained parameters, with ``save_memory`` the memory too; the HF weights
         are not written. Only memkit's own files are written in ``directory``."""
         rt = self.memkit_runtime
-        d = Path(directory)
+        d = user_path(directory, "save_pretrained")
         if d.exists() and not d.is_dir():
             raise InvalidInputError(f"{str(d)!r} is a file; save_pretrained writes into a directory")
         d.mkdir(parents=True, exist_ok=True)
@@ -274,15 +275,15 @@ def from_pretrained(base_model: Any, directory: str | Path | None = None, *, tok
         tokenizer = tokenizer or tok
     cfg: Any = None
     mem_dir = None
-    if directory is not None:
-        d = Path(directory)
+    d = None if directory is None else user_path(directory, "from_pretrained", error=ConfigError)
+    if d is not None:
         if not (d / CONFIG_FILE).is_file():
             raise ConfigError(f"{d} has no {CONFIG_FILE}; write one with model.save_pretrained(dir)")
         cfg = d / CONFIG_FILE
         mem_dir = d / "memory" if (d / "memory").is_dir() else None
     wrapped = wrap(base_model, cfg, tokenizer=tokenizer, **overrides)
-    if directory is not None:
-        load_weights(wrapped, Path(directory))  # trained gates / SideNet / LoRA written by save_pretrained
+    if d is not None:
+        load_weights(wrapped, d)  # trained gates / SideNet / LoRA written by save_pretrained
     if mem_dir is not None:
         wrapped.memory.load(mem_dir)
     return wrapped

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -275,8 +277,9 @@ def test_model_api_raises_only_memkit_errors(which: str, value: Any, tmp_path_fa
         "labels": lambda: wrapped(ok, labels=value),
         "mask": lambda: wrapped(ok, attention_mask=value),
     }
-    try:
-        with torch.no_grad(), contextlib.chdir(tmp_path_factory.getbasetemp()):  # junk paths land in a temp dir
+    base = tmp_path_factory.getbasetemp()
+    try:  # junk paths land in a temp dir, "~" included (memkit expands it: memkit.paths)
+        with torch.no_grad(), contextlib.chdir(base), mock.patch.dict(os.environ, {"HOME": str(base)}):
             calls[which]()
     except memkit.MemkitError:
         pass
