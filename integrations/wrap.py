@@ -99,6 +99,8 @@ class MemoryView:
         rt.memory.load(directory, owner_check=rt.check_owner if check_model else None)
 
     def stats(self) -> dict[str, Any]:
+        """Sizes, the style's settings and counters (``added``, ``evicted``, ``retrievals``: since wrap or the last
+        ``reset()``; ``reset(namespace)`` keeps them)."""
         rt = self._rt
         out = dict(rt.memory.stats())
         out.update(rt.style.describe())
