@@ -8,6 +8,7 @@ that the files landed under HOME and that the working directory stayed empty.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ SHAPE = (2, 2, 2, 8, 4)
 
 
 @pytest.fixture()
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     home.mkdir()
     cwd.mkdir()
@@ -109,5 +110,10 @@ def test_paths_that_cannot_be_expanded_are_refused(home: Path) -> None:
         bank.save(unset)
     with pytest.raises(memkit.InvalidInputError, match="no user"):
         bank.save("~memkit_no_such_user/x")
+    for literal in ("./~", "data/~/x"):  # a directory named ~ is one `rm -rf ~` from the home directory
+        with pytest.raises(memkit.InvalidInputError, match="named '~'"):
+            bank.save(literal)
+    with pytest.raises(memkit.ConfigError, match="named '~'"):
+        KVStoreConfig(disk_dir="./~")
     with pytest.raises(memkit.ConfigError, match="not an absolute path"):
         memkit.bank.parse_uri("qdrant://$MEMKIT_RELATIVE:6333/coll")  # host names are not expanded
