@@ -72,9 +72,11 @@ def test_saves_loads_and_config_files_expand_home(home: Path) -> None:
     assert load_config("~/memkit.yaml", window=64).top_k == 3 and (home / "memkit.yaml").is_file()
 
 
+# Forms whose literal reading stays harmless here (refused, or a server address that is never reached); the
+# three-slash forms, which old code read as a directory at the filesystem root, are checked by parsing alone.
 @pytest.mark.parametrize("uri, where", [
-    ("disk://~/d1", "d1"), ("disk:///~/d2", "d2"), ("disk:///$HOME/d3", "d3"), ("disk://$MEMKIT_TEST_DATA/d4", "data/d4"),
-    ("qdrant://~/q1", "q1"), ("milvus://~/m1.db", "m1.db"),
+    ("disk://~/d1", "d1"), ("disk://$MEMKIT_TEST_DATA/d4", "data/d4"), ("qdrant://~/q1", "q1"),
+    ("milvus://~/m1.db", "m1.db"),
 ])
 def test_uris_expand_home_and_variables(home: Path, uri: str, where: str) -> None:
     backend = uri.split(":")[0]
@@ -86,7 +88,15 @@ def test_uris_expand_home_and_variables(home: Path, uri: str, where: str) -> Non
         assert (home / where).is_dir()
     finally:
         bank.close()
-    assert not Path("/~").exists()
+
+
+def test_three_slash_uris_expand_home_and_variables(home: Path) -> None:
+    parse = memkit.bank.parse_uri
+    assert parse("disk:///~/d2") == ("disk", {"path": str(home / "d2")})
+    assert parse("disk:///$HOME/d3") == ("disk", {"path": str(home / "d3")})
+    assert parse("qdrant:///${HOME}/q") == ("qdrant", {"path": str(home / "q")})
+    assert parse("milvus:///~/m.db") == ("milvus", {"path": str(home / "m.db")})
+    assert parse("disk:///data/$MEMKIT_RELATIVE/x") == ("disk", {"path": "/data/relative/x"})
 
 
 def test_bank_path_parameters_expand_home(home: Path) -> None:
