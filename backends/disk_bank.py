@@ -62,6 +62,7 @@ import sqlite_utils
 from memkit.bank import BaseBank
 from memkit.errors import ConfigError, CorruptFileError, InvalidInputError
 from memkit.files import MANIFEST
+from memkit.paths import check_dir_target, user_path
 
 try:  # POSIX advisory lock: a second opener gets a clear error instead of corrupting the bank
     import fcntl
@@ -139,6 +140,7 @@ class DiskBank(BaseBank):
 
     name = "disk"
     exact = True
+    path_is_dir = True
 
     def __init__(self, *, dim: int, metric: str = "ip", path: str | os.PathLike[str] | None = None,
                  block_rows: int = 16384) -> None:
@@ -155,7 +157,7 @@ class DiskBank(BaseBank):
         self._tls = threading.local()  # carries a replace (remove + add) into one transaction
         if path is None:
             path = self._h.tmpdir = tempfile.mkdtemp(prefix="memkit-disk-")
-        self.path = Path(path)
+        self.path = user_path(path, "disk bank path", error=ConfigError)
         self._open(read_only=read_only)
         self.read_only = read_only
 
@@ -214,9 +216,12 @@ class DiskBank(BaseBank):
         return self._n_rows
 
     def _prepare_dir(self, d: Path) -> None:
-        if d.exists() and not d.is_dir():
-            raise ConfigError(f"disk bank path {str(d)!r} is a file; give a directory (new or a disk bank)")
-        d.mkdir(parents=True, exist_ok=True)
+        check_dir_target(d, "disk bank path")  # a file there or on the way: ConfigError, nothing created
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create disk bank directory {str(d)!r}: {exc.strerror or exc}; give a "
+                              "writable directory path") from exc
         if (d / MANIFEST).exists():
             raise ConfigError(f"{str(d)!r} is a saved bank (it has a {MANIFEST}); open it with "
                               "memkit.load_bank(path), which works on a copy and keeps the save intact")

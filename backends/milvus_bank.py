@@ -65,6 +65,8 @@ from pymilvus.exceptions import MilvusException
 
 from memkit.bank import BaseBank, read_manifest, require
 from memkit.errors import ConfigError, CorruptFileError, InvalidInputError
+from memkit.files import save_path
+from memkit.paths import check_dir_target, user_path
 
 __all__ = ["MilvusBank"]
 
@@ -114,10 +116,14 @@ def _check_params(kind: str, params: Any, allowed: tuple[str, ...], index_type: 
 
 
 def _db_path(path: str | os.PathLike[str]) -> str:
-    """An absolute milvus-lite database path: ``*.db`` as given, any other path is a directory holding milvus.db."""
-    p = Path(path).expanduser()
+    """An absolute milvus-lite database path: ``*.db`` as given, any other path is a directory holding milvus.db.
+    ``~`` and ``$VARIABLES`` are expanded (:mod:`memkit.paths`); milvus-lite keeps a database in a directory, so a
+    file or a foreign non-empty directory at that path is refused before milvus-lite writes there."""
+    p = user_path(path, "milvus path", error=ConfigError)
     if p.suffix != ".db":
         p = p / "milvus.db"
+    check_dir_target(p, "the milvus-lite database (a directory)",
+                     is_ours=lambda d: (d / "collections").is_dir() or (d / "databases").is_dir())
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -187,6 +193,7 @@ class MilvusBank(BaseBank):
     """
 
     name = "milvus"
+    path_is_dir = True  # milvus-lite's *.db is a directory
     exact = True  # FLAT (the default) is brute force in milvus-lite and on a server
 
     def __init__(self, *, dim: int, metric: str = "ip", path: str | os.PathLike[str] | None = None,
@@ -526,7 +533,7 @@ class MilvusBank(BaseBank):
 
         The target collection must be new or empty, so nothing in it is overwritten by accident.
         """
-        d = Path(directory)
+        d = save_path(directory, "restoring a milvus snapshot")
         manifest = read_manifest(d)
         if manifest["backend"] != cls.name:
             raise CorruptFileError(f"{d} holds a {manifest['backend']!r} bank, not a milvus snapshot")

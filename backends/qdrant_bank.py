@@ -40,6 +40,8 @@ from qdrant_client import QdrantClient, models
 
 from memkit.bank import BaseBank, read_manifest
 from memkit.errors import ConfigError, CorruptFileError, InvalidInputError
+from memkit.files import save_path
+from memkit.paths import check_dir_target, user_path
 
 __all__ = ["QdrantBank"]
 
@@ -50,6 +52,16 @@ SCROLL = 4096
 
 def _distance(metric: str) -> models.Distance:
     return models.Distance.EUCLID if metric == "l2" else models.Distance.DOT
+
+
+def _is_qdrant_store(directory: Path) -> bool:
+    """True when ``directory`` holds qdrant-client's local storage (its meta.json lists collections)."""
+    meta = directory / "meta.json"
+    try:
+        data = json.loads(meta.read_text()) if meta.is_file() and not meta.is_symlink() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("collections"), dict)
 
 
 class QdrantBank(BaseBank):
@@ -63,6 +75,7 @@ class QdrantBank(BaseBank):
 
     name = "qdrant"
     exact = True  # local mode is brute force; server mode sends SearchParams(exact=True)
+    path_is_dir = True
 
     def __init__(self, *, dim: int, metric: str = "ip", path: str | os.PathLike[str] | None = None,
                  url: str | None = None, api_key: str | None = None, collection: str = "memkit",
@@ -76,7 +89,9 @@ class QdrantBank(BaseBank):
             raise ConfigError("give qdrant either path= (local mode) or url= (a server), not both")
         self.collection, self.batch_size, self.exact_search = collection, batch_size, bool(exact_search)
         self.url, self.local = url, url is None
-        self.path = None if path in (None, ":memory:") else str(path)
+        self.path = None if path in (None, ":memory:") else str(user_path(path, "qdrant path", error=ConfigError))
+        if self.path is not None:  # qdrant-client writes .lock, meta.json, collection/ into it: never beside yours
+            check_dir_target(Path(self.path), "the qdrant local path", is_ours=_is_qdrant_store)
         try:
             if url is not None:
                 self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout)
@@ -274,7 +289,7 @@ class QdrantBank(BaseBank):
 
         The target collection must be new or empty, so nothing in it is overwritten by accident.
         """
-        d = Path(directory)
+        d = save_path(directory, "restoring a qdrant snapshot")
         manifest = read_manifest(d)
         if manifest["backend"] != cls.name:
             raise CorruptFileError(f"{d} holds a {manifest['backend']!r} bank, not a qdrant snapshot")

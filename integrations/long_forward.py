@@ -99,9 +99,10 @@ def _kept_positions(logits_to_keep: Any, N: int, device: torch.device) -> torch.
         raise InvalidInputError(f"logits_to_keep must be an int (last k positions, 0 = all) or a 1-D tensor of "
                                 f"positions, got {type(logits_to_keep).__name__}")
     if isinstance(logits_to_keep, int):
-        if logits_to_keep < 0:
-            raise InvalidInputError(f"logits_to_keep must be >= 0 (0 keeps every position), got {logits_to_keep}")
-        if logits_to_keep == 0 or logits_to_keep >= N:
+        if not 0 <= logits_to_keep <= N:
+            raise InvalidInputError(f"logits_to_keep={logits_to_keep} is outside [0, {N}] for a {N}-token input: it "
+                                    "keeps the last k positions (0 keeps every position)")
+        if logits_to_keep in (0, N):
             return None
         return torch.arange(N - logits_to_keep, N, device=device)
     pos = logits_to_keep.to(device=device, dtype=torch.long).reshape(-1)

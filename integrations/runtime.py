@@ -17,7 +17,8 @@ asks the style; both styles build on :meth:`Runtime.attend_context`, the causal 
 :mod:`.memlong` (MemLong, Liu et al. 2024) and :mod:`.longmem` (LongMem, Wang et al. 2023).
 
 Threads: a call holds the runtime's lock from start to end, so concurrent calls on one model run one after
-another, and a step is visible only to the thread that owns its call. Checkpoint replay (gradient checkpointing
+another, and a step is visible only to the thread that owns its call; ``memory_disabled()`` applies to the thread
+that entered it only (:attr:`Runtime.disabled` is per thread). Checkpoint replay (gradient checkpointing
 with memory, :mod:`.replay`) is declared here: while a checkpointed layer runs, :meth:`Runtime.current_call`
 and :meth:`Runtime.memo` record what it read, and its recomputation in backward gets exactly that back.
 
@@ -107,8 +108,8 @@ class Runtime:
         self.vocab_size = getattr(text, "vocab_size", None)
         self.lock = threading.RLock()  # held by a call from begin to end: calls on one model run one after another
         self.call: CallState | None = None
-        self.disabled = False  # memory_disabled(): the plain model
-        self._tls = threading.local()  # .replay: the checkpoint record of the layer running in this thread
+        self._tls = threading.local()  # .replay: the checkpoint record of the layer running in this thread;
+        # .disabled: memory_disabled() is active in this thread (never another thread's)
         self.kv_shapes: dict[int, tuple[int, int]] = {}  # layer -> (kv heads, head dim), seen by the probe
         self.offsets: dict[str, int] = {}  # next token index per namespace: spans keep time order across calls
         self.hooks: list[Any] = []
@@ -310,6 +311,15 @@ class Runtime:
             return live
         first = rec.memo(lambda: None if live is None else live.snapshot())
         return first if rec.replaying else live
+
+    @property
+    def disabled(self) -> bool:
+        """True while this thread is inside ``model.memory_disabled()``; other threads keep their memory."""
+        return bool(getattr(self._tls, "disabled", False))
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self._tls.disabled = bool(value)
 
     @property
     def replay(self) -> Replay | None:

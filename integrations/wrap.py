@@ -14,8 +14,8 @@ the namespace of each batch row (``"default"`` for batch 1, ``"row{i}"`` otherwi
 you pass): chunks that left the window as it read, and at the end what is still in the window
 (``flush_window``, the default), so a chat turn of any length is remembered by the next call. A chunk whose
 tokens are already stored is not stored twice. ``memkit.unwrap(model)`` gives back the plain model with its
-original attention; ``with model.memory_disabled():`` runs the plain model temporarily. A wrapped model may be
-shared between threads: calls run one after another.
+original attention; ``with model.memory_disabled():`` runs the plain model temporarily, in the calling thread
+only. A wrapped model may be shared between threads: calls run one after another.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from memkit.config import MemoryConfig, load_config
 from memkit.errors import ConfigError, InvalidInputError, UnsupportedModelError
+from memkit.paths import user_path
 
 from .attention import RUNTIME_ATTR
 from .generate import generate as _generate
@@ -98,6 +99,8 @@ class MemoryView:
         rt.memory.load(directory, owner_check=rt.check_owner if check_model else None)
 
     def stats(self) -> dict[str, Any]:
+        """Sizes, the style's settings and counters (``added``, ``evicted``, ``retrievals``: since wrap or the last
+        ``reset()``; ``reset(namespace)`` keeps them)."""
         rt = self._rt
         out = dict(rt.memory.stats())
         out.update(rt.style.describe())
@@ -154,7 +157,8 @@ class MemkitModel(torch.nn.Module):
         ``flush_window=False`` leaves the end of the input out of memory (default: the config's)."""
         rt = self.memkit_runtime
         if rt.disabled:
-            return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+            return self.hf_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                 **_plain_kwargs(kwargs))
         if input_ids is None:
             raise InvalidInputError("memkit forward needs input_ids")
         if kwargs.pop("all_logits", None) is not None:
@@ -169,12 +173,15 @@ class MemkitModel(torch.nn.Module):
         """transformers' ``generate`` with memory; prompts of any length. Same keyword arguments."""
         rt = self.memkit_runtime
         if rt.disabled:
-            return self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          **_plain_kwargs(kwargs))
         return _generate(rt, input_ids, attention_mask, namespaces=namespaces, progress=progress, **kwargs)
 
     @contextlib.contextmanager
     def memory_disabled(self) -> Iterator[MemkitModel]:
-        """Within the block the model is the plain HF model (no memory, no window, original attention)."""
+        """Within the block the model is the plain HF model (no memory, no window, original attention) for the
+        calling thread only: other threads' calls keep their memory. memkit's own per-call keywords
+        (``flush_window``, ``namespaces``, ``progress``) are accepted and have nothing to do."""
         rt = self.memkit_runtime
         old, rt.disabled = rt.disabled, True
         try:
@@ -186,7 +193,7 @@ class MemkitModel(torch.nn.Module):
         """Write memkit's config (JSON) and trained parameters, with ``save_memory`` the memory too; the HF weights
         are not written. Only memkit's own files are written in ``directory``."""
         rt = self.memkit_runtime
-        d = Path(directory)
+        d = user_path(directory, "save_pretrained")
         if d.exists() and not d.is_dir():
             raise InvalidInputError(f"{str(d)!r} is a file; save_pretrained writes into a directory")
         d.mkdir(parents=True, exist_ok=True)
@@ -199,6 +206,15 @@ class MemkitModel(torch.nn.Module):
         rt = self._runtime
         return (f"MemkitModel({type(self.hf_model).__name__}, style={rt.config.style!r}, top_k={rt.config.top_k}, "
                 f"window={rt.config.window}, {rt.style.describe()})")
+
+
+def _plain_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of a call made inside ``memory_disabled()``, less memkit's own (the plain model refuses them)."""
+    flush = kwargs.pop("flush_window", None)
+    if flush is not None and not isinstance(flush, bool):
+        raise InvalidInputError(f"flush_window must be True, False or None (the config's), got {flush!r}")
+    kwargs.pop("memkit_tail", None)
+    return kwargs
 
 
 def wrap(model: Any, config: MemoryConfig | dict[str, Any] | str | Path | None = None, *, tokenizer: Any = None,
@@ -261,15 +277,15 @@ def from_pretrained(base_model: Any, directory: str | Path | None = None, *, tok
         tokenizer = tokenizer or tok
     cfg: Any = None
     mem_dir = None
-    if directory is not None:
-        d = Path(directory)
+    d = None if directory is None else user_path(directory, "from_pretrained", error=ConfigError)
+    if d is not None:
         if not (d / CONFIG_FILE).is_file():
             raise ConfigError(f"{d} has no {CONFIG_FILE}; write one with model.save_pretrained(dir)")
         cfg = d / CONFIG_FILE
         mem_dir = d / "memory" if (d / "memory").is_dir() else None
     wrapped = wrap(base_model, cfg, tokenizer=tokenizer, **overrides)
-    if directory is not None:
-        load_weights(wrapped, Path(directory))  # trained gates / SideNet / LoRA written by save_pretrained
+    if d is not None:
+        load_weights(wrapped, d)  # trained gates / SideNet / LoRA written by save_pretrained
     if mem_dir is not None:
         wrapped.memory.load(mem_dir)
     return wrapped

@@ -43,6 +43,7 @@ from memkit.errors import (
 from memkit.files import (
     MANIFEST,
     atomic_save,
+    check_saved_dir,
     check_seal,
     file_digests,
     read_json,
@@ -51,6 +52,7 @@ from memkit.files import (
     verify_files,
     write_json,
 )
+from memkit.paths import check_dir_target, expand_text, user_path
 from memkit.registry import Registry
 
 __all__ = [
@@ -123,6 +125,7 @@ class BaseBank(ABC):
     name: ClassVar[str] = "base"
     exact: ClassVar[bool] = True  # exact backends must equal numpy brute force in the conformance suite
     probe_on_check: ClassVar[bool] = True  # check_bank_config may build one (cheap, in memory) to validate values
+    path_is_dir: ClassVar[bool] = False  # its ``path`` parameter names a directory (check_bank_config checks it)
 
     def __init__(self, *, dim: int, metric: str = "ip") -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
@@ -340,8 +343,7 @@ def read_manifest(path: str | os.PathLike[str], *, verify: bool = True) -> dict[
     directory = save_path(path, "loading a bank")
     recover_dir(directory)
     mpath = directory / MANIFEST
-    if not directory.is_dir():
-        raise CorruptFileError(f"{str(directory)!r} is not a saved bank directory (it does not exist)")
+    check_saved_dir(directory, "bank")
     if not os.path.lexists(mpath):
         raise CorruptFileError(f"{str(directory)!r} has no {MANIFEST}; was it written by bank.save()?")
     manifest = read_json(mpath, "bank manifest")
@@ -417,28 +419,41 @@ def require(module: str, extra: str) -> Any:
         ) from exc
 
 
+URI_SCHEMES = ("disk", "qdrant", "milvus")
+
+
 def parse_uri(spec: str) -> tuple[str, dict[str, Any]]:
-    """'disk:///data/mem' -> ('disk', {path}); 'qdrant://host:6333/coll' -> ('qdrant', {url, collection})."""
+    """'disk:///data/mem' -> ('disk', {path}); 'qdrant://host:6333/coll' -> ('qdrant', {url, collection}).
+
+    A local path may start with ``~`` or ``$VARIABLE`` (``disk://~/mem``, ``disk:///~/mem``, ``milvus://$DATA/m.db``),
+    expanded by :mod:`memkit.paths`; it must be absolute once expanded. A query (``?``) or fragment (``#``) is
+    refused: memkit would otherwise drop it silently."""
     parsed = urlparse(spec)
     scheme = parsed.scheme.lower()
+    if scheme in URI_SCHEMES and ("?" in spec or "#" in spec):
+        raise ConfigError(f"{spec!r}: memkit URIs take no query (?...) or fragment (#...), which would be dropped; "
+                          "pass backend parameters as params, e.g. {'backend': 'disk', 'params': {'path': ...}}")
+    local = _local_path(spec) if scheme in URI_SCHEMES else None
     if scheme == "disk":
-        if parsed.netloc or not parsed.path.startswith("/"):
+        if local is None:
             raise ConfigError(f"{spec!r}: disk URIs name an absolute path after three slashes, "
-                              "disk:///data/mem; for a relative directory pass "
+                              "disk:///data/mem (or disk://~/mem); for a relative directory pass "
                               "{'backend': 'disk', 'params': {'path': 'relative/dir'}}")
-        return "disk", {"path": parsed.path}
+        return "disk", {"path": local}
     if scheme == "qdrant":
-        collection = parsed.path.strip("/") if parsed.netloc else None
+        if local is not None:
+            return "qdrant", {"path": local}
         if parsed.netloc:
+            collection = parsed.path.strip("/")
             if not collection:
                 raise ConfigError("qdrant server URIs look like qdrant://host:6333/collection")
             return "qdrant", {"url": f"http://{parsed.netloc}", "collection": collection}
-        return "qdrant", {"path": parsed.path or ":memory:"}
+        return "qdrant", {"path": ":memory:"}
     if scheme == "milvus":  # milvus://host:19530/collection (a server); milvus:///data/mem.db (milvus-lite)
+        if local is not None:
+            return "milvus", {"path": local}
         if not parsed.netloc:  # "milvus://" alone: a private temporary milvus-lite database
-            if parsed.path == "/":
-                raise ConfigError(f"{spec!r}: milvus-lite URIs name a file after three slashes, milvus:///data/mem.db")
-            return "milvus", {"path": parsed.path} if parsed.path else {}
+            return "milvus", {}
         collection = parsed.path.strip("/")
         if not collection or "/" in collection or parsed.netloc.endswith(".db") or parsed.netloc.startswith("."):
             raise ConfigError(f"{spec!r}: milvus server URIs look like milvus://host:19530/collection; a milvus-lite "
@@ -447,6 +462,25 @@ def parse_uri(spec: str) -> tuple[str, dict[str, Any]]:
     if scheme in ("http", "https"):
         raise ConfigError(f"{spec!r}: use qdrant://host:port/collection for a Qdrant server")
     raise UnknownBackendError(f"unknown URI scheme {scheme!r} in {spec!r}; use disk:///, qdrant:// or milvus://")
+
+
+def _local_path(spec: str) -> str | None:
+    """The expanded local path a ``scheme:///abs``, ``scheme://~/...`` or ``scheme://$VAR/...`` URI names; None
+    when it names a server or nothing (``qdrant://``)."""
+    rest = spec.split("://", 1)[1]
+    if rest.startswith("/") and rest[1:2] in ("~", "$"):
+        rest = rest[1:]  # disk:///~/mem: the home directory, never a directory called "~" at the root
+    if rest == "/":
+        example = {"milvus": "milvus:///data/mem.db"}.get(spec.split(":")[0].lower(), "disk:///data/mem")
+        raise ConfigError(f"{spec!r} names the root directory; local URIs name a path of their own after three "
+                          f"slashes, e.g. {example}")
+    if not rest.startswith(("/", "~", "$")):
+        return None
+    path = expand_text(rest, repr(spec), error=ConfigError)
+    if not os.path.isabs(path):
+        raise ConfigError(f"{spec!r} expands to {path!r}, which is not an absolute path; URIs name absolute paths "
+                          "(host names are not expanded)")
+    return path
 
 
 def _construct(cls: type[BaseBank], dim: Any, metric: str, params: dict[str, Any]) -> BaseBank:
@@ -459,7 +493,14 @@ def _construct(cls: type[BaseBank], dim: Any, metric: str, params: dict[str, Any
         )
     if dim is None:
         raise ConfigError(f"creating a {cls.name!r} bank needs dim=..., the vector dimension")
-    return cls(dim=dim, metric=metric, **params)
+    try:
+        return cls(dim=dim, metric=metric, **params)
+    except MemkitError:
+        raise
+    except OSError as exc:  # a directory the backend could not create or open: a bad path, never a crash
+        where = params.get("path", params.get("url", params.get("uri", "")))
+        raise ConfigError(f"could not create the {cls.name!r} bank at {str(where)!r}: {exc.strerror or exc}; give a "
+                          "directory path that can be created and written") from exc
 
 
 def create_bank(spec: str | dict[str, Any] | BankConfig = "faiss-flat", *, dim: int | None = None,
@@ -502,6 +543,9 @@ def check_bank_config(spec: BankConfig, dim: int) -> None:
     if unknown:
         raise UnknownParameterError(f"backend {cls.name!r} does not accept parameter(s) {unknown}; it accepts "
                                     f"{sorted(accepted)}")
+    if cls.path_is_dir and params.get("path") not in (None, ":memory:"):  # read-only: nothing is created here
+        check_dir_target(user_path(params["path"], f"{cls.name} bank path", error=ConfigError),
+                         f"the {cls.name!r} bank path")
     if not set(params) & LOCATION_PARAMS and cls.probe_on_check:
         cls(dim=dim, metric=spec.metric, **params).close()
 

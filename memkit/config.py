@@ -31,6 +31,7 @@ from memkit.configbase import (
     read_mapping,
 )
 from memkit.errors import ConfigError, InvalidInputError
+from memkit.paths import check_dir_target, user_path
 from memkit.retrieval.config import LEGACY_KEYS as LEGACY_RETRIEVAL
 from memkit.retrieval.config import RetrievalConfig, migrate_legacy_retrieval
 from memkit.styles import STYLES, LayerSpec, LongMemConfig, MemLongConfig, StyleConfig, style_config_class
@@ -109,9 +110,17 @@ class KVStoreConfig(ConfigBase):
             if not isinstance(self.disk_dir, (str, os.PathLike)) or not str(self.disk_dir).strip():
                 raise ConfigError(f"KVStoreConfig.disk_dir must be a directory path or None, got {self.disk_dir!r}")
             self.disk_dir = os.fspath(self.disk_dir)
-            if os.path.exists(self.disk_dir) and not os.path.isdir(self.disk_dir):
-                raise ConfigError(f"KVStoreConfig.disk_dir={self.disk_dir!r} is a file; give a directory (memkit "
-                                  "creates its spill files in a new subdirectory there)")
+            check_dir_target(user_path(self.disk_dir, "KVStoreConfig.disk_dir", error=ConfigError),
+                             f"KVStoreConfig.disk_dir={self.disk_dir!r}")
+        if self.device_bytes == 0 and self.host_bytes == 0 and (self.disk_dir is None or self.disk_bytes == 0):
+            raise ConfigError("KVStoreConfig: device_bytes, host_bytes and the disk tier are all 0, so no K/V page "
+                              "could be stored; give host_bytes (e.g. '1GB') or a disk_dir with disk_bytes")
+
+    def disk_path(self) -> Path | None:
+        """``disk_dir`` with ``~`` and ``$VARIABLES`` expanded (:mod:`memkit.paths`); None without a disk tier."""
+        if self.disk_dir is None:
+            return None
+        return user_path(self.disk_dir, "KVStoreConfig.disk_dir", error=ConfigError)
 
 
 @dataclass
@@ -363,6 +372,15 @@ def resolve_layers(spec: LayerSpec, num_layers: int) -> list[int]:
     return layers
 
 
+def _refuse_two_backends(data: dict[str, Any], where: str) -> None:
+    """``backend`` is shorthand for ``bank.backend``: one place may not give both with different values."""
+    bank = data.get("bank")
+    inner = bank.get("backend") if isinstance(bank, dict) else bank.backend if isinstance(bank, BankConfig) else None
+    if data.get("backend") is not None and inner is not None and inner != data["backend"]:
+        raise ConfigError(f"{where} set backend={data['backend']!r} and bank.backend={inner!r}; backend is shorthand "
+                          "for bank.backend, so give one of them")
+
+
 def load_config(source: str | Path | dict[str, Any] | MemoryConfig | None = None, **overrides: Any) -> MemoryConfig:
     """Build a MemoryConfig from a config object, dict, YAML/JSON path or keywords (keywords override)."""
     if source is None:
@@ -379,6 +397,11 @@ def load_config(source: str | Path | dict[str, Any] | MemoryConfig | None = None
         )
     base = migrate_legacy_retrieval(base)
     overrides = migrate_legacy_retrieval(dict(overrides))
+    _refuse_two_backends(base, "the config")
+    _refuse_two_backends(overrides, "the keyword arguments")
+    bank = overrides.get("bank")
+    if isinstance(bank, BankConfig) or (isinstance(bank, dict) and "backend" in bank):
+        base.pop("backend", None)  # a keyword bank.backend overrides the config's backend shorthand
     if "style" in overrides and overrides["style"] != base.get("style", "memlong"):
         base.pop(base.get("style", "memlong"), None)  # switching style: the old style's block does not apply
     for key, value in overrides.items():

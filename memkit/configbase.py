@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from memkit.errors import ConfigError, MissingDependencyError, UnknownParameterError
+from memkit.paths import user_path
 
 __all__ = ["ConfigBase", "check_choice", "check_positive", "check_bool", "check_number", "read_mapping",
            "is_cosine_setting"]
@@ -48,7 +49,7 @@ class ConfigBase:
 
     def save(self, path: str | Path) -> None:
         """Write the config as JSON (``.json``) or YAML (``.yaml``/``.yml``)."""
-        path = Path(path)
+        path = user_path(path, "saving a config", error=ConfigError)
         data = self.to_dict()
         if path.suffix in (".yaml", ".yml"):
             path.write_text(_yaml().safe_dump(data, sort_keys=False))
@@ -79,20 +80,69 @@ def _yaml() -> Any:
 
 
 def read_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON file holding a mapping (never executes code)."""
+    """A YAML or JSON file holding a mapping (never executes code). ``~`` and ``$VARIABLES`` in the path are
+    expanded (:mod:`memkit.paths`); a key written twice in one mapping is refused, not silently last-wins."""
     if not isinstance(path, (str, Path)) or not str(path):
         raise ConfigError(f"a config file path must be a non-empty str or Path, got {path!r}")
-    path = Path(path)
+    path = user_path(path, "config file", error=ConfigError)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; pass the path of a .yaml or .json file in it")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass a path to a .yaml or .json file")
-    text = path.read_text()
     try:
-        data = _yaml().safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"could not read config file {str(path)!r}: {exc}") from exc
+    try:
+        data = _yaml().load(text, Loader=_unique_key_loader()) if path.suffix in (".yaml", ".yml") else \
+            json.loads(text, object_pairs_hook=_unique_pairs)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}") from exc
     except Exception as exc:  # yaml.YAMLError / json.JSONDecodeError
         raise ConfigError(f"could not parse config file {str(path)!r}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level")
     return data
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """JSON object hook: a key written twice is an error (json keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConfigError(f"key {key!r} is written twice in one mapping; keep one")
+        out[key] = value
+    return out
+
+
+_LOADER: Any = None
+
+
+def _unique_key_loader() -> Any:
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one silently)."""
+    global _LOADER
+    if _LOADER is None:
+        yaml = _yaml()
+
+        class UniqueKeyLoader(yaml.SafeLoader):  # type: ignore[misc, name-defined]
+            def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+                seen: set[Any] = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: merged keys may be overridden
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        twice = key in seen
+                    except TypeError:  # an unhashable key: SafeLoader itself refuses it below
+                        continue
+                    if twice:
+                        raise ConfigError(f"key {key!r} is written twice in one mapping (line "
+                                          f"{key_node.start_mark.line + 1}); keep one")
+                    seen.add(key)
+                return super().construct_mapping(node, deep=deep)
+
+        _LOADER = UniqueKeyLoader
+    return _LOADER
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from memkit.errors import CorruptFileError, InvalidInputError, SaveTargetError
+from memkit.paths import user_path
 
-__all__ = ["MANIFEST", "MAX_JSON_BYTES", "SEAL", "atomic_save", "check_save_target", "file_digests",
+__all__ = ["MANIFEST", "MAX_JSON_BYTES", "SEAL", "atomic_save", "check_save_target", "check_saved_dir", "file_digests",
            "fsync_dir", "make_tmp_dir", "owner_tag", "read_json", "read_versioned_json", "recover_dir", "replace_dir", "seal",
            "check_seal", "save_path", "sha256_file", "verify_files", "write_json"]
 
@@ -118,8 +119,7 @@ def read_versioned_json(directory: Path, name: str, *, fmt: str, version: int, w
     ``fmt`` at ``version``."""
     recover_dir(directory)
     path = directory / name
-    if not directory.is_dir():
-        raise CorruptFileError(f"{str(directory)!r} is not a saved directory (it does not exist or is a file)")
+    check_saved_dir(directory, what)
     if not os.path.lexists(path):
         raise CorruptFileError(f"{str(directory)!r} has no {name}; was it written by {writer}?")
     data = read_json(path, what)
@@ -130,6 +130,18 @@ def read_versioned_json(directory: Path, name: str, *, fmt: str, version: int, w
                                f"{version}. Re-save it with a matching memkit version")
     check_seal(data, path)
     return data
+
+
+def check_saved_dir(directory: Path, what: str) -> None:
+    """Refuse to load ``what`` from ``directory`` unless it is a directory, saying what it is instead."""
+    if directory.is_dir():
+        return
+    if not os.path.lexists(directory):
+        raise CorruptFileError(f"cannot load the {what}: {str(directory)!r} does not exist; give the directory it was "
+                               "saved to")
+    kind = "a broken symbolic link" if directory.is_symlink() else "a file"
+    raise CorruptFileError(f"cannot load the {what}: {str(directory)!r} is {kind}, not a directory (memkit saves are "
+                           "directories); give the directory it was saved to")
 
 
 def verify_files(directory: Path, files: Any, where: Path, *, skip: tuple[str, ...] = (MANIFEST,)) -> None:
@@ -176,18 +188,12 @@ def verify_files(directory: Path, files: Any, where: Path, *, skip: tuple[str, .
 
 # ---------------------------------------------------------------------- what may be replaced
 def save_path(path: Any, what: str) -> Path:
-    """``path`` as a Path, refusing what is not a usable path (None, "", bytes with NUL...)."""
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    if not isinstance(path, (str, os.PathLike)):
-        raise InvalidInputError(f"{what} needs a directory path (str or pathlib.Path), got {type(path).__name__}")
-    text = os.fspath(path)
-    if not isinstance(text, str) or not text.strip() or "\0" in text:
-        raise InvalidInputError(f"{what} needs a non-empty directory path, got {text!r}")
-    p = Path(text)
+    """``path`` as a Path, ``~`` and ``$VARIABLES`` expanded (:mod:`memkit.paths`), refusing what is not a usable
+    path (None, "", bytes with NUL...)."""
+    p = user_path(path, what)
     if p.name in ("", ".", ".."):
-        raise InvalidInputError(f"{what}: {text!r} names the current or a parent directory; give the save its own "
-                                "directory, e.g. 'memory/'")
+        raise InvalidInputError(f"{what}: {os.fspath(path)!r} names the current or a parent directory; give the save "
+                                "its own directory, e.g. 'memory/'")
     return p
 
 

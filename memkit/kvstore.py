@@ -94,11 +94,17 @@ class KVStore:
         self.page_shape, self.page_bytes = self.codec.page_shape, self.codec.page_bytes
         self._lock = threading.RLock()
         self._init_tiers()
+        if self.capacity_pages == 0:
+            cfg = self.config
+            raise ConfigError(f"the K/V store's budgets hold no page of {self.page_bytes:,} bytes (device_bytes="
+                              f"{cfg.device_bytes:,}, host_bytes={cfg.host_bytes:,}, disk: "
+                              f"{cfg.disk_bytes:,} bytes in {cfg.disk_dir!r}); give host_bytes of at least one page, "
+                              "e.g. '1GB', or a disk_dir")
 
     def _init_tiers(self) -> None:
         cfg, pb = self.config, self.page_bytes
         self._tiers: list[MemTier] = [MemTier("device", cfg.device_bytes, pb), MemTier("host", cfg.host_bytes, pb),
-                                       DiskTier(cfg.disk_dir, cfg.disk_bytes, pb)]
+                                       DiskTier(cfg.disk_path(), cfg.disk_bytes, pb)]
         self._where: dict[int, int] = {}  # id -> tier index
         self._moved = {"host_to_device": 0, "device_to_host": 0, "host_to_disk": 0, "disk_to_host": 0,
                        "device_to_disk": 0, "input": 0, "output": 0}

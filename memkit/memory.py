@@ -532,7 +532,10 @@ class MemoryManager:
             return torch.as_tensor(list(ns.spans) if ns is not None else [], dtype=torch.int64)
 
     def reset(self, namespace: str | None = None) -> None:
-        """Forget one namespace (or everything when None). Ids are never reused."""
+        """Forget one namespace (or everything when None). Ids are never reused.
+
+        ``reset()`` also sets the counters of :meth:`stats` (``added``, ``evicted``, ``retrievals``) back to 0;
+        ``reset(namespace)`` keeps them (they count every namespace)."""
         namespace = _name(namespace, allow_none=True)  # type: ignore[assignment]
         with self._lock:
             names = list(self._ns) if namespace is None else [namespace] if namespace in self._ns else []
@@ -544,8 +547,11 @@ class MemoryManager:
                     ns.bank.close()
             if namespace is None:
                 self.store.reset()
+                self._counters = dict.fromkeys(self._counters, 0)
 
     def stats(self) -> dict[str, Any]:
+        """Sizes and counters. ``added``, ``evicted`` and ``retrievals`` count chunks stored, chunks evicted and
+        retrievals since the manager was made or last ``reset()`` (``reset(namespace)`` does not clear them)."""
         with self._lock:
             return {"namespaces": len(self._ns), "chunks": self.num_chunks(), "tokens": self.num_tokens(),
                     "per_namespace": {n: {"chunks": len(ns.spans), "tokens": ns.tokens} for n, ns in self._ns.items()},

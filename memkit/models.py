@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from memkit.errors import InvalidInputError, MissingDependencyError
+from memkit.paths import user_path
 
 __all__ = ["load_smollm2", "load_gemma3", "BUNDLED", "load_model", "resolve_model_path", "converted_dir", "WEIGHT_PATTERNS"]
 
@@ -141,7 +142,7 @@ def resolve_model_path(path: str | os.PathLike[str] | None) -> tuple[str, Path |
         return "smollm2", None
     if str(path) == "gemma3-270m":
         return "gemma3-270m", None
-    p = Path(path).expanduser()
+    p = user_path(path, "model path")
     if not p.exists():
         raise InvalidInputError(f"model path {str(p)!r} does not exist; pass a local HF model folder or a .gguf file")
     if p.is_file():

@@ -4,15 +4,14 @@
   bf16 or int8 with a per-page or per-channel scale (error bounds in the kvstore docstring).
 * ``MemTier`` / ``DiskTier`` — LRU-ordered containers with a byte budget; the disk tier keeps pages in
   fixed-size slots of segment files read with ``pread`` (InfLLM-style offloading, Xiao et al. 2024, plus disk):
-  spilled pages never count in the process's resident memory.
+  spilled pages never count in the process's resident memory. Its private directory is made and cleaned up by
+  :mod:`memkit.spill` (removed on close and at exit; leftovers of killed processes removed at the next start).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from memkit.errors import ConfigError, CorruptFileError
+from memkit.spill import make_spill_dir, remove_spill_dir, segment_name, sweep
 
 __all__ = ["PageCodec", "MemTier", "DiskTier", "Entry", "read_meta", "FORMAT", "FORMAT_VERSION", "META_FILE"]
 
@@ -121,9 +121,11 @@ class DiskTier(MemTier):
     grew RSS with every page written or read, toward the size of the files).
     """
 
-    def __init__(self, root: str | None, budget: int, page_bytes: int) -> None:
+    def __init__(self, root: Path | None, budget: int, page_bytes: int) -> None:
         super().__init__("disk", budget if root else 0, page_bytes)
         self.root = root
+        if root is not None:
+            sweep(root)  # spill directories of killed processes (memkit.spill): removed at the next start
         self.dir: str | None = None  # created on the first spilled page
         self.seg_slots = max(1, min(self.slots, SEGMENT_BYTES // page_bytes))
         self.fds: list[int] = []  # one open segment file per SEGMENT_BYTES of slots
@@ -135,11 +137,11 @@ class DiskTier(MemTier):
         if not self.free_slots:
             if self.dir is None:
                 assert self.root is not None
-                Path(self.root).mkdir(parents=True, exist_ok=True)
-                self.dir = tempfile.mkdtemp(prefix="memkit-kv-", dir=self.root)
+                self.dir = make_spill_dir(self.root)
+                # closes the files and removes the directory on close(), garbage collection or interpreter exit
                 self._finalizer = weakref.finalize(self, _close_segments, self.fds, self.dir)
             k = min(self.seg_slots, self.slots - self.allocated)
-            path = os.path.join(str(self.dir), f"seg-{len(self.fds):05d}.bin")
+            path = os.path.join(str(self.dir), segment_name(len(self.fds)))
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             os.ftruncate(fd, k * self.page_bytes)  # sparse until written
             self.fds.append(fd)
@@ -196,7 +198,7 @@ def _close_segments(fds: list[int], directory: str) -> None:
         except OSError:
             pass
     fds.clear()
-    shutil.rmtree(directory, ignore_errors=True)
+    remove_spill_dir(directory)
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

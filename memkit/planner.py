@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,9 +296,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the plan as JSON to this path")
     p.add_argument("--check", action="store_true",
                    help="kept for scripts: the exit status is 1 whenever the plan does not fit")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads, like every memkit command (planning itself computes nothing heavy)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidInputError(f"--threads must be >= 1, got {args.threads}")
+        torch = sys.modules.get("torch")  # planning needs no torch; a caller's imported torch gets the setting
+        if torch is not None:
+            torch.set_num_threads(args.threads)
     context = parse_length(args.context)
     gpu = None if str(args.gpu_memory).strip().lower() in ("none", "cpu") else args.gpu_memory
     if args.batch <= 0:

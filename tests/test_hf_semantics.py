@@ -129,13 +129,16 @@ def test_logits_to_keep_follows_hugging_face() -> None:
         loss_full = wrapped(ids, labels=ids).loss
         wrapped.memory.reset()
         loss_kept = wrapped(ids, labels=ids, logits_to_keep=1)
+        wrapped.memory.reset()
+        all_n = wrapped(ids, logits_to_keep=150).logits
     assert last.shape == (1, 1, full.shape[-1])
     torch.testing.assert_close(last, full[:, -1:])
     torch.testing.assert_close(tail, full[:, -20:])
+    torch.testing.assert_close(all_n, full)  # logits_to_keep=N: every position, as HF
     torch.testing.assert_close(some, full[:, [149, 3, 77, 3, 149]])
     torch.testing.assert_close(loss_kept.loss, loss_full)
     assert loss_kept.logits.shape[1] == 1
-    for bad in (-1, 2.5, "all", torch.tensor([[1]]), torch.tensor([150])):
+    for bad in (-1, 151, 10**9, 2.5, "all", torch.tensor([[1]]), torch.tensor([150])):
         with pytest.raises(memkit.InvalidInputError):
             wrapped(ids, logits_to_keep=bad)
 

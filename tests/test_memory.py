@@ -60,6 +60,27 @@ def test_round_trip_returns_exact_pages_in_time_order():
     assert r.keys.shape == (5, L, H, C, D) and r.scores.dtype == torch.float32
 
 
+def test_stats_counters_restart_at_reset_and_count_every_namespace_until_then():
+    """``added``/``evicted``/``retrievals`` count since the manager was made or last ``reset()``; ``reset(ns)``
+    forgets one namespace and keeps them (they are not per namespace)."""
+    mm = make_mm(capacity_tokens=4 * C)
+    for name, seed in (("a", 1), ("b", 2)):
+        k, v, e, s = chunks(6, seed=seed)
+        mm.add_chunks(k, v, e, s, namespace=name)
+        mm.retrieve(e[0], namespace=name)
+    assert {key: mm.stats()[key] for key in ("added", "evicted", "retrievals")} == \
+        {"added": 12, "evicted": 4, "retrievals": 2}
+    mm.reset("a")
+    assert {key: mm.stats()[key] for key in ("added", "evicted", "retrievals")} == \
+        {"added": 12, "evicted": 4, "retrievals": 2}
+    mm.reset()
+    assert {key: mm.stats()[key] for key in ("added", "evicted", "retrievals")} == \
+        {"added": 0, "evicted": 0, "retrievals": 0}
+    k, v, e, s = chunks(2, seed=3)
+    mm.add_chunks(k, v, e, s)
+    assert mm.stats()["added"] == 2
+
+
 def test_empty_namespace_and_k_larger_than_memory():
     mm = make_mm()
     r = mm.retrieve(torch.ones(E) / 4)

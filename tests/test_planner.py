@@ -110,6 +110,21 @@ def test_cli(tmp_path: Path) -> None:
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "no model config" in run.stderr
 
 
+def test_plan_takes_threads_like_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from memkit.cli import COMMANDS, main
+
+    cfg = tmp_path / "pages.yaml"
+    cfg.write_text(f"kvstore: {{disk_dir: {tmp_path / 'pages'}}}\n")
+    assert main(["plan", "--model", str(OPENLLAMA), "--context", "80k", "--config", str(cfg), "--threads", "1"]) == 0
+    assert "FITS" in capsys.readouterr().out
+    assert main(["plan", "--model", str(OPENLLAMA), "--context", "80k", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    for command, sub in COMMANDS:  # every command and subcommand of `memkit`
+        with pytest.raises(SystemExit) as done:
+            main([command, *([sub] if sub else []), "--help"])
+        assert done.value.code == 0 and "--threads" in capsys.readouterr().out, (command, sub)
+
+
 def test_page_bytes_match_the_codec() -> None:
     pytest.importorskip("torch")
     from memkit.pages import PageCodec

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -99,6 +101,61 @@ def test_a_thread_using_the_plain_model_never_sees_another_threads_step() -> Non
     wrapped.generate(_ids(60, 8), max_new_tokens=8, do_sample=False, streamer=Slow(), pad_token_id=0)
     th.join()
     torch.testing.assert_close(plain[0], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_memory_disabled_applies_to_the_calling_thread_only() -> None:
+    """Thread A sits inside ``memory_disabled()`` while thread B reads a document, asks with ``forward`` and with
+    ``generate(..., flush_window=False)``: B's answers, and what B stored, equal a run without A; A's own calls are
+    the plain model's, ``flush_window`` included."""
+    model = tiny_model("llama")
+    wrapped = memkit.wrap(model, **CFG)
+    doc, question = _ids(120, 40), _ids(40, 41)
+
+    def b_work() -> tuple[torch.Tensor, torch.Tensor, int]:
+        wrapped.memory.ingest(doc, namespace="b")
+        logits = wrapped(question, namespaces=["b"], logits_to_keep=4).logits
+        answer = wrapped.generate(question, max_new_tokens=6, do_sample=False, namespaces=["b"], pad_token_id=0,
+                                  flush_window=False)
+        return logits, answer, wrapped.memory.num_chunks("b")
+
+    expected = b_work()
+    wrapped.memory.reset()
+    with torch.no_grad():
+        plain_logits = model(question).logits[:, -4:]
+        plain_answer = model.generate(question, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert not torch.allclose(expected[0], plain_logits, atol=1e-3)  # memory changes B's answer
+
+    inside, b_done = threading.Event(), threading.Event()
+    a_got: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def a_thread() -> None:
+        try:
+            with wrapped.memory_disabled():
+                inside.set()
+                with torch.no_grad():
+                    a_got["logits"] = wrapped(question, flush_window=False).logits[:, -4:]
+                a_got["answer"] = wrapped.generate(question, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                                   flush_window=False)
+                b_done.wait(120)  # still inside while B runs
+        except BaseException as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=a_thread)
+    th.start()
+    assert inside.wait(60)
+    try:
+        got = b_work()
+    finally:
+        b_done.set()
+        th.join()
+    assert not errors, errors
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0)
+    assert got[2] == expected[2] > 0
+    torch.testing.assert_close(a_got["logits"], plain_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a_got["answer"], plain_answer, rtol=0, atol=0)
+    assert wrapped.memory.num_chunks() == expected[2]  # A stored nothing
 
 
 def test_nested_call_from_a_streamer_is_refused() -> None:
@@ -221,8 +278,9 @@ def test_model_api_raises_only_memkit_errors(which: str, value: Any, tmp_path_fa
         "labels": lambda: wrapped(ok, labels=value),
         "mask": lambda: wrapped(ok, attention_mask=value),
     }
-    try:
-        with torch.no_grad(), contextlib.chdir(tmp_path_factory.getbasetemp()):  # junk paths land in a temp dir
+    base = tmp_path_factory.getbasetemp()
+    try:  # junk paths land in a temp dir, "~" included (memkit expands it: memkit.paths)
+        with torch.no_grad(), contextlib.chdir(base), mock.patch.dict(os.environ, {"HOME": str(base)}):
             calls[which]()
     except memkit.MemkitError:
         pass

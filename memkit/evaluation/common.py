@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from memkit.errors import ConfigError, InvalidInputError
+from memkit.paths import user_path
 
 __all__ = ["MODES", "add_common_arguments", "load_for_args", "make_runner", "parse_modes", "peak_rss_bytes",
            "current_rss_bytes", "memory_bytes", "write_json", "format_table", "human_bytes", "RssSampler",
@@ -69,7 +70,7 @@ def check_file(path: str | None, what: str) -> Path | None:
     """A path given on the command line that must be an existing file."""
     if path is None:
         return None
-    p = Path(path).expanduser()
+    p = user_path(path, what)
     if not p.is_file():
         raise InvalidInputError(f"{what} {str(p)!r} does not exist or is not a file")
     return p

@@ -11,6 +11,9 @@ the parent knows which case did it and can rerun the rest with that case skipped
 Crafted cases *re-hash* the manifests after the damage, so checksums do not stop them: they test what
 reaches the JSON/safetensors/native loaders. The pickle payload creates the ``marker`` directory if it
 is ever unpickled.
+
+Hostile *arguments* (paths, URIs, K/V budgets) are property-tested with the strategies of
+:mod:`memkit.testing.hostile_inputs` (``tests/test_hostile_inputs.py``).
 """
 
 from __future__ import annotations
