@@ -46,7 +46,25 @@ POSITION_SCHEMES = ("contiguous", "zero", "original")
 MAX_TOP_K = 1024  # chunks per block; 1,024 x 128 tokens is far past any model's trained positions
 MAX_TOKENS = 1 << 20  # window, block, chunk and sink sizes
 LEGACY_RETRIEVAL_KEYS = tuple(LEGACY_RETRIEVAL)  # memkit 0.2's top-level retrieval keys, in InitVar order
-_UNSET: Any = object()  # "not given" for those keys
+
+
+class _Moved:
+    """What a memkit 0.2 retrieval key reads as on a MemoryConfig: where it lives now. It is also the "not given"
+    default of that keyword (dataclasses.replace hands it back unchanged), and refuses to stand in for a value."""
+
+    def __init__(self, key: str) -> None:
+        step, stage, setting = LEGACY_RETRIEVAL[key][-1]
+        self.key, self.place = key, f"retrieval.{step}.{stage}" + (f".{setting}" if setting else "")
+
+    def __repr__(self) -> str:
+        return f"<MemoryConfig.{self.key} moved to {self.place}>"
+
+    def __bool__(self) -> bool:
+        raise ConfigError(f"MemoryConfig.{self.key} moved to {self.place}; read it there "
+                          f"(config.retrieval.stage(step, stage)), see docs/configuration.md")
+
+
+_MOVED = {key: _Moved(key) for key in LEGACY_RETRIEVAL_KEYS}
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|hpu|npu|meta)(:\d+)?")
 
 # Old top-level keys -> (style, key in that style's block)
@@ -156,16 +174,16 @@ class MemoryConfig(ConfigBase):
     progress: bool = True  # tqdm progress bars on long inputs
     backend: InitVar[str | None] = None  # shorthand for bank.backend (not a field of its own)
     # memkit 0.2's retrieval keys: accepted with a FutureWarning and moved into `retrieval` (LEGACY_KEYS)
-    max_chunk_similarity: InitVar[Any] = _UNSET
-    fill_neighbors: InitVar[Any] = _UNSET
-    question_tokens: InitVar[Any] = _UNSET
-    question_neighbors: InitVar[Any] = _UNSET
-    question_top_k: InitVar[Any] = _UNSET
-    question_lexical: InitVar[Any] = _UNSET
-    question_reread: InitVar[Any] = _UNSET
+    max_chunk_similarity: InitVar[Any] = _MOVED["max_chunk_similarity"]
+    fill_neighbors: InitVar[Any] = _MOVED["fill_neighbors"]
+    question_tokens: InitVar[Any] = _MOVED["question_tokens"]
+    question_neighbors: InitVar[Any] = _MOVED["question_neighbors"]
+    question_top_k: InitVar[Any] = _MOVED["question_top_k"]
+    question_lexical: InitVar[Any] = _MOVED["question_lexical"]
+    question_reread: InitVar[Any] = _MOVED["question_reread"]
 
     def __post_init__(self, backend: str | None, *legacy: Any) -> None:
-        given = {k: v for k, v in zip(LEGACY_RETRIEVAL_KEYS, legacy) if v is not _UNSET}
+        given = {k: v for k, v in zip(LEGACY_RETRIEVAL_KEYS, legacy) if not isinstance(v, _Moved)}
         if given:  # the old keys win over the block's values (both given to the constructor: the newer spelling)
             moved = migrate_legacy_retrieval(given, stacklevel=5)["retrieval"]
             current = self.retrieval.to_dict() if isinstance(self.retrieval, RetrievalConfig) else self.retrieval
@@ -287,29 +305,6 @@ class MemoryConfig(ConfigBase):
         """The style's config block (a :class:`~memkit.styles.StyleConfig`)."""
         assert self.style_config is not None
         return self.style_config
-
-
-def _legacy_property(key: str) -> property:
-    """Reading a memkit 0.2 retrieval key: its value in the retrieval block, with a FutureWarning naming the place."""
-    step, stage, setting = LEGACY_RETRIEVAL[key][-1]
-
-    def get(self: MemoryConfig) -> Any:
-        warnings.warn(f"MemoryConfig.{key} moved to retrieval.{step}.{stage}" + (f".{setting}" if setting else "")
-                      + " (see docs/configuration.md)", FutureWarning, stacklevel=2)
-        cfg = self.retrieval.stage(step, stage)
-        if setting is None:
-            return cfg is not None
-        if key == "question_top_k" and cfg is not None and getattr(cfg, "adaptive", False):
-            return None  # the question step chooses how many itself (at most top_k)
-        if cfg is None:
-            return 0 if key in ("question_lexical", "question_tokens", "question_neighbors") else None
-        return getattr(cfg, setting)
-
-    return property(get, doc=f"memkit 0.2's {key}: now retrieval.{step}.{stage}")
-
-
-for _key in LEGACY_RETRIEVAL_KEYS:  # after the dataclass is made: its __init__ keeps the InitVar defaults
-    setattr(MemoryConfig, _key, _legacy_property(_key))
 
 
 def _migrate_legacy(data: dict[str, Any]) -> dict[str, Any]:

@@ -126,8 +126,12 @@ def test_memkit_0_2_keys_load_with_a_warning_naming_the_new_key(tmp_path: Path) 
         assert load_config(path).retrieval.stage("question", "select").k == 3
     with pytest.raises(ConfigError, match="disagree; give one"):
         MemoryConfig.from_dict({"question_top_k": 3, "retrieval": {"question": {"select": {"k": 5}}}})
-    with pytest.warns(FutureWarning, match="moved to retrieval.question.select.k"):
-        assert cfg.question_top_k == 3  # reading the old name still answers, and says where it lives now
+    assert "retrieval.question.select.k" in repr(cfg.question_top_k)  # the old name says where it lives now ...
+    with pytest.raises(ConfigError, match=r"moved to retrieval\.question\.select\.k"):
+        bool(cfg.question_top_k)  # ... and never stands in for a value
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cfg.replace(top_k=6).retrieval == cfg.retrieval  # copies carry the block, not the old keys
 
 
 def test_a_save_written_before_the_retrieval_block_loads(tmp_path: Path) -> None:
