@@ -227,29 +227,6 @@ class Namespace:
         top = top[np.argsort(-score[top], kind="stable")][:n]
         return cids[top], score[top].astype(np.float32), float(np.median(score)), of
 
-    def linked(self, cid: int, max_df: int) -> list[int]:
-        """Chunks that share a rare adjacent-token pair with chunk ``cid``: a pair found in at most ``max_df`` chunks
-        (a name, a key or a variable spelled the same way twice), ``cid``'s first. Chunks without token ids link
-        nothing."""
-        if self._lex is None:
-            self.lexical(np.zeros(1, np.int64), 0)  # builds the index
-        assert self._lex is not None
-        cids, flat, owner, _ = self._lex
-        row = np.flatnonzero(cids == cid)
-        if not len(row):
-            return []
-        pairs = flat >= (1 << 32)  # adjacent pairs are coded above every token id (memkit.lexical)
-        mine = np.unique(flat[pairs & (owner == row[0])])
-        if not len(mine):
-            return []
-        hit = pairs & np.isin(flat, mine)
-        terms, owners = flat[hit], owner[hit]
-        uniq = np.unique(np.stack([terms, owners], 1), axis=0)  # (term, chunk) present
-        df = dict(zip(*np.unique(uniq[:, 0], return_counts=True)))
-        rare = [t for t, n in df.items() if 2 <= n <= max_df]
-        found = uniq[np.isin(uniq[:, 0], rare) & (uniq[:, 1] != row[0]), 1]
-        return [int(c) for c in cids[np.unique(found)]]
-
     def scores_of(self, query: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The bank's score ("higher = closer") of stored chunks ``ids`` (n,) for ``query`` (E,)."""
         vecs = self.bank.get(ids)  # (n, E), normalised for cosine

@@ -334,24 +334,3 @@ def test_the_runtime_calls_the_pipeline_once_per_step() -> None:
     assert seen[-1] == "question" and seen.count("question") == 1
     assert isinstance(Pipeline.build("block", RetrievalConfig().stages("block")), Pipeline)
 
-
-def test_links_follow_a_chain_named_again_in_other_chunks() -> None:
-    """A head holding the first link of a chain (``alpha`` is the asked value, ``kilo lima`` the first name) brings the
-    chunks that name its rare pair again, hop by hop (``kilo lima`` -> ``juliet india``), among the candidates and within
-    the budget; a pair common to the text links nothing."""
-    cfg = {"question": {"links": {}, "neighbours": {"of_best": 0}}}
-    mm = manager(top_k=6, retrieval=cfg)
-    texts = ["golf hotel golf hotel", "alpha kilo lima", "golf hotel bravo", "kilo lima juliet india", "golf hotel delta",
-             "juliet india golf", "golf hotel charlie", "golf hotel foxtrot"]
-    fill(mm, texts)
-    row = step(mm, "alpha")
-    assert row.result is not None
-    assert {t["id"]: t["why"] for t in mm.trace()} == {1: "head", 3: "link", 5: "link"}
-    assert mm.selection()["links"] == 2
-    ns = mm._ns["default"]
-    assert ns.linked(1, 2) == [3] and ns.linked(0, 2) == []  # "golf hotel" is everywhere: no link
-    off = manager(top_k=6, retrieval={"question": {"neighbours": {"of_best": 0}}})
-    fill(off, texts)
-    assert step(off, "alpha").result.ids.tolist() == [1]  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match=r"links\.max_df"):
-        MemoryConfig(retrieval={"question": {"links": {"max_df": 1}}})
