@@ -485,26 +485,6 @@ def setups_for(modes: list[str], styles: list[str], paths: list[str] | tuple[str
     return list(dict.fromkeys(out))
 
 
-def parse_context_modes(text: str) -> list[str]:
-    from memkit.errors import InvalidInputError
-
-    modes = [m.strip() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise InvalidInputError(f"--modes {text!r}: unknown mode(s) {bad}; choose from {list(MODES)}")
-    return modes
-
-
-def parse_paths(text: str) -> list[str]:
-    from memkit.errors import InvalidInputError
-
-    paths = [p.strip() for p in str(text).split(",") if p.strip()]
-    bad = [p for p in paths if p not in PATHS]
-    if bad or not paths:
-        raise InvalidInputError(f"--paths {text!r}: unknown path(s) {bad}; choose from {list(PATHS)}")
-    return paths
-
-
 def pair_ratios(runs: dict[str, list[dict[str, Any]]], L: int) -> dict[str, dict[str, float]]:
     """Speed ratios tok/s(a) / tok/s(b) at length L per repeat (repeat r of a against repeat r of b): median,
     min, max and count for every pair of :data:`PAIRS` that both ran at L. Above 1 = a reads faster."""
@@ -533,13 +513,9 @@ def _spread(v: Any) -> str:
 
 
 def parse_styles(text: str) -> list[str]:
-    from memkit.errors import InvalidInputError
+    from memkit.evaluation.common import parse_choices
 
-    styles = [s.strip() for s in str(text).split(",") if s.strip()]
-    bad = [s for s in styles if s not in STYLES]
-    if bad or not styles:
-        raise InvalidInputError(f"--styles {text!r}: unknown style(s) {bad}; choose from {list(STYLES)}")
-    return styles
+    return parse_choices("--styles", text, STYLES, "style")
 
 
 def parse_caps(text: str | None) -> dict[str, int]:
@@ -581,11 +557,12 @@ def _accounting(rows: list[dict[str, Any]], setups: list[str], lengths: list[int
 
 def run(args: argparse.Namespace) -> int:
     from memkit.errors import InvalidInputError
-    from memkit.evaluation.common import load_config_arg
+    from memkit.evaluation.common import load_config_arg, parse_choices
     from memkit.evaluation.haystack import parse_lengths
 
     lengths = sorted(set(parse_lengths(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS))))
-    setups = setups_for(parse_context_modes(args.modes), parse_styles(args.styles), parse_paths(args.paths))
+    setups = setups_for(parse_choices("--modes", args.modes, MODES, "mode"), parse_styles(args.styles),
+                        parse_choices("--paths", args.paths, PATHS, "path"))
     caps = parse_caps(args.caps)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 1)
     if repeats < 1:
@@ -611,6 +588,7 @@ def run(args: argparse.Namespace) -> int:
             plan.append((m, todo))
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m, _ in plan}
     t_start = time.perf_counter()
+    machine = report.machine_info()  # at the start: its load average and commit are those of the run, not of its end
     loads: list[float] = []
     for rep in range(repeats):
         order = list(plan) if rep % 2 == 0 else list(reversed(plan))  # ABC, CBA, ABC: pairs alternate
@@ -706,7 +684,7 @@ def run(args: argparse.Namespace) -> int:
     raw = {m: list(rs) for m, rs in runs.items()}
     weights = next((r.get("weights_bytes") for r in first.values()), None)
     paths = report.write_results("context", rows, cols, "Reading speed, decode latency and peak memory vs context length",
-                                 out_dir=args.out_dir, notes=notes, plots=_plots(rows, list(runs), weights),
+                                 machine, out_dir=args.out_dir, notes=notes, plots=_plots(rows, list(runs), weights),
                                  extra={"runs": raw, "config": cfg.to_dict(), "model": args.model or "SmolLM2-135M",
                                         "accounting": acct, "decode_base_length": base_len,
                                         "setups": list(runs), "labels": {m: LABELS.get(m, m) for m in runs},
