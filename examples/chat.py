@@ -6,9 +6,9 @@ call read (``flush_window``, the default), so the fact is a chunk in memory, fou
 
     python examples/chat.py                 # both halves; the second runs in a fresh Python process
     python examples/chat.py --threads 1     # on a busy machine
-    python examples/chat.py --top-k 12      # memkit's default number of chunks (see the README: it misses)
+    python examples/chat.py --top-k 12      # memkit's default number of chunks (it misses: benchmarks/RESULTS.md)
 
-Measured here (2 CPU cores, SmolLM2-135M-Instruct): see the README's "Memory across calls".
+Measured here (2 CPU cores, SmolLM2-135M-Instruct): benchmarks/RESULTS.md, "A chat remembered across two processes".
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> int:
     p.add_argument("--chat-tokens", type=int, default=6000, help="tokens of other chat after the fact (default 6000)")
     p.add_argument("--top-k", type=int, default=1,
                    help="chunks each turn reads from memory (default 1: with SmolLM2-135M the fact's chunk is found "
-                        "at any top_k, but the model answers from it only when it is alone; see the README)")
+                        "at any top_k, but the model answers from it only when it is alone; see benchmarks/RESULTS.md)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--resume", default=None, help=argparse.SUPPRESS)  # the second half, in a new process
     args = p.parse_args()
