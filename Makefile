@@ -19,7 +19,7 @@ COMPAT_TESTS := tests/test_hf_compat.py tests/test_hf_semantics.py tests/test_wr
 	tests/test_wrap_equivalence.py tests/test_wrap_causality.py tests/test_wrap_api.py tests/test_wrap_batch.py \
 	tests/test_longmem.py tests/test_training.py
 
-.PHONY: setup test test-fast test-compat demo bench lint typecheck clean
+.PHONY: setup test test-fast test-compat demo bench docs lint typecheck clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m memkit.cli bench all
+
+# The README's picture of the data flow, drawn from its script (tests/test_docs.py checks the SVG is current).
+docs: setup
+	$(PY) docs/architecture_figure.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

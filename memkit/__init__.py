@@ -31,7 +31,7 @@ from memkit.errors import (
     UnsupportedModelError,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BankConfig", "BaseBank", "CapacityError", "ConfigError", "CorruptFileError", "DimensionMismatchError",

@@ -28,7 +28,7 @@ from memkit.units import human_bytes, parse_bytes, parse_length
 __all__ = ["ModelShape", "Plan", "plan", "parse_bytes", "page_nbytes"]  # parse_bytes: re-exported from memkit.units
 
 # interpreter + torch + transformers + tokenizers + faiss + MiniLM (468 MiB RSS before any K/V) plus the allocator's
-# working set during a run: with 1GB the plan was 6-8% above the peak RSS of the 256k and 1M runs (README)
+# working set during a run: with 1GB the plan was 6-8% above the peak RSS of the 256k and 1M runs (benchmarks/RESULTS.md)
 RUNTIME_CPU = "1GB"
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2, "int8": 1}
 

@@ -59,8 +59,7 @@ class MemLongConfig(StyleConfig):
     """``style: memlong`` — which layers store memory and which attend it."""
 
     style: ClassVar[str] = "memlong"
-    memory_layers: LayerSpec = "all"  # layers whose K/V are stored: all layers closed 46% of the ppl gap on Richard
-    # III vs 29% for the upper half (top_k 8, block 512), and found the 16k depth-0.5 passkey the upper half missed
+    memory_layers: LayerSpec = "all"  # layers whose K/V are stored; why all: docs/configuration.md
     retrieval_layers: LayerSpec = None  # layers attending memory; None = the memory layers
     retriever_layer: int | None = None  # layer whose keys the "keys" retriever averages; None = middle
 

@@ -6,15 +6,23 @@ longest length asked, in its own worker process (so peak RSS belongs to that set
 * ``memkit``  - the model wrapped with the memkit config (MemLong-style retrieval of ``top_k`` chunks);
 * ``longmem`` - the same config with ``style="longmem"`` (with ``--styles memlong,longmem``);
 * ``window``  - the memlong wrap with ``top_k=0`` (attention sinks + local window, no retrieval);
-* ``full``    - the plain model with full attention and a growing K/V cache (``DynamicCache``), only up
-  to the model's trained positions (8k for SmolLM2).
+* ``full``    - chunked prefill: the plain model reading block by block into a growing K/V cache
+  (``DynamicCache``), only up to the model's trained positions (8k for SmolLM2);
+* ``oneshot`` - one-shot full attention: the plain model called once on the first L tokens
+  (``model(ids, logits_to_keep=1)``, what a user who fits the input in the window does), within its positions.
 
-Wrapped set-ups read the text with ``model.memory.ingest`` in segments that end at each reported length
+The wrapped set-ups read by ``--paths``: ``ingest`` (set-ups ``memkit``, ``window``, ``longmem``) or ``forward``
+(``memkit_forward``, ...: one ``model(ids, logits_to_keep=1)`` call on the first L tokens, memory reset before it,
+the way a user calls the wrapped model).
+
+Ingest set-ups read the text with ``model.memory.ingest`` in segments that end at each reported length
 L, so at every L the memory holds the chunks of all L tokens (the way a user reads a document, then asks).
-The full set-up reads it block by block into its cache. A forward hook on the decoder times every block
-and samples RSS, so one run gives for every L:
+The full set-up reads it block by block into its cache. Forward and oneshot set-ups call the model once per
+length, from scratch. Every reading call is timed by the wall clock (its 1-minute load average is kept beside
+it), and a forward hook on the decoder times every block and samples RSS, so one run gives for every L:
 
-* ``tok/s`` - L / seconds to read the first L tokens, and ``tok/s @L`` (median of the last four blocks);
+* ``tok/s`` - L / wall-clock seconds to read the first L tokens, and ``tok/s @L`` (ingest and full: median of
+  the last four blocks);
 * ``decode ms/token`` - after L tokens were read, ``generate`` gets the next ``sinks + window + chunk``
   tokens of the text as its prompt (enough to fill the local context, so each decode step attends what
   it would deep inside a long call: sinks, the retrieved memory and a full window) and produces
@@ -28,12 +36,15 @@ and samples RSS, so one run gives for every L:
   the bank's vectors (chunks x dim x 4 bytes) at L, next to the peak RSS up to L. ``RSS - memory`` is
   peak RSS minus pages and vectors: flat in L when memory is the only thing that grows.
 
-The set-ups run interleaved, ``--repeats`` times in a shuffled order, and each figure is the median over
-repeats; ratios (memkit / window, memkit / full) are taken between set-ups of the same run.
+The set-ups run ``--repeats`` times, repeat r in one order and repeat r+1 in the reverse order (so each
+compared pair alternates which runs first), and each figure is the median over repeats; a ratio a/b (memkit /
+window, memkit / full, memkit / oneshot, ...) is the median of the per-repeat ratios, with their range.
 
     memkit bench context --quick                        # 1k..8k, three set-ups, 3 repeats
     memkit bench context                                # 1k..80k
     memkit bench context --styles memlong,longmem       # LongMem-style memory as a fourth set-up
+    memkit bench context --lengths 8k --modes memkit,window,full,oneshot --paths ingest,forward --repeats 3
+                                                        # both full-attention baselines, both reading paths
 
 Results: ``benchmarks/results/context.json``, ``context.md`` and ``context_speed.png``,
 ``context_decode.png``, ``context_memory.png``.
@@ -44,7 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
+import os
 import statistics
 import subprocess
 import sys
@@ -59,6 +70,26 @@ DEFAULT_LENGTHS = "1k,4k,8k,16k,32k,64k,80k"
 QUICK_LENGTHS = "1k,2k,4k,8k"
 STYLES = ("memlong", "longmem")
 WRAPPED = ("memkit", "longmem", "window")
+PLAIN = ("full", "oneshot")  # the plain model: chunked prefill into a DynamicCache, or one call
+MODES = ("memkit", "window", "full", "oneshot")
+PATHS = ("ingest", "forward")
+# (set-up, baseline) pairs whose speed ratio is reported per repeat (median and range), when both ran
+PAIRS = (("memkit", "window"), ("memkit", "full"), ("memkit", "oneshot"), ("memkit_forward", "window_forward"),
+         ("memkit_forward", "full"), ("memkit_forward", "oneshot"), ("memkit_forward", "memkit"))
+LABELS = {"memkit": "memkit `memory.ingest`", "window": "window-only `memory.ingest`",
+          "longmem": "LongMem `memory.ingest`", "memkit_forward": "memkit `model(ids)`",
+          "window_forward": "window-only `model(ids)`", "longmem_forward": "LongMem `model(ids)`",
+          "full": "chunked prefill (plain model, blocks into a DynamicCache)",
+          "oneshot": "one-shot full attention (plain model, one call)"}
+
+
+def split_setup(name: str) -> tuple[str, str]:
+    """``memkit_forward`` -> ("memkit", "forward"); ``window`` -> ("window", "ingest"); plain set-ups: ("full", "")."""
+    if name in PLAIN:
+        return name, ""
+    if name.endswith("_forward"):
+        return name[: -len("_forward")], "forward"
+    return name, "ingest"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,8 +102,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"context lengths to report, k = 1024 tokens (default: {DEFAULT_LENGTHS}; "
                         f"--quick: {QUICK_LENGTHS})")
     p.add_argument("--modes", default="memkit,window,full", metavar="LIST",
-                   help="set-ups: memkit (memory, one per --styles), window (top_k=0), full (plain model, only "
-                        "within its positions) (default: memkit,window,full)")
+                   help="set-ups: memkit (memory, one per --styles), window (top_k=0), full (the plain model reading "
+                        "block by block into a DynamicCache: chunked prefill), oneshot (the plain model called once on "
+                        "the whole input); full and oneshot only within the model's positions (default: "
+                        "memkit,window,full)")
+    p.add_argument("--paths", default="ingest", metavar="LIST",
+                   help="how the wrapped set-ups read: ingest (model.memory.ingest in segments ending at each "
+                        "length) and/or forward (one model(ids, logits_to_keep=1) call on the first L tokens, memory "
+                        "empty before it; set-ups memkit_forward, window_forward) (default: ingest)")
     p.add_argument("--styles", default="memlong", metavar="LIST",
                    help="memory styles the memkit set-up runs in: memlong (set-up 'memkit') and/or longmem "
                         "(set-up 'longmem', LongMem-style gated memory, untrained) (default: memlong)")
@@ -83,7 +120,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tokens", type=int, default=16, metavar="N",
                    help="tokens generated after each length to time decoding; 0 skips decoding (default: 16)")
     p.add_argument("--repeats", type=int, default=None, metavar="N",
-                   help="runs of each set-up, interleaved; figures are medians (default: 1; --quick: 3)")
+                   help="runs of each set-up; repeat r runs them all in one order, repeat r+1 in the reverse order, "
+                        "so every compared pair alternates which goes first; figures are medians, ratios the median "
+                        "and range of the per-repeat ratios (default: 1; --quick: 3)")
     p.add_argument("--quick", action="store_true", help=f"short run: lengths {QUICK_LENGTHS}, 3 repeats")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads per worker")
     p.add_argument("--out-dir", default="benchmarks/results", metavar="DIR",
@@ -228,12 +267,16 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     lengths = sorted(int(x) for x in spec["lengths"])
     n = lengths[-1]
     mode = spec["mode"]
+    base_mode, path = split_setup(mode)
+    plain = base_mode in PLAIN
+    fresh = base_mode == "oneshot" or path == "forward"  # one call from scratch per length, as a user calls it
     n_dec = int(spec.get("decode_tokens", 16))
     progress = bool(spec.get("progress", True))
     from memkit.config import load_config
 
-    cfg = setup_config(load_config(spec.get("config") or None, progress=False), mode) if mode != "full" \
-        else load_config(spec.get("config") or None, progress=False)
+    cfg = load_config(spec.get("config") or None, progress=False)
+    if not plain:
+        cfg = setup_config(cfg, base_mode)
     block = cfg.block_size
     prompt_len = cfg.sink_tokens + cfg.window + cfg.chunk_size
     all_ids = torch.tensor([_text_ids(tok, n + prompt_len)])
@@ -244,16 +287,22 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     per_token = 2 * kvh * hd * elem  # K and V of one token in one layer
     out: dict[str, Any] = {"mode": mode, "tokens": n, "lengths": lengths, "max_positions": max_positions(model),
                            "threads": torch.get_num_threads(), "block_size": block, "prompt_tokens": prompt_len,
-                           "decode_tokens": n_dec, "style": None if mode == "full" else cfg.style,
+                           "decode_tokens": n_dec, "style": None if plain else cfg.style, "fresh": fresh,
+                           "path": None if plain else path,
                            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters())
                            + sum(b.numel() * b.element_size() for b in model.buffers())}
     target = model
-    if mode != "full":
+    if plain:
+        model(input_ids=ids[:, : min(n, block)], logits_to_keep=1)  # warm-up (untimed)
+    else:
         import memkit
 
         target = memkit.wrap(model, cfg, tokenizer=tok)
         # Warm-up (untimed): loads the retriever, fills lazy state and runs generate once.
-        target.memory.ingest(ids[:, : min(n, block)], progress=False)
+        if path == "forward":
+            target(ids[:, : min(n, block)], logits_to_keep=1)
+        else:
+            target.memory.ingest(ids[:, : min(n, block)], progress=False)
         if n_dec:
             _decode(target, all_ids[:, :min(64, n)], 2, pad)
         target.memory.reset()
@@ -268,11 +317,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         bar = tqdm(total=n, desc=f"{mode} reading", unit="tok", leave=False)
     clock = _BlockClock(model.base_model, bar)
+    clock.active = not fresh  # per-block records only where the blocks of all lengths form one read
     checkpoints: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     try:
         cache = None
-        if mode == "full":
+        if plain:
             from transformers import DynamicCache
 
             from memkit.integrations.hf_compat import cache_kwarg
@@ -280,15 +330,27 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             cache = DynamicCache()
         pos = 0
         for L in lengths:
-            if mode == "full":
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            start = time.perf_counter()
+            if base_mode == "full":  # chunked prefill: block by block into one growing cache
                 for s in range(pos, L, block):
                     e = min(L, s + block)
                     model(input_ids=ids[:, s:e], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+            elif base_mode == "oneshot":  # the plain model called once on the first L tokens
+                cache = DynamicCache()
+                model(input_ids=ids[:, :L], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+            elif path == "forward":  # the wrapped model called once on the first L tokens, memory empty
+                target.memory.reset()
+                target(ids[:, :L], logits_to_keep=1)
             else:
                 target.memory.ingest(ids[:, pos:L], progress=False)
+            read_seconds = time.perf_counter() - start
+            if bar is not None and fresh:
+                bar.update(L - pos)
             pos = L
-            cp: dict[str, Any] = {"length": L, "peak_rss": clock.peak()}
-            if mode == "full":
+            cp: dict[str, Any] = {"length": L, "peak_rss": clock.peak(), "read_seconds": read_seconds,
+                                  "load_avg": [load, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]}
+            if plain:
                 assert cache is not None
                 cp["kv_cache_bytes"] = sum(int(t.numel() * t.element_size()) for layer in cache.layers
                                            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
@@ -298,13 +360,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             if n_dec:
                 clock.active = False
                 try:
-                    if mode == "full":
+                    if plain:
                         cp.update(_decode(model, all_ids[:, :L + prompt_len], n_dec, pad, **{cache_kwarg(model): cache}))
                         _truncate_cache(cache, L)
                     else:
                         cp.update(_decode(target, all_ids[:, L:L + prompt_len], n_dec, pad))
                 finally:
-                    clock.active = True
+                    clock.active = not fresh
             cp["peak_rss"] = max(cp["peak_rss"], clock.peak())  # the decode at L counts towards L's peak
             cp["rss_after"] = report.rss_bytes()
             checkpoints.append(cp)
@@ -322,17 +384,26 @@ def summarize_run(run: dict[str, Any], lengths: list[int]) -> dict[int, dict[str
     cps = {int(c["length"]): c for c in run.get("checkpoints", [])}
     out: dict[int, dict[str, float]] = {}
     for L in lengths:
-        upto = [b for b in blocks if b["end"] <= L]
-        if not upto or upto[-1]["end"] < L:
-            continue
-        secs = sum(b["seconds"] for b in upto)
-        tail = upto[-4:]
-        prev = [upto[i - 1]["end"] if i > 0 else 0 for i in range(len(upto))][-4:]
-        rates = [(b["end"] - p) / b["seconds"] for b, p in zip(tail, prev) if b["seconds"] > 0]
-        rec = {"tps": L / secs, "tps_at": statistics.median(rates), "peak_rss": max(b["rss"] for b in upto),
-               "seconds": secs}
         cp = cps.get(L, {})
-        rec["peak_rss"] = max(rec["peak_rss"], cp.get("peak_rss", 0))
+        if run.get("fresh"):  # one call on the first L tokens: its wall time
+            if not cp.get("read_seconds"):
+                continue
+            rec: dict[str, Any] = {"tps": L / cp["read_seconds"], "tps_at": None, "peak_rss": cp.get("peak_rss", 0),
+                                   "seconds": cp["read_seconds"]}
+        else:
+            upto = [b for b in blocks if b["end"] <= L]
+            if not upto or upto[-1]["end"] < L:
+                continue
+            secs = sum(b["seconds"] for b in upto)
+            wall = [c["read_seconds"] for c in run.get("checkpoints", []) if c["length"] <= L and "read_seconds" in c]
+            if wall and len(wall) == len([c for c in run.get("checkpoints", []) if c["length"] <= L]):
+                secs = sum(wall)  # wall time of the reading calls (decoder forwards and memkit's own work)
+            tail = upto[-4:]
+            prev = [upto[i - 1]["end"] if i > 0 else 0 for i in range(len(upto))][-4:]
+            rates = [(b["end"] - p) / b["seconds"] for b, p in zip(tail, prev) if b["seconds"] > 0]
+            rec = {"tps": L / secs, "tps_at": statistics.median(rates), "peak_rss": max(b["rss"] for b in upto),
+                   "seconds": secs}
+            rec["peak_rss"] = max(rec["peak_rss"], cp.get("peak_rss", 0))
         for key in ("decode_ms", "first_token_ms", "pages_bytes", "vectors_bytes", "chunks", "kv_cache_bytes"):
             if cp.get(key) is not None:
                 rec[key] = cp[key]
@@ -399,25 +470,52 @@ def _plots(rows: list[dict[str, Any]], setups: list[str], weights: float | None)
     return {"speed": speed, "decode": decode, "memory": memory}
 
 
-def setups_for(modes: list[str], styles: list[str]) -> list[str]:
-    """Set-up names for ``--modes`` x ``--styles``: memkit (memlong), longmem, window, full."""
+def setups_for(modes: list[str], styles: list[str], paths: list[str] | tuple[str, ...] = ("ingest",)) -> list[str]:
+    """Set-up names for ``--modes`` x ``--styles`` x ``--paths``: memkit (memlong), longmem, window (each with a
+    ``_forward`` twin for the forward path), full, oneshot."""
     out: list[str] = []
+    suffixes = [{"ingest": "", "forward": "_forward"}[p] for p in paths]
     for m in modes:
         if m == "memkit":
-            out += [{"memlong": "memkit", "longmem": "longmem"}[s] for s in styles]
+            out += [{"memlong": "memkit", "longmem": "longmem"}[s] + x for x in suffixes for s in styles]
+        elif m == "window":
+            out += ["window" + x for x in suffixes]
         else:
             out.append(m)
     return list(dict.fromkeys(out))
 
 
-def parse_styles(text: str) -> list[str]:
-    from memkit.errors import InvalidInputError
+def pair_ratios(runs: dict[str, list[dict[str, Any]]], L: int) -> dict[str, dict[str, float]]:
+    """Speed ratios tok/s(a) / tok/s(b) at length L per repeat (repeat r of a against repeat r of b): median,
+    min, max and count for every pair of :data:`PAIRS` that both ran at L. Above 1 = a reads faster."""
+    out: dict[str, dict[str, float]] = {}
+    for a, b in PAIRS:
+        if a not in runs or b not in runs:
+            continue
+        ratios = []
+        for ra, rb in zip(runs[a], runs[b]):
+            sa, sb = summarize_run(ra, [L]).get(L), summarize_run(rb, [L]).get(L)
+            if sa and sb:
+                ratios.append(sa["tps"] / sb["tps"])
+        if ratios:
+            out[f"{a}_over_{b}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                                    "n": len(ratios)}
+    return out
 
-    styles = [s.strip() for s in str(text).split(",") if s.strip()]
-    bad = [s for s in styles if s not in STYLES]
-    if bad or not styles:
-        raise InvalidInputError(f"--styles {text!r}: unknown style(s) {bad}; choose from {list(STYLES)}")
-    return styles
+
+def _memory(setup: str) -> bool:
+    """A set-up whose memory holds retrieved chunks (memkit, longmem; either path)."""
+    return split_setup(setup)[0] in ("memkit", "longmem")
+
+
+def _spread(v: Any) -> str:
+    return f"{v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f})" if v["n"] > 1 else f"{v['median']:.2f}"
+
+
+def parse_styles(text: str) -> list[str]:
+    from memkit.evaluation.common import parse_choices
+
+    return parse_choices("--styles", text, STYLES, "style")
 
 
 def parse_caps(text: str | None) -> dict[str, int]:
@@ -459,11 +557,12 @@ def _accounting(rows: list[dict[str, Any]], setups: list[str], lengths: list[int
 
 def run(args: argparse.Namespace) -> int:
     from memkit.errors import InvalidInputError
-    from memkit.evaluation.common import load_config_arg, parse_modes
+    from memkit.evaluation.common import load_config_arg, parse_choices
     from memkit.evaluation.haystack import parse_lengths
 
     lengths = sorted(set(parse_lengths(args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS))))
-    setups = setups_for(parse_modes(args.modes), parse_styles(args.styles))
+    setups = setups_for(parse_choices("--modes", args.modes, MODES, "mode"), parse_styles(args.styles),
+                        parse_choices("--paths", args.paths, PATHS, "path"))
     caps = parse_caps(args.caps)
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 1)
     if repeats < 1:
@@ -484,21 +583,22 @@ def run(args: argparse.Namespace) -> int:
     del model, _tok
     plan = []
     for m in setups:
-        todo = [L for L in lengths if (m != "full" or not npos or L <= npos) and L <= caps.get(m, L)]
+        todo = [L for L in lengths if (m not in PLAIN or not npos or L <= npos) and L <= caps.get(m, L)]
         if todo:
             plan.append((m, todo))
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m, _ in plan}
-    rng = random.Random(0)
     t_start = time.perf_counter()
+    machine = report.machine_info()  # at the start: its load average and commit are those of the run, not of its end
+    loads: list[float] = []
     for rep in range(repeats):
-        order = list(plan)
-        rng.shuffle(order)
+        order = list(plan) if rep % 2 == 0 else list(reversed(plan))  # ABC, CBA, ABC: pairs alternate
         for m, todo in order:
             print(f"[bench context] repeat {rep + 1}/{repeats}: {m} over {todo[-1]} tokens", flush=True)
             spec = {"mode": m, "lengths": todo, "model": args.model, "config": cfg.to_dict(),
                     "threads": args.threads, "progress": not args.no_progress, "decode_tokens": args.decode_tokens}
             res = _run_worker(spec)
             runs[m].append(res)
+            loads += [x for c in res.get("checkpoints", []) for x in (c.get("load_avg") or []) if x is not None]
             last = res["checkpoints"][-1] if res.get("checkpoints") else {}
             dec = f", decode {last['decode_ms']:.1f} ms/token at {todo[-1]}" if last.get("decode_ms") else ""
             print(f"[bench context]   {m}: {todo[-1] / res['seconds']:.0f} tok/s overall, {res['seconds']:.1f}s{dec}",
@@ -512,22 +612,24 @@ def run(args: argparse.Namespace) -> int:
             if not per:
                 continue
             row[f"tps_{m}"] = statistics.median(p["tps"] for p in per)
-            row[f"tps_at_{m}"] = statistics.median(p["tps_at"] for p in per)
+            row[f"tps_at_{m}"] = _median([p["tps_at"] for p in per])
             row[f"rss_{m}"] = statistics.median(p["peak_rss"] for p in per)
             row[f"decode_{m}"] = _median([p.get("decode_ms") for p in per])
             row[f"first_{m}"] = _median([p.get("first_token_ms") for p in per])
-            if m == "full":
-                row["kvcache_full"] = _median([p.get("kv_cache_bytes") for p in per])
+            if m in PLAIN:
+                row[f"kvcache_{m}"] = _median([p.get("kv_cache_bytes") for p in per])
             else:
                 row[f"pages_{m}"] = _median([p.get("pages_bytes") for p in per])
                 row[f"vectors_{m}"] = _median([p.get("vectors_bytes") for p in per])
                 if row[f"pages_{m}"] is not None:
                     row[f"other_{m}"] = row[f"rss_{m}"] - row[f"pages_{m}"] - (row[f"vectors_{m}"] or 0)
-        if row.get("tps_memkit") and row.get("tps_window"):
-            row["memkit_over_window"] = row["tps_memkit"] / row["tps_window"]
+        ratios = pair_ratios(runs, L)
+        for key, v in ratios.items():
+            row[key] = v["median"]
+            row[f"{key}_range"] = [v["min"], v["max"]]
+            row[f"{key}_text"] = _spread(v)
+        if row.get("tps_at_memkit") and row.get("tps_at_window"):
             row["memkit_over_window_at"] = row["tps_at_memkit"] / row["tps_at_window"]
-        if row.get("tps_memkit") and row.get("tps_full"):
-            row["memkit_over_full"] = row["tps_memkit"] / row["tps_full"]
         rows.append(row)
     base = next((r for r in rows if r["length"] == base_len), {})
     for row in rows:
@@ -537,26 +639,31 @@ def run(args: argparse.Namespace) -> int:
     mib = lambda v: f"{v / 2**20:,.0f} MiB"  # noqa: E731
     cols = [report.Column("length", "context", ",")]
     cols += [report.Column(f"tps_{m}", f"{m} tok/s", ".0f") for m in runs]
-    cols += [report.Column("memkit_over_window", "memkit/window", ".2f"),
-             report.Column("memkit_over_full", "memkit/full", ".2f")]
+    present = [f"{a}_over_{b}" for a, b in PAIRS if a in runs and b in runs]
+    cols += [report.Column(f"{k}_text", k.replace("_over_", "/")) for k in present]
     if args.decode_tokens:
         cols += [report.Column(f"decode_{m}", f"{m} decode ms/tok", ".1f") for m in runs]
         cols += [report.Column(f"decode_ratio_{m}", f"{m} decode x{base_len // 1024 or base_len}"
-                               f"{'k' if base_len >= 1024 else ''}", ".2f") for m in runs if m in ("memkit", "longmem")]
+                               f"{'k' if base_len >= 1024 else ''}", ".2f") for m in runs if _memory(m)]
     cols += [report.Column(f"rss_{m}", f"{m} peak RSS", mib) for m in runs]
-    cols += [report.Column(f"pages_{m}", f"{m} pages", mib) for m in runs if m in ("memkit", "longmem")]
+    cols += [report.Column(f"pages_{m}", f"{m} pages", mib) for m in runs if _memory(m)]
     cols += [report.Column(f"vectors_{m}", f"{m} vectors", lambda v: f"{v / 2**10:,.0f} KiB")
-             for m in runs if m in ("memkit", "longmem")]
-    cols += [report.Column(f"other_{m}", f"{m} RSS - memory", mib) for m in runs if m in ("memkit", "longmem")]
+             for m in runs if _memory(m)]
+    cols += [report.Column(f"other_{m}", f"{m} RSS - memory", mib) for m in runs if _memory(m)]
     first = {m: rs[0] for m, rs in runs.items() if rs}
     acct = _accounting(rows, list(runs), lengths)
-    notes = [f"{repeats} repeat(s) per set-up, interleaved in shuffled order; figures are medians over repeats.",
-             "tok/s = L / seconds to read the first L tokens (memkit: `memory.ingest` in segments ending at each L; "
-             "full: blockwise forward into a DynamicCache); memkit/window and memkit/full are ratios of those.",
+    load_text = f"; 1-minute load average {min(loads):.2f}-{max(loads):.2f} while reading" if loads else ""
+    notes = [f"{repeats} repeat(s) per set-up, each in its own process; repeat r runs the set-ups in one order and "
+             f"repeat r+1 in the reverse order; figures are medians over repeats{load_text}.",
+             "set-ups: " + "; ".join(f"{m} = {LABELS.get(m, m)}" for m in runs) + ".",
+             "tok/s = L / wall-clock seconds of the reading calls (ingest set-ups and full: segments ending at each L, "
+             "one read; forward set-ups and oneshot: one call on the first L tokens, from empty memory / an empty "
+             "cache). a/b = tok/s of a over tok/s of b (above 1: a reads faster), the median of the per-repeat "
+             "ratios with their range in brackets.",
              f"decode ms/tok: median time per generated token ({args.decode_tokens} greedy tokens) after L tokens were "
              f"read, from a prompt of the next sinks + window + chunk tokens; decode xN = ms/tok at L / ms/tok at "
              f"{base_len}.",
-             f"full attention runs only up to the model's {npos} positions"
+             f"full and oneshot run only up to the model's {npos} positions"
              + "".join(f"; {m} up to {c:,} tokens (--caps)" for m, c in caps.items()) + ".",
              f"memkit config: top_k={cfg.top_k}, window={cfg.window}, block={cfg.block_size}, sinks={cfg.sink_tokens}, "
              f"chunk={cfg.chunk_size}, style={cfg.style} {cfg.style_block().to_dict()}, backend={cfg.bank.backend}, "
@@ -577,10 +684,12 @@ def run(args: argparse.Namespace) -> int:
     raw = {m: list(rs) for m, rs in runs.items()}
     weights = next((r.get("weights_bytes") for r in first.values()), None)
     paths = report.write_results("context", rows, cols, "Reading speed, decode latency and peak memory vs context length",
-                                 out_dir=args.out_dir, notes=notes, plots=_plots(rows, list(runs), weights),
+                                 machine, out_dir=args.out_dir, notes=notes, plots=_plots(rows, list(runs), weights),
                                  extra={"runs": raw, "config": cfg.to_dict(), "model": args.model or "SmolLM2-135M",
                                         "accounting": acct, "decode_base_length": base_len,
-                                        "setups": list(runs), "repeats": repeats})
+                                        "setups": list(runs), "labels": {m: LABELS.get(m, m) for m in runs},
+                                        "repeats": repeats, "load_avg_range": [min(loads), max(loads)] if loads
+                                        else None})
     print()
     print(report.markdown_table(rows, cols))
     print("\n" + "\n".join(f"- {n}" for n in notes))

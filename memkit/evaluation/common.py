@@ -17,7 +17,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 from memkit.errors import ConfigError, InvalidInputError
 from memkit.paths import user_path
 
-__all__ = ["MODES", "add_common_arguments", "load_for_args", "make_runner", "parse_modes", "peak_rss_bytes",
+__all__ = ["MODES", "add_common_arguments", "load_for_args", "make_runner", "parse_choices", "parse_modes", "peak_rss_bytes",
            "current_rss_bytes", "memory_bytes", "write_json", "format_table", "human_bytes", "RssSampler",
            "set_threads", "max_positions", "memory_breakdown"]
 
@@ -48,12 +48,18 @@ def add_common_arguments(p: argparse.ArgumentParser, *, modes_default: str = "me
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def parse_choices(flag: str, text: str, choices: Sequence[str], noun: str) -> list[str]:
+    """A comma-separated option (``--modes memkit,full``) as a list; an empty list or a name outside ``choices``
+    raises an InvalidInputError naming the flag and the choices."""
+    items = [m.strip() for m in str(text).split(",") if m.strip()]
+    bad = [m for m in items if m not in choices]
+    if bad or not items:
+        raise InvalidInputError(f"{flag} {text!r}: unknown {noun}(s) {bad}; choose from {list(choices)}")
+    return items
+
+
 def parse_modes(text: str) -> list[str]:
-    modes = [m.strip() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise InvalidInputError(f"--modes {text!r}: unknown mode(s) {bad}; choose from {list(MODES)}")
-    return modes
+    return parse_choices("--modes", text, MODES, "mode")
 
 
 def set_threads(n: int | None) -> None:
