@@ -556,7 +556,8 @@ class MemoryManager:
             return {"namespaces": len(self._ns), "chunks": self.num_chunks(), "tokens": self.num_tokens(),
                     "per_namespace": {n: {"chunks": len(ns.spans), "tokens": ns.tokens} for n, ns in self._ns.items()},
                     "capacity_tokens": self.config.capacity_tokens, "policy": self.config.policy,
-                    "page_shape": list(self.page_shape), **self._counters, "kvstore": self.store.stats()}
+                    "page_shape": list(self.page_shape), **self._counters, "kvstore": self.store.stats(),
+                    "retrieval": {step: self.pipeline(step).names() for step in ("block", "question")}}
 
     def _dims(self) -> dict[str, int]:
         return {"num_layers": self.num_layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim,

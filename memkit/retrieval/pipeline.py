@@ -153,6 +153,3 @@ class Pipeline:
         for stage in self.stages:
             if stage.phase == phase:
                 stage.run(rows, ctx)
-
-    def describe(self) -> list[dict[str, Any]]:
-        return [s.describe() for s in self.stages]

@@ -59,9 +59,6 @@ class Stage:
     def run(self, rows: list[Row], ctx: StepContext) -> None:
         raise NotImplementedError
 
-    def describe(self) -> dict[str, Any]:
-        return {"stage": self.name, **self.config.to_dict()}
-
 
 def _is_stage(obj: Any) -> bool:
     return (isinstance(obj, type) and issubclass(obj, Stage) and bool(obj.name) and obj.phase in PHASES
