@@ -37,11 +37,14 @@ class SelectConfig(StageConfig):
     min_gap: float = 0.7  # a head is taken when its gap is at least this share of the top scores' spread (set on
     # the calibration split: RULER samples 100-109 at 16k and meadow/ledger passkeys; docs/configuration.md)
     signals: tuple[str, ...] | list[str] = SIGNALS  # which signals may decide
+    min_candidates: int = 4  # a gap is read over at least this many candidates (with 2 or 3 any gap is most of the
+    # spread: the head would always stand apart)
 
     def __post_init__(self) -> None:
         check_positive("select.k", self.k, allow_none=True, maximum=1024)
         check_bool("select.adaptive", self.adaptive)
         check_number("select.min_gap", self.min_gap, low=0.0, high=1.0)
+        check_positive("select.min_candidates", self.min_candidates, maximum=1 << 16)
         if not isinstance(self.signals, (list, tuple)) or not self.signals or any(s not in SIGNALS
                                                                                   for s in self.signals):
             raise ConfigError(f"select.signals must be a non-empty list of {list(SIGNALS)}, got {self.signals!r}")
@@ -110,7 +113,7 @@ class SelectStage(Stage):
         shares = {name: largest_gap(s, budget) for name, s in pool.items()}
         info: dict[str, Any] = {"mode": "adaptive", "budget": budget, "min_gap": self.config.min_gap,
                                 "gaps": {n: round(g, 4) for n, (g, _) in shares.items()}}
-        if not shares or len(r.pool) <= budget:
+        if not shares or len(r.pool) < self.config.min_candidates:
             info["reason"] = "too few candidates to read a gap" if shares else "no signal"
             return None, info
         name = max(shares, key=lambda n: shares[n][0])
