@@ -39,7 +39,7 @@ set and ``len``/``in``/``ids()`` cost nothing. On a server readers in other proc
 so those ask the server (one round trip each). Acknowledged, on a server: an ``add``/``remove`` that returned;
 the server has then written it to its log (rocksmq on the standalone server's disk, Pulsar or Kafka in a
 cluster) and keeps it across a restart, flushed or not. An add that fails part-way returns no ids and deletes
-its new rows again (:meth:`MilvusBank.add`); ``flush()`` and ``save`` seal segments into object storage.
+its new rows again (:meth:`MilvusBank._store`); ``flush()`` and ``save`` seal segments into object storage.
 milvus-lite scans rows it has not flushed yet row by row in Python (0.5 s per query over 16k x 384 here) but
 flushed segments through numpy (9 ms): the embedded bank flushes before the first search after a write (about
 5 ms for a few rows; its compaction keeps the segment count small). A server indexes growing data itself, so
@@ -73,7 +73,6 @@ from urllib.parse import urlparse
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from memkit._arrays import as_ids
 from memkit.backends import milvus_owner
 from memkit.backends.milvus_errors import is_rpc_error, translate
 from memkit.bank import BaseBank, read_manifest, require
@@ -383,13 +382,15 @@ class MilvusBank(BaseBank):
         indexed segments that the query nodes have loaded: a flushed segment is searched through the index only
         after it is built *and* handed to the query nodes (~20 s after ``flush()`` here); until then its rows
         are searched as growing data (for a non-FLAT index, through Milvus's interim IVF index). A sealed segment
-        under MIN_INDEX_ROWS rows gets no index (Milvus searches it by brute force) and counts as done. Embedded:
+        under MIN_INDEX_ROWS rows gets no index (Milvus searches it by brute force) and counts as done, and so does
+        every sealed segment under FLAT (which has no index to build: the query node reports none). Embedded:
         milvus-lite's own report."""
         cl = self._cl()
         if not self.local:
             segs = self._op("list_loaded_segments", cl.list_loaded_segments, self._coll)
+            flat = self.index_type == "FLAT"  # a sealed segment is searched exactly as it is: no index to build
             done = sum(int(g.num_rows) for g in segs if getattr(g.state, "name", str(g.state)) != "Growing"
-                       and (g.index_id or g.num_rows < MIN_INDEX_ROWS))
+                       and (flat or g.index_id or g.num_rows < MIN_INDEX_ROWS))
             return done, len(self)
         names = self._op("list_indexes", cl.list_indexes, self._coll, field_name=VEC)
         info = self._op("describe_index", cl.describe_index, self._coll, names[0]) if names else {}
@@ -484,31 +485,18 @@ class MilvusBank(BaseBank):
                 self._dirty = False
 
     # ------------------------------------------------------------------ writes on a server
-    def add(self, vectors: Any, ids: Any = None) -> np.ndarray:
-        """As :meth:`BaseBank.add`. On a server a call is all or nothing for new ids: if a request fails part-way,
-        the call's new rows that may have reached the server are deleted again (at once, or before the bank's next
-        request if the server cannot be reached) and its ids are not returned; an id that was already stored keeps
-        its old or its new vector. Replacing is one ``upsert`` (never a delete, then an insert)."""
+    auto_ids_unchecked = True  # one writer per collection (the owner record): auto ids are new
+
+    def _store(self, vecs: np.ndarray, ids: np.ndarray, present: np.ndarray) -> None:
+        """On a server an add is all or nothing for new ids: if a request fails part-way, the call's new rows that
+        may have reached the server are deleted again (at once, or before the bank's next request if the server
+        cannot be reached) and its ids are not returned; an id that was already stored keeps its old or its new
+        vector. Replacing is one ``upsert`` (never a delete, then an insert)."""
         if self.local:
-            return super().add(vectors, ids)
-        self._check_writable("add")
-        vecs = self._prepare(vectors, name="vectors")
-        n = vecs.shape[0]
-        with self._lock.write():
-            if ids is None:
-                with self._id_lock:
-                    new_ids = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-                fresh = np.ones(n, bool)  # auto ids are new: this bank is the collection's only writer
-            else:
-                new_ids = as_ids(ids, n)
-                fresh = ~self._contains(new_ids) if n else np.ones(0, bool)
-            if n == 0:
-                return new_ids
-            self._settle()
-            self._write(vecs, new_ids, fresh)
-            with self._id_lock:
-                self._next_id = max(self._next_id, int(new_ids.max()) + 1)
-            return new_ids
+            super()._store(vecs, ids, present)
+            return
+        self._settle()
+        self._write(vecs, ids, ~present)
 
     def _write(self, vecs: np.ndarray, ids: np.ndarray, fresh: np.ndarray) -> None:
         step = max(1, min(self.batch_size, REQUEST_BYTES // (4 * self.dim + 16)))

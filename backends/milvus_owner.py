@@ -98,11 +98,12 @@ def acquire(bank: Any, *, coll: str, where: str, take_over: bool) -> dict[str, A
     name = owner_collection(coll)
     for _ in range(4):
         mine = new_record(coll)
-        try:
-            bank.client.create_collection(name, schema=_schema(mine), timeout=bank.timeout)
-        except Exception as exc:
-            if not bank._call("has_collection", "has_collection", name):  # not "exists already": a real failure
-                raise bank._translate(exc, "create_collection (owner record)") from exc
+        if not bank._call("has_collection", "has_collection", name):  # (pymilvus logs a failed create loudly)
+            try:
+                bank.client.create_collection(name, schema=_schema(mine), timeout=bank.timeout)
+            except Exception as exc:
+                if not bank._call("has_collection", "has_collection", name):  # not "taken meanwhile": a failure
+                    raise bank._translate(exc, "create_collection (owner record)") from exc
         rec = _read(bank, name)
         if rec is not None and rec.get("token") == mine["token"]:
             with _HELD_LOCK:

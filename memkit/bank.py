@@ -122,6 +122,8 @@ class BaseBank(ABC):
 
     name: ClassVar[str] = "base"
     exact: ClassVar[bool] = True  # exact backends must equal numpy brute force in the conformance suite
+    # auto ids start above every stored id, so add() may skip checking them (one server round trip on a remote bank)
+    auto_ids_unchecked: ClassVar[bool] = False
     probe_on_check: ClassVar[bool] = True  # check_bank_config may build one (cheap, in memory) to validate values
 
     def __init__(self, *, dim: int, metric: str = "ip") -> None:
@@ -195,13 +197,21 @@ class BaseBank(ABC):
                 new_ids = as_ids(ids, n)
             if n == 0:
                 return new_ids
-            present = self._contains(new_ids)
-            if present.any():
-                self._remove(new_ids[present])
-            self._add(vecs, new_ids)
+            if ids is None and self.auto_ids_unchecked:
+                present = np.zeros(n, bool)  # auto ids start above every stored id
+            else:
+                present = self._contains(new_ids)
+            self._store(vecs, new_ids, present)
             with self._id_lock:
                 self._next_id = max(self._next_id, int(new_ids.max()) + 1)
             return new_ids
+
+    def _store(self, vecs: np.ndarray, ids: np.ndarray, present: np.ndarray) -> None:
+        """Store validated vectors under ``ids``; ``present`` marks the ids already stored, which are replaced.
+        Default: remove those, then ``_add`` all. A backend that can replace in one step overrides this."""
+        if present.any():
+            self._remove(ids[present])
+        self._add(vecs, ids)
 
     def search(self, queries: Any, k: int) -> SearchResult:
         """Top-k neighbours of each query: scores (m, k) float32 (higher = closer), ids (m, k) int64."""
