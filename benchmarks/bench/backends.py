@@ -496,7 +496,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         if server:  # searchable through the server's index only once sealed and indexed
             t_f = time.perf_counter()
             bank.flush()
-            while bank.index_progress()[0] < n - n_stream and time.perf_counter() - t_f < 3600:
+            while (done := bank.index_progress()[0]) < n - n_stream:
+                if time.perf_counter() - t_f > 1800:
+                    bank.close()
+                    return {"status": "error", "note": f"after 30 min only {done:,} rows were searchable through "
+                                                      "the server's index"}
                 time.sleep(1.0)
             flush_s = time.perf_counter() - t_f
         build_s = time.perf_counter() - t0
