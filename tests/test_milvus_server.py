@@ -131,7 +131,9 @@ def test_uri_with_credentials_reaches_the_server(server: Any, params: Any) -> No
 def test_hnsw_index_built_by_the_server_and_its_recall(server: Any, params: Any, real_vectors: np.ndarray) -> None:
     """HNSW (M=16, efConstruction=128) on 20,000 real MiniLM vectors, searched once the server sealed the segment
     and built the index on all of it. Recall@10 against brute force at several ``ef`` (each a read_only bank with
-    its own search_params on the same index); measured 0.93 at ef=64, 0.97-0.98 at ef=128, 0.99 at ef=256."""
+    its own search_params on the same index); measured 0.978 at ef=64, 0.995 at ef=128, 0.9995 at ef=256. (Searched
+    before the indexed segment reached the query node, the same data gave 0.931 at every ef: Milvus's interim
+    IVF index on growing data, nprobe 16 of 128.)"""
     base, queries = real_vectors[:20_000], real_vectors[20_000:20_200]
     p = params()
     b = memkit.create_bank("milvus", dim=384, metric="ip", index_type="HNSW", index_params={"M": 16, "efConstruction": 128},
@@ -411,9 +413,9 @@ def test_smollm2_reads_16k_passkey_through_the_server(server: Any, params: Any, 
                 traces[backend[:6]] = [(t["id"], tuple(t["span"])) for t in wrapped.memory.trace()]
                 if backend.startswith("milvus"):
                     bank = wrapped.memory.manager._ns["default"].bank
-                    assert not bank.local and bank.collection.startswith(name + "-default-")
-                    n = wrapped.memory.num_chunks()
-                    assert len(bank) == n > 16_000 // 64
+                    assert not bank.local and bank.collection == name  # the URI names it
+                    n = wrapped.memory.num_chunks()  # repeated filler: identical chunks are stored once
+                    assert len(bank) == n > 0
                     wrapped.memory.save(tmp_path / "mem")
                     wrapped.memory.reset()
                     wrapped.memory.load(tmp_path / "mem")
