@@ -7,6 +7,7 @@ plausible values: recall in [0, 1], exact backends at recall 1, positive sizes a
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,15 @@ def test_a_server_uri_is_benchmarked_without_its_password(tmp_path: Path, milvus
         admin.drop_user(user)
     admin.create_user(user_name=user, password=password)
     admin.grant_role(user_name=user, role_name="admin")
+    as_user = MilvusClient(uri=milvus_server.uri, token=f"{user}:{password}")
+    for _ in range(60):  # the proxies learn the new grant asynchronously
+        try:
+            as_user.create_collection("bench_grant_probe", dimension=2)
+            as_user.drop_collection("bench_grant_probe")
+            break
+        except Exception:
+            time.sleep(0.5)
+    as_user.close()
     out = tmp_path / "results"
     uri = f"milvus://{user}:{password}@127.0.0.1:{milvus_server.port}/bench_cell"
     rc = main(["bench", "backends", "--quick", "--sizes", "1000", "--queries", "64", "--backends", f"faiss-flat,{uri}",
