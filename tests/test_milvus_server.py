@@ -328,6 +328,23 @@ def test_a_second_writer_process_is_refused_and_readers_are_not(server: Any, par
             k.communicate()
 
 
+def test_take_over_replaces_a_live_owner_record(server: Any, params: Any) -> None:
+    """take_over=True (for an owner known to be dead on another host) replaces the record; the old owner's close
+    leaves the new record in place, so a third writer is still refused."""
+    p = params()
+    first = memkit.create_bank("milvus", dim=4, **p)
+    first.add(np.eye(4, dtype=np.float32))
+    second = memkit.create_bank("milvus", dim=4, take_over=True, **p)
+    try:
+        first.close()
+        with pytest.raises(ConfigError, match="open for writing by another memkit bank"):
+            memkit.create_bank("milvus", dim=4, **p)
+        assert second.ids().tolist() == [0, 1, 2, 3] and second.add(np.ones((1, 4), np.float32)).tolist() == [4]
+    finally:
+        second.close()
+    memkit.create_bank("milvus", dim=4, **p).close()  # free once its owner closed
+
+
 def test_bad_credentials_and_database_name_are_config_errors_without_the_secret(
         server: Any, params: Any, capfd: pytest.CaptureFixture[str]) -> None:
     secret = "S3cret-" + uuid.uuid4().hex[:8]
