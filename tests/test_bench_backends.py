@@ -7,6 +7,7 @@ plausible values: recall in [0, 1], exact backends at recall 1, positive sizes a
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def test_impossible_sizes_are_reported_not_substituted_silently() -> None:
     assert _plan_sizes("smollm2-keys", [1_000_000], 100) == [(1_000_000, None)]
 
 
-def test_a_server_uri_is_benchmarked_without_its_password(tmp_path: Path, milvus_server) -> None:
+def test_a_server_uri_is_benchmarked_without_its_password(tmp_path: Path, milvus_server,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """`--backends milvus://user:password@host:port/name`: one cell on the session's real Milvus server, labelled
     milvus-server, its collection dropped afterwards, and the password in no output file."""
     from pymilvus import MilvusClient
@@ -86,8 +88,10 @@ def test_a_server_uri_is_benchmarked_without_its_password(tmp_path: Path, milvus
     as_user.close()
     out = tmp_path / "results"
     uri = f"milvus://{user}:{password}@127.0.0.1:{milvus_server.port}/bench_cell"
-    rc = main(["bench", "backends", "--quick", "--sizes", "1000", "--queries", "64", "--backends", f"faiss-flat,{uri}",
-               "--seconds", "0.2", "--rounds", "10", "--out", str(out), "--name", "srv"])
+    argv = ["bench", "backends", "--quick", "--sizes", "1000", "--queries", "64", "--backends", f"faiss-flat,{uri}",
+            "--seconds", "0.2", "--rounds", "10", "--out", str(out), "--name", "srv"]
+    monkeypatch.setattr(sys, "argv", ["memkit", *argv])  # the command line is recorded in the results
+    rc = main(argv)
     assert rc == 0
     doc = json.loads((out / "srv.json").read_text())
     rows = {r["backend"]: r for r in doc["rows"]}

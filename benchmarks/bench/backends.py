@@ -234,8 +234,10 @@ def run(args: argparse.Namespace) -> int:
     notes = _notes(rows, sources, args, elapsed)
     settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     settings["backends"] = ",".join(scrub_uri(b) for b in backends)  # never a password in the results
+    command = " ".join(["memkit" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name,
+                        *(",".join(scrub_uri(x) for x in a.split(",")) for a in sys.argv[1:])])
     paths = _write(args, rows, machine, notes,
-                   {"elapsed_s": elapsed, "settings": settings,
+                   {"elapsed_s": elapsed, "settings": settings, "command": command,
                     "datasets": sources, "target_overhead": TARGET})
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {elapsed:.0f}s", flush=True)
     return 0
