@@ -124,6 +124,9 @@ class BaseBank(ABC):
     exact: ClassVar[bool] = True  # exact backends must equal numpy brute force in the conformance suite
     # auto ids start above every stored id, so add() may skip checking them (one server round trip on a remote bank)
     auto_ids_unchecked: ClassVar[bool] = False
+    # search() asks _count() first to cap k; a remote bank whose _search pads short results itself sets this False
+    # (on an instance) and saves a round trip per search
+    count_before_search = True
     probe_on_check: ClassVar[bool] = True  # check_bank_config may build one (cheap, in memory) to validate values
 
     def __init__(self, *, dim: int, metric: str = "ip") -> None:
@@ -219,7 +222,7 @@ class BaseBank(ABC):
         k = check_k(k)
         m = q.shape[0]
         with self._lock.read():
-            count = self._count()
+            count = self._count() if self.count_before_search and m else k
             if m == 0 or count == 0:
                 scores, ids = np.empty((m, 0), np.float32), np.empty((m, 0), np.int64)
             else:

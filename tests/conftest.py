@@ -32,6 +32,7 @@ def milvus_server(tmp_path_factory):
     session: free loopback ports, a temporary base directory, authorization on (``server.token``). It is
     stopped and its directory removed at the end, also when tests fail. A server that cannot start fails the
     tests that use it, with the tail of its logs: it is not skipped."""
+    import gc
     import shutil
 
     from memkit.testing.milvus_server import MilvusServerProcess, ServerStartError
@@ -46,5 +47,6 @@ def milvus_server(tmp_path_factory):
     try:
         yield server
     finally:
+        gc.collect()  # banks nobody closed release their owner records now, while the server still answers
         server.stop(grace=5)  # its data is thrown away: a clean shutdown buys nothing
         shutil.rmtree(server.base_dir, ignore_errors=True)
