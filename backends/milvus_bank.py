@@ -4,7 +4,8 @@ What it follows (the Milvus documentation, milvus.io/docs, 2.6/3.0): "Run Milvus
 ``*.db`` URI makes ``pymilvus.MilvusClient`` start milvus-lite, and the same client code reaches Milvus
 Standalone or Distributed when the URI names a server), "Create Collection" (an explicit schema),
 "Index Vector Fields" and "FLAT" (the exact brute-force index), "Delete Entities" (by primary key),
-"Consistency Level" (``Strong``: a read sees every write acknowledged before it), "Metric Types" (``L2``
+"Consistency Level" (``Session``: a client reads its own writes; ``Strong``: a read sees every write
+acknowledged before it, from any client), "Metric Types" (``L2``
 returns the *squared* distance) and "Milvus Limits" (names of letters, digits and ``_``, at most 255 of
 them; dim <= 32,768; top-k and nq <= 16,384; 64 MB per insert or search request).
 
@@ -15,8 +16,13 @@ One code path serves both modes; only the ``MilvusClient`` URI differs:
   keeps the database in a private temporary directory removed by ``close()``; ``path="mem.db"`` (or a
   directory, which gets a ``milvus.db`` inside) persists it and reopens as the same bank. milvus-lite
   locks a database per process; ``close()`` (or garbage collection) stops the server memkit started.
-* server: ``uri="http://host:19530"`` (with ``token=``, ``db_name=``), or the URI
-  ``milvus://host:19530/collection``. Not run here: no Milvus server can be installed on this machine.
+* server: ``uri="http://host:19530"`` (with ``token=``, ``db_name=``, ``timeout=``), or the URI
+  ``milvus://[user:password@]host:19530/collection``. Tested against a real Milvus 2.3.5 standalone server (the
+  ``milvus`` pip package, started by the test suite: tests/test_milvus_server.py); docs/milvus.md says how to
+  point memkit at a cluster and what was tested. Every request has a timeout (60 s unless ``timeout=`` says
+  otherwise; loading a collection gets at least 300 s), and every server failure becomes a MemkitError that
+  names the server and the fix (:mod:`memkit.backends.milvus_errors`). One writing bank per collection: an owner
+  record checked on open (:mod:`memkit.backends.milvus_owner`); ``read_only=True`` opens readers beside it.
 
 Schema: ``id`` INT64 primary key (the memkit id; auto_id off) and ``vector`` FLOAT_VECTOR(dim). The
 default ``index_type="FLAT"`` makes search exact in both modes (``exact = True``); ``"HNSW"``,
@@ -29,11 +35,15 @@ alphabet: any character other than a letter, digit or ``_`` becomes ``_``.
 
 Bookkeeping. Embedded, memkit is the only writer (milvus-lite locks the database per process, and this
 module refuses a second open bank on the same database and collection), so live ids are kept in a Python
-set and ``len``/``in``/``ids()`` cost nothing. On a server other clients may write, so those ask the server
-(one round trip each). milvus-lite scans rows it has not flushed yet row by row in Python (0.5 s per query
-over 16k x 384 here) but flushed segments through numpy (9 ms): the embedded bank flushes before the first
-search after a write (about 5 ms for a few rows; its compaction keeps the segment count small). A server
-indexes growing data itself, so nothing is flushed there until ``save``.
+set and ``len``/``in``/``ids()`` cost nothing. On a server readers in other processes see the writer's changes,
+so those ask the server (one round trip each). Acknowledged, on a server: an ``add``/``remove`` that returned;
+the server has then written it to its log (rocksmq on the standalone server's disk, Pulsar or Kafka in a
+cluster) and keeps it across a restart, flushed or not. An add that fails part-way returns no ids and deletes
+its new rows again (:meth:`MilvusBank._store`); ``flush()`` and ``save`` seal segments into object storage.
+milvus-lite scans rows it has not flushed yet row by row in Python (0.5 s per query over 16k x 384 here) but
+flushed segments through numpy (9 ms): the embedded bank flushes before the first search after a write (about
+5 ms for a few rows; its compaction keeps the segment count small). A server indexes growing data itself, so
+nothing is flushed there until ``save`` or ``flush()``.
 
 ``save(path)`` writes a portable snapshot, never milvus-lite's own files: ``ids.npy`` (n,) int64,
 ``vectors.npy`` (n, dim) float32 (streamed through ``np.lib.format.open_memmap``) and ``milvus.json``
@@ -58,13 +68,15 @@ import threading
 import weakref
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException
 
+from memkit.backends import milvus_owner
+from memkit.backends.milvus_errors import is_rpc_error, translate
 from memkit.bank import BaseBank, read_manifest, require
-from memkit.errors import ConfigError, CorruptFileError, InvalidInputError
+from memkit.errors import ConfigError, CorruptFileError, InvalidInputError, MemkitError, ReadOnlyError
 from memkit.files import save_path
 from memkit.paths import check_dir_target, user_path
 
@@ -77,6 +89,9 @@ MAX_MILVUS_DIM = 32_768  # Milvus limit on a vector field's dim
 MAX_TOPK = 16_384  # Milvus limit on top-k (and on queries per search request)
 REQUEST_BYTES = 32 << 20  # half of a server's 64 MB per-request limit
 GET_BATCH = 1024  # ids per get/delete request
+SERVER_TIMEOUT = 60.0  # seconds per server request unless timeout= says otherwise (a frozen server must not hang us)
+MIN_INDEX_ROWS = 1024  # Milvus 2.3 builds no index on a sealed segment with fewer rows (minSegmentNumRowsToEnableIndex)
+LOAD_TIMEOUT = 300.0  # at least this long for loading a collection into the server's memory (not one request)
 # index type -> (build parameters, search parameters) memkit passes on; values are integers checked below.
 INDEXES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "FLAT": ((), ()), "AUTOINDEX": ((), ()),
@@ -131,8 +146,12 @@ def _db_path(path: str | os.PathLike[str]) -> str:
     return os.path.abspath(p)
 
 
-def _release(client: Any, db: str | None, coll: str, tmp: str | None) -> None:
-    """Close a bank's client; stop the milvus-lite server memkit started once its last bank closes."""
+def _release(client: Any, db: str | None, coll: str, tmp: str | None, owner: list[Any] | None = None) -> None:
+    """Close a bank's client (dropping its owner record on a server); stop the milvus-lite server memkit started
+    once its last bank closes."""
+    if owner:  # [record, timeout]: the owner record this bank holds on a server
+        milvus_owner.release(client, coll, owner[0], owner[1])
+        owner.clear()
     if tmp is not None:  # a private database: dropping first spares milvus-lite a final flush of dead data
         try:
             client.drop_collection(coll)
@@ -186,10 +205,13 @@ def _at_exit() -> None:
 class MilvusBank(BaseBank):
     """A Milvus collection as a memkit bank: embedded milvus-lite, or a Milvus server through ``uri``.
 
-    ``path``: embedded database (``None``: private and temporary). ``uri``/``token``/``db_name``/``timeout``:
-    a Milvus server instead. ``collection``: created if missing, reopened if it exists. ``index_type``,
-    ``index_params``, ``search_params``: see the module docstring (FLAT = exact). ``batch_size``: rows per
-    insert and queries per search request (further capped so a request stays under 32 MB).
+    ``path``: embedded database (``None``: private and temporary). ``uri``/``token``/``db_name``: a Milvus server
+    instead; ``timeout``: seconds per server request (default 60 on a server, none embedded). ``collection``:
+    created if missing, reopened if it exists. ``index_type``, ``index_params``, ``search_params``: see the module
+    docstring (FLAT = exact). ``batch_size``: rows per insert and queries per search request (further capped so a
+    request stays under 32 MB). On a server a writing bank holds the collection's owner record
+    (:mod:`memkit.backends.milvus_owner`): ``read_only=True`` opens a reader beside it (searches only), and
+    ``take_over=True`` replaces the record of an owner known to be gone.
     """
 
     name = "milvus"
@@ -200,7 +222,7 @@ class MilvusBank(BaseBank):
                  uri: str | None = None, token: str | None = None, db_name: str | None = None,
                  collection: str = "memkit", index_type: str = "FLAT", index_params: dict[str, int] | None = None,
                  search_params: dict[str, int] | None = None, batch_size: int = 4096,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, read_only: bool = False, take_over: bool = False) -> None:
         super().__init__(dim=dim, metric=metric)
         if self.dim > MAX_MILVUS_DIM:
             raise ConfigError(f"Milvus vectors have at most {MAX_MILVUS_DIM} dimensions; dim={self.dim} is too large")
@@ -214,13 +236,26 @@ class MilvusBank(BaseBank):
             raise ConfigError(f"milvus batch_size must be an integer in [1, {MAX_TOPK}], got {batch_size!r}")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ConfigError(f"milvus timeout must be a positive number of seconds or None, got {timeout!r}")
+        if not isinstance(read_only, bool) or not isinstance(take_over, bool):
+            raise ConfigError(f"milvus read_only and take_over are True or False, got {read_only!r}, {take_over!r}")
         self.collection, self._coll, self.batch_size = collection, _milvus_name(collection), batch_size
         self.local = uri is None
+        self.timeout = float(timeout) if timeout is not None else (None if self.local else SERVER_TIMEOUT)
         self._closed, self._dirty, self._flush_lock = False, False, threading.Lock()
         self._ids: set[int] = set()
         self._db: str | None = None
+        self._db_name, self._secrets = db_name, [token or ""]
+        self._unsettled: set[int] = set()  # ids of a failed add that may be on the server: deleted before the next call
+        self._settle_lock = threading.Lock()
+        self._owner: list[Any] = []  # [owner record, timeout] while this bank holds the collection (server, writer)
+        self.consistency = "Strong"  # until open: see the end of __init__
+        self._deleted = False  # a delete since the last strong read: pymilvus's Session misses deletes on 2.3
+        self.created = False
         tmp: str | None = None
         if self.local:
+            if read_only or take_over:
+                raise ConfigError("milvus read_only= and take_over= apply to a server (uri=...); an embedded database "
+                                  "has one writer by construction")
             if token is not None or db_name is not None:
                 raise ConfigError("milvus token= and db_name= apply to a server (uri=...); embedded mode uses path=")
             if self.index_type not in LITE_INDEXES:
@@ -241,18 +276,30 @@ class MilvusBank(BaseBank):
                 raise ConfigError(f"milvus uri must look like http://host:19530 (or https://, tcp://), got {uri!r}; "
                                   "for an embedded database pass path='file.db'")
             self._where = uri.split("@")[-1]  # never print credentials given in the URI
+            parsed = urlparse(uri)
+            self._secrets += [parsed.password or "", f"{parsed.username}:{parsed.password}" if parsed.password else ""]
             try:
-                self.client = MilvusClient(uri=uri, token=token or "", db_name=db_name or "", timeout=timeout)
-            except MilvusException as exc:
-                raise ConfigError(f"could not connect to Milvus at {self._where}: {exc.message}; check that the "
-                                  "server is reachable and the token is right") from exc
-        self._finalizer = weakref.finalize(self, _release, self.client, self._db, self._coll, tmp)
+                self.client = MilvusClient(uri=uri, token=token or "", db_name=db_name or "", timeout=self.timeout)
+            except Exception as exc:
+                if not is_rpc_error(exc):
+                    raise
+                raise self._translate(exc, "connect") from None  # the chain may hold the token: not kept
+        self._finalizer = weakref.finalize(self, _release, self.client, self._db, self._coll, tmp, self._owner)
         self._finalizer.atexit = False  # see _at_exit
         try:
-            self._open_collection()
+            if not self.local and not read_only:
+                record = milvus_owner.acquire(self, coll=self._coll, where=self._where, take_over=take_over)
+                self._owner += [record, self.timeout]
+            self._open_collection(create=not read_only)
         except BaseException:
             self._finalizer()
             raise
+        self.read_only = read_only
+        # A writer reads its own writes ("Session": a search waits only for this client's last write to be
+        # visible, ~3 ms otherwise); a reader must see the writer's ("Strong": every search waits for the
+        # server's next time tick, ~200 ms by default).
+        self.consistency = "Strong" if read_only else "Session"
+        self.count_before_search = self.local  # a server pads short results itself: no count(*) per search
 
     def _connect_embedded(self, tmp: str | None) -> MilvusClient:
         from milvus_lite.server_manager import server_manager_instance
@@ -288,13 +335,74 @@ class MilvusBank(BaseBank):
             raise InvalidInputError("this milvus bank is closed; create it again with memkit.create_bank(...)")
         return self.client
 
-    def _op(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call pymilvus; its errors become ConfigError naming the collection and where it lives."""
+    def _translate(self, exc: BaseException, what: str) -> MemkitError:
+        return translate(exc, what=what, collection=self.collection, where=self._where, timeout=self.timeout,
+                         secrets=self._secrets, db_name=self._db_name)
+
+    def _op(self, what: str, fn: Any, *args: Any, _timed: bool = True, _slow: bool = False, **kwargs: Any) -> Any:
+        """Call pymilvus (with the bank's timeout on a server; ``_slow``: at least LOAD_TIMEOUT, for loading a
+        collection); its errors become MemkitErrors that name the collection, where it lives and what to do
+        (:mod:`memkit.backends.milvus_errors`)."""
+        if _timed and not self.local:
+            kwargs["timeout"] = max(self.timeout or 0.0, LOAD_TIMEOUT) if _slow else self.timeout
         try:
             return fn(*args, **kwargs)
-        except MilvusException as exc:
-            raise ConfigError(f"milvus {what} on collection {self.collection!r} at {self._where} failed: {exc.message}"
-                              "; check that the server is reachable and nothing else changed the collection") from exc
+        except Exception as exc:
+            if not is_rpc_error(exc):
+                raise
+            err = self._translate(exc, what)
+            raise err from (None if any(s and s in str(exc) for s in self._secrets) else exc)
+
+    def _level(self) -> str:
+        """The consistency level of the next read. ``Session`` waits for this client's last insert, but pymilvus
+        3.0.2 on a Milvus 2.3 server does not wait for its deletes (tested: a search, get or count right after a
+        delete still saw the row 9 times in 10), so the first read after a delete or upsert is ``Strong``."""
+        return "Strong" if self._deleted else self.consistency
+
+    def _read(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """A read through :meth:`_op` at :meth:`_level`; a strong read makes earlier deletes visible to later ones."""
+        level = self._level()
+        out = self._op(what, fn, *args, consistency_level=level, **kwargs)
+        if level == "Strong":
+            self._deleted = False
+        return out
+
+    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``self.client.<method>(*args, **kwargs)`` through :meth:`_op`."""
+        return self._op(what, getattr(self._cl(), method), *args, **kwargs)
+
+    def _check_writable(self, op: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"this milvus bank on collection {self.collection!r} at {self._where} was opened with "
+                                f"read_only=True; {op} is refused. Write through the bank that owns the collection")
+
+    def flush(self) -> None:
+        """Seal the rows added so far into segments: a server writes them to its object storage and builds the
+        index on them (embedded: milvus-lite writes its files). Not needed for durability on a server: an ``add``
+        that returned was acknowledged by the server, which keeps it in its write-ahead log across a restart
+        (see docs/milvus.md). ``save`` flushes too."""
+        with self._lock.write(), self._flush_lock:
+            self._call("flush", "flush", self._coll)
+            self._dirty = False
+
+    def index_progress(self) -> tuple[int, int]:
+        """(rows that searches reach through the index, rows stored). On a server the first counts rows of sealed,
+        indexed segments that the query nodes have loaded: a flushed segment is searched through the index only
+        after it is built *and* handed to the query nodes (~20 s after ``flush()`` here); until then its rows
+        are searched as growing data (for a non-FLAT index, through Milvus's interim IVF index). A sealed segment
+        under MIN_INDEX_ROWS rows gets no index (Milvus searches it by brute force) and counts as done, and so does
+        every sealed segment under FLAT (which has no index to build: the query node reports none). Embedded:
+        milvus-lite's own report."""
+        cl = self._cl()
+        if not self.local:
+            segs = self._op("list_loaded_segments", cl.list_loaded_segments, self._coll)
+            flat = self.index_type == "FLAT"  # a sealed segment is searched exactly as it is: no index to build
+            done = sum(int(g.num_rows) for g in segs if getattr(g.state, "name", str(g.state)) != "Growing"
+                       and (flat or g.index_id or g.num_rows < MIN_INDEX_ROWS))
+            return done, len(self)
+        names = self._op("list_indexes", cl.list_indexes, self._coll, field_name=VEC)
+        info = self._op("describe_index", cl.describe_index, self._coll, names[0]) if names else {}
+        return int(info.get("indexed_rows", 0)), int(info.get("total_rows", 0))
 
     # ------------------------------------------------------------------ collection
     @property
@@ -324,12 +432,16 @@ class MilvusBank(BaseBank):
         index.add_index(field_name=VEC, index_type=self.index_type, metric_type=self.milvus_metric(),
                         params=dict(self.index_params))
         self._op("create_index", cl.create_index, self._coll, index, sync=False)
-        self._op("load_collection", cl.load_collection, self._coll)
+        self._op("load_collection", cl.load_collection, self._coll, _slow=True)
 
-    def _open_collection(self) -> None:
+    def _open_collection(self, *, create: bool = True) -> None:
         cl = self._cl()
         if not self._op("has_collection", cl.has_collection, self._coll):
+            if not create:
+                raise ConfigError(f"milvus collection {self._coll!r} does not exist at {self._where}; a read_only bank "
+                                  "opens an existing collection: create it with a writing bank first")
             self._create()
+            self.created = True  # this bank made the collection (so a benchmark may drop it again)
             return
         info = self._op("describe_collection", cl.describe_collection, self._coll)
         fields = {f.get("name"): f for f in info.get("fields", [])}
@@ -353,7 +465,7 @@ class MilvusBank(BaseBank):
         if index.get("index_type") != self.index_type:
             raise ConfigError(f"{where} has index_type={index.get('index_type')!r}, not {self.index_type!r}; pass "
                               "that index_type, or another collection")
-        self._op("load_collection", cl.load_collection, self._coll)
+        self._op("load_collection", cl.load_collection, self._coll, _slow=True)
         ids = self._scan_ids()
         self._ids = set(ids.tolist()) if self.local else set()
         self._next_id = int(ids.max()) + 1 if len(ids) else 0
@@ -364,11 +476,11 @@ class MilvusBank(BaseBank):
         if self.local:
             rows = self._op("query", self._cl().query, self._coll, filter=f"{ID} >= 0", output_fields=[ID])
             return np.fromiter((r[ID] for r in rows), np.int64, count=len(rows))
-        it = self._op("query_iterator", self._cl().query_iterator, self._coll, batch_size=4096, filter="",
-                      output_fields=[ID], consistency_level="Strong")
+        it = self._read("query_iterator", self._cl().query_iterator, self._coll, batch_size=4096, filter="",
+                        output_fields=[ID])
         chunks = []
         try:
-            while rows := self._op("query_iterator", it.next):
+            while rows := self._op("query_iterator", it.next, _timed=False):
                 chunks.append(np.fromiter((r[ID] for r in rows), np.int64, count=len(rows)))
         finally:
             it.close()
@@ -379,6 +491,52 @@ class MilvusBank(BaseBank):
             if self._dirty:
                 self._op("flush", self._cl().flush, self._coll)
                 self._dirty = False
+
+    # ------------------------------------------------------------------ writes on a server
+    auto_ids_unchecked = True  # one writer per collection (the owner record): auto ids are new
+
+    def _store(self, vecs: np.ndarray, ids: np.ndarray, present: np.ndarray) -> None:
+        """On a server an add is all or nothing for new ids: if a request fails part-way, the call's new rows that
+        may have reached the server are deleted again (at once, or before the bank's next request if the server
+        cannot be reached) and its ids are not returned; an id that was already stored keeps its old or its new
+        vector. Replacing is one ``upsert`` (never a delete, then an insert)."""
+        if self.local:
+            super()._store(vecs, ids, present)
+            return
+        self._settle()
+        self._write(vecs, ids, ~present)
+
+    def _write(self, vecs: np.ndarray, ids: np.ndarray, fresh: np.ndarray) -> None:
+        step = max(1, min(self.batch_size, REQUEST_BYTES // (4 * self.dim + 16)))
+        cl = self._cl()
+        for s in range(0, len(ids), step):
+            rows = [{ID: i, VEC: v} for i, v in zip(ids[s:s + step].tolist(), vecs[s:s + step].tolist())]
+            replace = not fresh[s:s + step].all()
+            self._deleted |= replace  # an upsert deletes the old row
+            try:
+                self._op("upsert" if replace else "insert", cl.upsert if replace else cl.insert, self._coll, rows)
+            except MemkitError as exc:
+                sent = ids[:s + step][fresh[:s + step]].tolist()
+                self._unsettled.update(sent)
+                undone = "deleted again"
+                try:
+                    self._settle()
+                except MemkitError:
+                    undone = "deleted before this bank's next request that reaches the server"
+                raise type(exc)(f"{exc}. None of this add's {len(ids)} ids were returned; its {len(sent)} new rows "
+                                f"that may have reached the server are {undone}") from exc
+
+    def _settle(self) -> None:
+        """Delete the rows a failed add may have left (see :meth:`add`) before anything reads or writes."""
+        if not self._unsettled:
+            return
+        with self._settle_lock:
+            left = np.asarray(sorted(self._unsettled), np.int64)
+            for s in range(0, len(left), GET_BATCH):
+                part = left[s:s + GET_BATCH]
+                self._deleted = True
+                self._op("delete (undoing a failed add)", self._cl().delete, self._coll, ids=part.tolist())
+                self._unsettled.difference_update(part.tolist())
 
     # ------------------------------------------------------------------ hooks
     def _add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
@@ -392,10 +550,13 @@ class MilvusBank(BaseBank):
                 self._dirty = True
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k > MAX_TOPK and not self.count_before_search:
+            k = max(1, min(k, self._count()))  # a bank holding fewer rows answers a large k (padded)
         if k > MAX_TOPK:
             raise InvalidInputError(f"k={k} is more than Milvus returns per query ({MAX_TOPK:,}); ask for fewer")
         if self.local and self._dirty:
             self._flush()
+        self._settle()
         m = queries.shape[0]
         scores = np.full((m, k), -np.inf, np.float32)  # (m, k)
         out = np.full((m, k), -1, np.int64)  # (m, k)
@@ -403,8 +564,8 @@ class MilvusBank(BaseBank):
         step = max(1, min(self.batch_size, REQUEST_BYTES // (4 * self.dim)))
         cl = self._cl()
         for s in range(0, m, step):
-            res = self._op("search", cl.search, self._coll, data=queries[s:s + step].tolist(), limit=k,
-                           anns_field=VEC, search_params=params, output_fields=[ID], consistency_level="Strong")
+            res = self._read("search", cl.search, self._coll, data=queries[s:s + step].tolist(), limit=k,
+                             anns_field=VEC, search_params=params, output_fields=[ID])
             for row, hits in enumerate(res, start=s):
                 n = min(len(hits.ids), k)
                 if n:
@@ -414,8 +575,10 @@ class MilvusBank(BaseBank):
         return scores, out
 
     def _remove(self, ids: np.ndarray) -> int:
+        self._settle()
         cl = self._cl()
         for s in range(0, len(ids), GET_BATCH):
+            self._deleted = True
             self._op("delete", cl.delete, self._coll, ids=ids[s:s + GET_BATCH].tolist())
         if self.local:
             self._ids.difference_update(ids.tolist())
@@ -423,11 +586,11 @@ class MilvusBank(BaseBank):
         return len(ids)
 
     def _fetch(self, ids: np.ndarray, field: str) -> dict[int, Any]:
+        self._settle()
         out: dict[int, Any] = {}
         cl = self._cl()
         for s in range(0, len(ids), GET_BATCH):
-            rows = self._op("get", cl.get, self._coll, ids=ids[s:s + GET_BATCH].tolist(), output_fields=[ID, field],
-                            consistency_level="Strong")
+            rows = self._read("get", cl.get, self._coll, ids=ids[s:s + GET_BATCH].tolist(), output_fields=[ID, field])
             out.update((int(r[ID]), r[field]) for r in rows)
         return out
 
@@ -441,14 +604,15 @@ class MilvusBank(BaseBank):
         self._cl()  # raises once closed
         if self.local:
             return len(self._ids)
-        rows = self._op("count", self._cl().query, self._coll, filter="", output_fields=["count(*)"],
-                        consistency_level="Strong")
+        self._settle()
+        rows = self._read("count", self._cl().query, self._coll, filter="", output_fields=["count(*)"])
         return int(rows[0]["count(*)"])
 
     def _all_ids(self) -> np.ndarray:
         self._cl()  # raises once closed
         if self.local:
             return np.fromiter(self._ids, np.int64, count=len(self._ids))
+        self._settle()
         return self._scan_ids()
 
     def _get(self, ids: np.ndarray) -> np.ndarray:

@@ -124,6 +124,11 @@ class BaseBank(ABC):
 
     name: ClassVar[str] = "base"
     exact: ClassVar[bool] = True  # exact backends must equal numpy brute force in the conformance suite
+    # auto ids start above every stored id, so add() may skip checking them (one server round trip on a remote bank)
+    auto_ids_unchecked: ClassVar[bool] = False
+    # search() asks _count() first to cap k; a remote bank whose _search pads short results itself sets this False
+    # (on an instance) and saves a round trip per search
+    count_before_search = True
     probe_on_check: ClassVar[bool] = True  # check_bank_config may build one (cheap, in memory) to validate values
     path_is_dir: ClassVar[bool] = False  # its ``path`` parameter names a directory (check_bank_config checks it)
 
@@ -198,13 +203,21 @@ class BaseBank(ABC):
                 new_ids = as_ids(ids, n)
             if n == 0:
                 return new_ids
-            present = self._contains(new_ids)
-            if present.any():
-                self._remove(new_ids[present])
-            self._add(vecs, new_ids)
+            if ids is None and self.auto_ids_unchecked:
+                present = np.zeros(n, bool)  # auto ids start above every stored id
+            else:
+                present = self._contains(new_ids)
+            self._store(vecs, new_ids, present)
             with self._id_lock:
                 self._next_id = max(self._next_id, int(new_ids.max()) + 1)
             return new_ids
+
+    def _store(self, vecs: np.ndarray, ids: np.ndarray, present: np.ndarray) -> None:
+        """Store validated vectors under ``ids``; ``present`` marks the ids already stored, which are replaced.
+        Default: remove those, then ``_add`` all. A backend that can replace in one step overrides this."""
+        if present.any():
+            self._remove(ids[present])
+        self._add(vecs, ids)
 
     def search(self, queries: Any, k: int) -> SearchResult:
         """Top-k neighbours of each query: scores (m, k) float32 (higher = closer), ids (m, k) int64."""
@@ -212,7 +225,7 @@ class BaseBank(ABC):
         k = check_k(k)
         m = q.shape[0]
         with self._lock.read():
-            count = self._count()
+            count = self._count() if self.count_before_search and m else k
             if m == 0 or count == 0:
                 scores, ids = np.empty((m, 0), np.float32), np.empty((m, 0), np.int64)
             else:

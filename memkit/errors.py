@@ -23,6 +23,7 @@ __all__ = [
     "UnsupportedModelError",
     "IncompatibleLibraryError",
     "SaveTargetError",
+    "BackendUnavailableError",
 ]
 
 
@@ -84,3 +85,8 @@ class IncompatibleLibraryError(MemkitError, RuntimeError):
 class SaveTargetError(MemkitError, OSError):
     """A save would replace something memkit did not write (a file, a link, a foreign directory), or its
     target cannot be written; nothing was changed."""
+
+
+class BackendUnavailableError(MemkitError, ConnectionError):
+    """A bank's server is down, unreachable or did not answer within the timeout. The message names the server
+    and says what to do; what the bank acknowledged before is still on the server."""

@@ -2,9 +2,9 @@
 particular to it: URI parsing, reopening, the server bookkeeping paths, no leaked servers or threads, hostile
 save directories, and a wrapped tiny model that retrieves through it.
 
-A Milvus server is not available on this machine (it is a separate service, not a pip package). Server mode
-is the same client code with ``uri=`` instead of ``path=``; its URI parsing and the bookkeeping it uses
-(count, membership and ids asked from the server) are tested here against milvus-lite's gRPC server.
+Server mode is the same client code with ``uri=`` instead of ``path=``; its URI parsing and the bookkeeping it
+uses (count, membership and ids asked from the server) are also tested here against milvus-lite's gRPC server,
+and everything else against a real Milvus server in tests/test_milvus_server.py.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 
 import memkit
 from memkit import bank as bank_module
-from memkit.errors import ConfigError, InvalidInputError, MissingDependencyError
+from memkit.errors import BackendUnavailableError, ConfigError, InvalidInputError, MissingDependencyError
 from memkit.testing import BankConformance
 from memkit.testing.conformance import brute_force
 
@@ -70,7 +70,7 @@ def test_uri_parsing() -> None:
 
 
 def test_server_uri_reaches_the_client_and_fails_cleanly() -> None:
-    with pytest.raises(ConfigError, match="reachable") as info:  # nothing listens on port 1
+    with pytest.raises(BackendUnavailableError, match="reachable") as info:  # nothing listens on port 1
         memkit.create_bank("milvus://user:secret@127.0.0.1:1/notes", dim=4)
     assert "secret" not in str(info.value), "credentials must not appear in error messages"
 

@@ -7,6 +7,7 @@ plausible values: recall in [0, 1], exact backends at recall 1, positive sizes a
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,37 @@ def test_impossible_sizes_are_reported_not_substituted_silently() -> None:
     assert reasons[1_000_000] and "impossible" in reasons[1_000_000]
     assert all(n <= cap for n, r in plan if r is None)
     assert _plan_sizes("smollm2-keys", [1_000_000], 100) == [(1_000_000, None)]
+
+
+def test_a_server_uri_is_benchmarked_without_its_password(tmp_path: Path, milvus_server,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--backends milvus://user:password@host:port/name`: one cell on the session's real Milvus server, labelled
+    milvus-server, its collection dropped afterwards, and the password in no output file."""
+    from pymilvus import MilvusClient
+
+    from memkit.bench.backends import label, scrub_uri
+    from memkit.cli import main
+
+    assert label("milvus://u:p@h:1/c") == "milvus-server" and label("milvus") == "milvus"
+    assert scrub_uri("milvus://u:p@h:1/c") == "milvus://***@h:1/c" and scrub_uri("faiss-flat") == "faiss-flat"
+    user, password = milvus_server.token.split(":")  # root and Milvus's default password, on a server of our own
+    admin = MilvusClient(uri=milvus_server.uri, token=milvus_server.token)
+    out = tmp_path / "results"
+    uri = f"milvus://{user}:{password}@127.0.0.1:{milvus_server.port}/bench_cell"
+    argv = ["bench", "backends", "--quick", "--sizes", "1000", "--queries", "64", "--backends", f"faiss-flat,{uri}",
+            "--seconds", "0.2", "--rounds", "10", "--out", str(out), "--name", "srv"]
+    monkeypatch.setattr(sys, "argv", ["memkit", *argv])  # the command line is recorded in the results
+    rc = main(argv)
+    assert rc == 0
+    doc = json.loads((out / "srv.json").read_text())
+    rows = {r["backend"]: r for r in doc["rows"]}
+    assert set(rows) == {"faiss-flat", "milvus-server"}, rows
+    r = rows["milvus-server"]
+    assert r["status"] == "ok" and r["recall"] == 1.0 and r["flush_s"] is not None and r["ratio_64"] > 0, r
+    for p in out.iterdir():
+        text = p.read_bytes().decode("latin-1")
+        assert f"{user}:{password}" not in text and f":{password}@" not in text, f"the password is in {p.name}"
+    try:
+        assert "bench_cell" not in admin.list_collections(), "the cell left its collection on the server"
+    finally:
+        admin.close()

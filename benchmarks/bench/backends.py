@@ -15,6 +15,12 @@ in a native library cannot take the run down) measures:
   for disk, ``query_points`` for qdrant, pymilvus ``MilvusClient.search`` for milvus), interleaved call by
   call; ratio of medians.
 
+A backend may be a server URI (``milvus://user:password@host:19530/collection``, a new collection that the cell
+drops again): the row is labelled ``milvus-server`` and credentials never reach the results; ``--bank-params``
+passes JSON parameters to URI backends (``index_type``, ``search_params``...). A Milvus server's build time
+includes ``flush`` and waiting for its index to cover the bulk-added rows (``flush_s``), since that is when the
+server searches them through the index; its RAM is the client's alone (the server is another process).
+
 Cells that cannot run here are kept as rows with the reason (a size larger than the corpus, an
 estimated build time over ``--max-build-s`` extrapolated from the previous size, a missing
 backend). Results: ``<out>/backends.json``, ``backends.md`` and ``backends_*.png``.
@@ -40,7 +46,7 @@ from . import report
 
 ALL_BACKENDS = ["faiss-flat", "faiss-hnsw", "faiss-ivf", "hnswlib", "usearch", "disk", "qdrant", "milvus"]
 QUICK_BACKENDS = ["faiss-flat", "faiss-hnsw", "hnswlib", "usearch", "disk"]
-DATASETS = ["minilm", "smollm2-keys"]
+DATASETS = ["minilm", "minilm-tokens", "smollm2-keys"]
 GRAPH = {"faiss-hnsw", "hnswlib", "usearch"}  # build grows ~n log n
 TARGET = 1.05
 
@@ -67,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"10k MiniLM vectors, backends {','.join(QUICK_BACKENDS)}; about a minute")
     parser.add_argument("--backends", default=None, help=f"comma list (default: all of {','.join(ALL_BACKENDS)})")
-    parser.add_argument("--datasets", default=None, help=f"comma list from {DATASETS} (default: both)")
+    parser.add_argument("--datasets", default=None, help=f"comma list from {DATASETS} (default: minilm,smollm2-keys)")
+    parser.add_argument("--bank-params", default=None, metavar="JSON",
+                        help="parameters for URI backends, e.g. '{\"index_type\": \"HNSW\", \"search_params\": {\"ef\": 64}}'")
     parser.add_argument("--sizes", default=None,
                         help="comma list of base sizes (default 10000,100000,1000000; --quick: 10000). MiniLM sizes "
                              "beyond the corpus are reported as impossible and the largest possible size is run")
@@ -163,7 +171,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     t_start = time.perf_counter()
     backends = _parse_list(args.backends, QUICK_BACKENDS if args.quick else ALL_BACKENDS)
-    datasets = _parse_list(args.datasets, ["minilm"] if args.quick else DATASETS)
+    datasets = _parse_list(args.datasets, ["minilm"] if args.quick else ["minilm", "smollm2-keys"])
+    try:
+        extra_params = json.loads(args.bank_params) if args.bank_params else {}
+        assert isinstance(extra_params, dict)
+    except (ValueError, AssertionError):
+        print(f"memkit bench backends: --bank-params must be a JSON object, got {args.bank_params!r}", file=sys.stderr)
+        return 2
     sizes = [int(s) for s in _parse_list(args.sizes, ["10000"] if args.quick else ["10000", "100000", "1000000"])]
     if args.seconds is None:
         args.seconds = 2.0 if args.quick else 6.0
@@ -198,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[{dataset} n={n:,}] data + exact ground truth ready in {time.perf_counter() - t0:.1f}s", flush=True)
                 del vs
                 for backend in backends:
-                    row = {"dataset": dataset, "n": n, "backend": backend}
+                    row = {"dataset": dataset, "n": n, "backend": label(backend)}
                     est = _estimate(prev.get(backend), n, backend)
                     if est is not None and est > args.max_build_s:
                         p = prev[backend]
@@ -207,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
                     elif backend in prev and prev[backend].get("status") != "ok":
                         row.update(status="skipped", note=f"skipped: {prev[backend].get('status')} at n={prev[backend]['n']:,}")
                     else:
-                        row.update(_run_cell(backend, cell_dir, args, metric="ip"))
+                        row.update(_run_cell(backend, cell_dir, args, metric="ip", params=extra_params))
                         if n not in sizes and row.get("status") == "ok" and not row.get("note"):
                             row["note"] = _stand_in_note(n, args.queries)
                     rows.append(row)
@@ -218,16 +232,36 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.perf_counter() - t_start
     notes = _notes(rows, sources, args, elapsed)
+    settings = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    settings["backends"] = ",".join(scrub_uri(b) for b in backends)  # never a password in the results
+    command = " ".join(["memkit" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name,
+                        *(",".join(scrub_uri(x) for x in a.split(",")) for a in sys.argv[1:])])
     paths = _write(args, rows, machine, notes,
-                   {"elapsed_s": elapsed, "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                   {"elapsed_s": elapsed, "settings": settings, "command": command,
                     "datasets": sources, "target_overhead": TARGET})
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {elapsed:.0f}s", flush=True)
     return 0
 
 
-def _run_cell(backend: str, cell_dir: Path, args: argparse.Namespace, *, metric: str) -> dict[str, Any]:
+def label(backend: str) -> str:
+    """The row name of a backend: a server URI becomes ``<scheme>-server`` (no address, no credentials)."""
+    scheme, _, rest = backend.partition("://")
+    return f"{scheme}-server" if rest.split("/")[0] else backend
+
+
+def scrub_uri(backend: str) -> str:
+    """A backend spec without the user:password of a URI."""
+    if "://" not in backend or "@" not in backend.split("://", 1)[1].split("/")[0]:
+        return backend
+    scheme, rest = backend.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def _run_cell(backend: str, cell_dir: Path, args: argparse.Namespace, *, metric: str,
+              params: dict[str, Any] | None = None) -> dict[str, Any]:
     spec = {"backend": backend, "dir": str(cell_dir), "k": args.k, "batch": args.batch, "rounds": args.rounds,
-            "seconds": args.seconds, "metric": metric, "threads": args.threads}
+            "seconds": args.seconds, "metric": metric, "threads": args.threads,
+            "params": params if "://" in backend else {}}
     cmd = [sys.executable, "-m", "memkit.bench.backends", "--worker", json.dumps(spec)]
     env = dict(os.environ)
     if args.threads > 0:
@@ -428,7 +462,7 @@ def _milvus_direct(bank: Any, k: int) -> Any:
     client, coll = bank.client, bank.collection_name
     params = {"metric_type": bank.milvus_metric(), "params": dict(bank.search_params)}
     return lambda q: client.search(coll, data=q.tolist(), limit=k, anns_field="vector", search_params=params,
-                                   output_fields=["id"], consistency_level="Strong")
+                                   output_fields=["id"], consistency_level=bank._level())
 
 
 def _dir_bytes(path: Path) -> int:
@@ -446,16 +480,31 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     gt = np.load(d / "gt.npy")  # (q, k) exact ids = row numbers
     n, dim = base.shape
     tmp = Path(tempfile.mkdtemp(prefix="memkit-cell-"))
-    params: dict[str, Any] = {"path": str(tmp / "live")} if backend == "disk" else {}
+    params: dict[str, Any] = {"path": str(tmp / "live")} if backend == "disk" else dict(spec.get("params") or {})
     if spec.get("threads", 0) > 0 and backend in ("hnswlib", "usearch"):
         params["num_threads" if backend == "hnswlib" else "threads"] = spec["threads"]
     try:
         rss0 = report.rss_bytes()
         t0 = time.perf_counter()
-        bank = memkit.create_bank(backend, dim=dim, metric=spec["metric"], **params)
+        bank: Any = memkit.create_bank(backend, dim=dim, metric=spec["metric"], **params)
+        server = not getattr(bank, "local", True)
+        if server and (len(bank) or not getattr(bank, "created", False)):
+            bank.close()
+            return {"status": "error", "note": "the server collection exists already; name a new one in the URI"}
         n_stream = min(2000, n // 10)
         for s in range(0, n - n_stream, 10_000):
             bank.add(base[s : min(s + 10_000, n - n_stream)])
+        flush_s = None
+        if server:  # searchable through the server's index only once sealed and indexed
+            t_f = time.perf_counter()
+            bank.flush()
+            while (done := bank.index_progress()[0]) < n - n_stream:
+                if time.perf_counter() - t_f > 1800:
+                    bank.close()
+                    return {"status": "error", "note": f"after 30 min only {done:,} rows were searchable through "
+                                                      "the server's index"}
+                time.sleep(1.0)
+            flush_s = time.perf_counter() - t_f
         build_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         for s in range(n - n_stream, n, 64):
@@ -467,7 +516,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         # recall over every query, untimed
         found = np.concatenate([bank.search(queries[s : s + batch], k).ids for s in range(0, len(queries), batch)])
         recall = float(np.mean([len(set(f) & set(g)) / k for f, g in zip(found.tolist(), gt.tolist())]))  # -1 never in gt
-        direct = _direct_search(bank, backend, k, batch)
+        direct = _direct_search(bank, bank.name if "://" in backend else backend, k, batch)
         nq = len(queries)
         singles = [np.ascontiguousarray(queries[i : i + 1]) for i in range(nq)]
         batches = [np.ascontiguousarray(queries[s : s + batch]) for s in range(0, nq - batch + 1, batch)]
@@ -481,12 +530,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         s1, sb = report.summarize(t1q["bank"]), report.summarize(tbq["bank"])
         bank.save(tmp / "saved")
         disk = _dir_bytes(tmp / "saved")
+        if server:  # the cell made this collection: leave the server as it was
+            bank.client.drop_collection(bank.collection_name, timeout=bank.timeout)
         bank.close()
         row = {
             "status": "ok", "dim": dim, "build_s": build_s, "add_vps": n_stream / add_s if add_s > 0 else None,
             "p50_ms": s1["p50"] * 1e3, "p99_ms": s1["p99"] * 1e3, "qps": batch / sb["p50"],
             "recall": recall, "ram_mb": ram / 2**20, "disk_mb": disk / 2**20, "disk_bytes": disk, "ram_bytes": ram,
-            "samples_1q": s1["n"], "samples_64q": sb["n"],
+            "samples_1q": s1["n"], "samples_64q": sb["n"], "flush_s": flush_s,
+            "index": getattr(bank, "index_type", None),
         }
         if direct is not None:
             row.update(direct_p50_ms=report.summarize(t1q["direct"])["p50"] * 1e3,

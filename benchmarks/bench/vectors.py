@@ -9,6 +9,12 @@ and is not what memory looks like):
   out a seeded random ``n_query`` of them as queries, so queries follow the base distribution.
   Embeddings are cached by prefix length under the same name ``real_embeddings`` uses
   (``minilm-{N}-{digest}.npy``), and a longer cached prefix serves every shorter one.
+* ``minilm-tokens`` — all-MiniLM-L6-v2's contextual *token* embeddings (its last hidden state per word piece,
+  384-d, made unit length; [CLS]/[SEP] and padding left out) of the same paragraph stream, at most 128 word
+  pieces a paragraph. One paragraph gives ~60 vectors, so 1M real 384-d MiniLM vectors cost ~17k paragraphs of
+  MiniLM (minutes on 2 cores) instead of 1M sentence embeddings (hours, and more distinct paragraphs than the
+  corpus holds). Queries are token vectors of paragraphs held out of the base stream (a seeded 2%).
+  They are MiniLM vectors of real text, but not sentence embeddings: words cluster by identity and context.
 * ``smollm2-keys`` — attention keys of SmolLM2-135M at one layer (default 3 of 30; only layers
   0..L run, so the cost is a tenth of a full forward pass), un-rotated (the ``k_proj`` output, the
   way memory keys are stored), one 64-d vector per token and K/V head, from the Shakespeare plays
@@ -31,7 +37,8 @@ import numpy as np
 
 from memkit.testing.data import cache_dir
 
-__all__ = ["VectorSet", "minilm_set", "smollm2_keys_set", "minilm_available", "minilm_cached", "load_set", "DATASETS"]
+__all__ = ["VectorSet", "minilm_set", "minilm_tokens_set", "smollm2_keys_set", "minilm_available", "minilm_cached",
+           "load_set", "DATASETS"]
 
 MAX_CHARS = 300  # the paragraph length real_embeddings uses, so caches are shared with the tests
 WINDOW = 512  # tokens per forward window for key extraction (fixed: caches stay prefix-compatible)
@@ -140,6 +147,80 @@ def minilm_set(n: int, n_query: int = 1000, *, seed: int = 0, log: Callable[[str
                      f"(Shakespeare, KJV, stdlib code), {n_query} held out as queries")
 
 
+# ---------------------------------------------------------------------- MiniLM token vectors
+TOKENS_MAX_LEN = 128  # word pieces per paragraph (MiniLM's TextRetriever uses the same)
+
+
+def _token_vectors(texts: list[str], log: Callable[[str], None] | None) -> list[np.ndarray]:
+    """Per text: (t, 384) unit MiniLM last-hidden-state vectors of its word pieces (no [CLS]/[SEP]/padding)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from memkit.resources import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    model = AutoModel.from_pretrained(str(minilm_dir())).eval()
+    out: list[np.ndarray] = [np.empty((0, 384), np.float32)] * len(texts)
+    order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths together: little padding
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(texts), 64):
+            idx = order[b : b + 64]
+            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=TOKENS_MAX_LEN,
+                      return_tensors="pt", return_special_tokens_mask=True)
+            special = enc.pop("special_tokens_mask")
+            hidden = model(**enc).last_hidden_state  # (B, T, 384)
+            keep = (enc["attention_mask"] == 1) & (special == 0)  # (B, T)
+            for row, i in enumerate(idx.tolist()):
+                v = hidden[row][keep[row]].float().numpy()
+                out[i] = v / np.linalg.norm(v, axis=1, keepdims=True)
+            if log and (b // 64) % 20 == 0:
+                _log(f"  MiniLM token vectors: {b + len(idx):,}/{len(texts):,} paragraphs "
+                     f"({(b + len(idx)) / (time.perf_counter() - t0):.0f}/s)", log)
+    return out
+
+
+def minilm_tokens_set(n: int, n_query: int = 1000, *, seed: int = 0,
+                      log: Callable[[str], None] | None = None) -> VectorSet:
+    """``n`` MiniLM token vectors of the paragraph stream and ``n_query`` from held-out paragraphs."""
+    from memkit.corpora import paragraphs
+
+    texts = paragraphs(minilm_available(), max_chars=MAX_CHARS)
+    held = np.random.default_rng(seed).random(len(texts)) < 0.02  # query paragraphs
+    key = _digest(texts)
+    base_path = cache_dir() / f"minilm-tokens-{n}-{key}.npy"
+    query_path = cache_dir() / f"minilm-tokens-queries-{n_query}-{seed}-{key}.npy"
+    if not (base_path.is_file() and query_path.is_file()):
+        # ~60 vectors a paragraph: embed in growing prefixes until both parts are long enough
+        base_parts: list[np.ndarray] = []
+        query_parts: list[np.ndarray] = []
+        done, have_b, have_q = 0, 0, 0
+        while have_b < n or have_q < n_query:
+            if done >= len(texts):
+                raise ValueError(f"the corpus yields only {have_b:,} token vectors (+ {have_q:,} held out); asked for {n:,}")
+            step = max(500, int(1.1 * (n - have_b) / 60))
+            part = texts[done : done + step]
+            vecs = _token_vectors(part, log)
+            for j, v in enumerate(vecs):
+                (query_parts if held[done + j] else base_parts).append(v)
+            have_b, have_q = sum(len(v) for v in base_parts), sum(len(v) for v in query_parts)
+            done += len(part)
+            _log(f"  {done:,} paragraphs: {have_b:,} base and {have_q:,} held-out token vectors", log)
+        base = np.ascontiguousarray(np.concatenate(base_parts)[:n], np.float32)
+        q_all = np.concatenate(query_parts)
+        queries = np.ascontiguousarray(q_all[np.sort(np.random.default_rng(seed).choice(len(q_all), n_query,
+                                                                                          replace=False))], np.float32)
+        _save(base_path, base)
+        _save(query_path, queries)
+    base = np.load(base_path, allow_pickle=False)
+    queries = np.load(query_path, allow_pickle=False)
+    return VectorSet("minilm-tokens", base, queries, "ip",
+                     f"all-MiniLM-L6-v2 contextual token vectors (last hidden state per word piece, unit length, "
+                     f"no [CLS]/[SEP]) of real paragraphs (Shakespeare, KJV, stdlib code), {len(base):,} from the "
+                     f"paragraph stream and {len(queries):,} queries from held-out paragraphs (2%, seed {seed}); "
+                     "MiniLM vectors of real text, not sentence embeddings")
+
+
 # ---------------------------------------------------------------------- SmolLM2 keys
 def _play_tokens(tokenizer: object) -> tuple[list[np.ndarray], np.ndarray, str]:
     """Token ids of the base stream (all plays but one, in name order) and of the held-out play."""
@@ -243,7 +324,7 @@ def smollm2_keys_set(n: int, n_query: int = 1000, *, layer: int = DEFAULT_LAYER,
                      f"{need_tokens:,} tokens of Shakespeare; queries: the same layer's attention queries on hamlet (held out)")
 
 
-DATASETS = {"minilm": minilm_set, "smollm2-keys": smollm2_keys_set}
+DATASETS = {"minilm": minilm_set, "minilm-tokens": minilm_tokens_set, "smollm2-keys": smollm2_keys_set}
 
 
 def load_set(name: str, n: int, n_query: int = 1000, *, log: Callable[[str], None] | None = None) -> VectorSet:
