@@ -1,7 +1,7 @@
 """Dataclass configs for memkit: BankConfig, KVStoreConfig, MemoryConfig (with its style's block).
 
-Config is data: each default carries its reason inline, ``__post_init__`` validates every field where it is
-given, and every config round-trips through ``to_dict``/``from_dict`` and JSON/YAML files (``save``/``load``).
+Config is data: each default's reason is in docs/configuration.md (the one place; a short note stays inline),
+``__post_init__`` validates every field where it is given, and every config round-trips through ``to_dict``/``from_dict`` and JSON/YAML files (``save``/``load``).
 Behaviour is registered elsewhere: backends in :data:`memkit.bank.BACKENDS`, policies in
 :data:`memkit.policy.POLICIES`, retrievers in :data:`memkit.retrievers.RETRIEVERS`, styles in
 :data:`memkit.styles.STYLES` (each style brings its own config block, e.g. :class:`~memkit.styles.MemLongConfig`).
@@ -104,7 +104,7 @@ class KVStoreConfig(ConfigBase):
     host_bytes: int = 16 << 30  # host RAM tier (pinned when CUDA is present)
     disk_dir: str | None = None  # None = no disk tier; pages beyond host_bytes are then an error
     disk_bytes: int = 1 << 40  # spill files on disk; effectively bounded by the disk
-    dtype: str = "fp16"  # halves page bytes vs fp32 at ~1e-3 relative error (see kvstore docs)
+    dtype: str = "fp16"  # halves page bytes vs fp32 (4.0e-4 relative error on real K/V; docs/configuration.md)
     int8_scale: str = "channel"  # "page" or "channel": per-channel scales keep int8 error lower
     prefetch: bool = True  # start copies for the next block while the current one computes
 
@@ -152,25 +152,19 @@ class MemoryConfig(ConfigBase):
     style_config: StyleConfig | None = None  # the style's block (MemLongConfig, LongMemConfig); None = defaults
     bank: BankConfig = field(default_factory=BankConfig)
     kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
-    chunk_size: int = 128  # MemLong's chunk; a 5-digit passkey plus its sentence fits in one chunk
-    top_k: int = 12  # chunks retrieved per block; 0 = window-only. Tokens 4k-8k of Richard III (block 256): 8 chunks
-    # closed 54% of the perplexity gap from window-only to full attention, 12 closed 67%, 16 72%; more chunks cost speed; before
-    # near-duplicates were collapsed (max_chunk_similarity) 12 diluted a 16k passkey that 8 found
-    window: int = 512  # local window of recent tokens attended exactly
-    block_size: int = 256  # tokens per forward = tokens per retrieval: 256 closed more of the Richard III gap than 512
-    # (fresher retrieval) at the same speed; 128 was worse (a block's first tokens see less recent text)
-    sink_tokens: int = 128  # first tokens always attended (as InfLLM's 128 initial tokens): 4 keep perplexity
-    # calibrated (without any it doubles), 128 also keep a prompt's opening instruction visible; with 4 the
-    # passkey failed at 4k, with 128 it passed (integrations measurements). Must be <= chunk_size.
-    position_scheme: str = "contiguous"  # memory placed just before the window: keeps distances < 8k
-    retriever: str = "auto"  # registered retriever: "text" (MiniLM of chunk text), "keys" (mean of keys), "auto" =
-    # text if a tokenizer exists
+    # Each default's reason, with the measurement behind it, is in docs/configuration.md (one place); short notes here.
+    chunk_size: int = 128  # tokens per memory chunk (MemLong's)
+    top_k: int = 12  # chunks a block reads (the question step: at most this many); 0 = window-only
+    window: int = 512  # recent tokens attended exactly
+    block_size: int = 256  # tokens per forward = per retrieval
+    sink_tokens: int = 128  # first tokens always attended (attention sinks); <= chunk_size
+    position_scheme: str = "contiguous"  # memory placed just before the window: distances stay < 8k
+    retriever: str = "auto"  # registered retriever: "text" (MiniLM), "keys" (mean of keys); "auto" = text with a tokenizer
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)  # the block and question steps' stages
     policy: str = "recency_frequency"  # MemLong's dynamic update, run for real
     capacity_tokens: int | None = None  # None = unbounded (bounded by the K/V store budgets); else >= chunk_size
     protect_recent: float = 0.5  # recency_frequency: newest fraction never evicted
-    flush_window: bool = True  # at the end of a call, store what is still in the window (the last chunk may be
-    # partial) so a short chat turn is remembered; False = only chunks that left the window are stored
+    flush_window: bool = True  # store what is still in the window at the end of a call (a chat turn is remembered)
     progress: bool = True  # tqdm progress bars on long inputs
     backend: InitVar[str | None] = None  # shorthand for bank.backend (not a field of its own)
     # memkit 0.2's retrieval keys: accepted with a FutureWarning and moved into `retrieval` (LEGACY_KEYS)
