@@ -1,7 +1,8 @@
 """Dataclass configs for memkit: BankConfig, KVStoreConfig, MemoryConfig (with its style's block).
 
 Config is data: each default's reason is in docs/configuration.md (the one place; a short note stays inline),
-``__post_init__`` validates every field where it is given, and every config round-trips through ``to_dict``/``from_dict`` and JSON/YAML files (``save``/``load``).
+``__post_init__`` validates every field where it is given, and every config round-trips through
+``to_dict``/``from_dict`` and JSON/YAML files (``save``/``load``).
 Behaviour is registered elsewhere: backends in :data:`memkit.bank.BACKENDS`, policies in
 :data:`memkit.policy.POLICIES`, retrievers in :data:`memkit.retrievers.RETRIEVERS`, styles in
 :data:`memkit.styles.STYLES` (each style brings its own config block, e.g. :class:`~memkit.styles.MemLongConfig`).
