@@ -367,6 +367,10 @@ class MemoryManager:
         its read stages (``reader``: the model's probe reads; ``decode``: token ids -> text for text queries). Each
         returned :class:`~memkit.retrieval.Row` holds ``result`` (a :class:`Retrieved`, empty when nothing was
         found) and, when the ``reread`` stage ran, ``reread``."""
+        for r in requests:
+            if not isinstance(r, RowRequest):
+                raise InvalidInputError(f"retrieve_step takes memkit.retrieval.RowRequest objects, got {type(r).__name__}")
+            _name(r.namespace)
         return self._run(self.pipeline(step), list(requests), self.config.top_k, device=device, dtype=dtype,
                          reader=reader, decode=decode)
 

@@ -208,6 +208,21 @@ def test_query_stage_embeds_the_chunk_sized_window_and_the_question() -> None:
     assert block.queries is not None and block.queries.shape == (1, E)  # no question query between blocks
 
 
+def test_bad_requests_are_refused() -> None:
+    from memkit.errors import InvalidInputError
+
+    mm = manager()
+    fill(mm, ["alpha bravo", "charlie delta"])
+    with pytest.raises(InvalidInputError, match=r"decode=tokenizer\.decode"):
+        mm.retrieve_step([RowRequest("default", tokens=words("alpha"))], "question")
+    with pytest.raises(InvalidInputError, match="RowRequest"):
+        mm.retrieve_step(["default"], "question")  # type: ignore[list-item]
+    with pytest.raises(InvalidInputError, match="namespace"):
+        mm.retrieve_step([RowRequest("", tokens=words("alpha"))], "question")
+    with pytest.raises(ConfigError, match="retrieval step"):
+        mm.retrieve_step([], "answer")
+
+
 def test_candidates_skip_the_sinks_and_rank_by_the_best_query() -> None:
     mm = manager(top_k=2)
     fill(mm, ["alpha bravo", "alpha charlie", "delta echo", "golf hotel"])

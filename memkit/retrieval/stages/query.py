@@ -57,7 +57,11 @@ class QueryStage(Stage):
         return [toks[-n:]] + ([toks[-n_q:]] if n_q else [])
 
     def _text(self, rows: list[Row], ctx: StepContext) -> None:
-        assert ctx.decode is not None, "the text retriever needs a decode function"
+        if ctx.decode is None:
+            from memkit.errors import InvalidInputError
+
+            raise InvalidInputError("text queries need token ids decoded: pass decode=tokenizer.decode to "
+                                    "MemoryManager.retrieve_step (or give each RowRequest its queries)")
         texts, owners = [], []
         for r in rows:
             wins = self._windows(r, ctx)
