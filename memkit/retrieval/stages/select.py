@@ -124,7 +124,11 @@ class SelectStage(Stage):
                              f"{self.config.min_gap}" if share < self.config.min_gap else "the head fills the budget"
             return None, info
         floor = float(np.sort(pool[name])[::-1][size - 1])  # the lowest score above the gap
-        mine = self._signals(r, r.cand.ids)[name]
+        by_id = dict(zip(r.pool.ids.tolist(), pool[name].tolist()))  # built-in stages only ever shrink the pool
+        extra = np.asarray([c for c in r.cand.ids.tolist() if c not in by_id], np.int64)
+        if len(extra):  # a user's stage added candidates: score them as the pool was scored
+            by_id.update(zip(extra.tolist(), self._signals(r, extra)[name].tolist()))
+        mine = np.asarray([by_id[int(c)] for c in r.cand.ids], np.float64)
         order = [i for i in np.argsort(-mine, kind="stable") if mine[i] >= floor]
         if not order:
             info["reason"] = "the head was skipped as near-duplicates"
