@@ -108,3 +108,26 @@ def attend_core(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mas
     if training and dropout:
         w = F.dropout(w, p=dropout)
     return torch.matmul(w, value).transpose(1, 2)
+
+
+def attention_of_last(query: torch.Tensor, key: torch.Tensor, last: int, *, scaling: float | None,
+                      softcap: float | None) -> torch.Tensor:
+    """How much attention the last ``last`` queries give each key, averaged over them and the query heads.
+
+    query (B, Hq, T, D) and key (B, Hkv, T, D) of one causal step at the same positions (rotated as the layer
+    attends). Returns (B, T) float32 weights; each of the ``last`` rows sums to 1 over the keys it may see, so the
+    result sums to 1. The ``focus`` retrieval stage reads it to see which chunks a question attends.
+    """
+    _, hq, T, D = query.shape
+    m = max(1, min(int(last), T))
+    q = query[:, :, T - m:].float()  # (B, Hq, m, D)
+    k = key.float()
+    if hq != k.shape[1]:
+        k = k.repeat_interleave(hq // k.shape[1], dim=1)  # (B, Hq, T, D)
+    scale = scaling if scaling is not None else D ** -0.5
+    w = torch.matmul(q, k.transpose(2, 3)) * scale  # (B, Hq, m, T)
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    rows = torch.arange(T - m, T, device=w.device)[:, None]  # (m, 1) positions of the queries
+    w = w.masked_fill(torch.arange(T, device=w.device)[None, :] > rows, float("-inf"))  # causal
+    return torch.softmax(w, dim=-1).mean(dim=(1, 2))  # (B, T)

@@ -133,6 +133,11 @@ class CallState:
         self.pending_k: dict[int, torch.Tensor] = {}  # this step's keys (B, H, T, D), position-free
         self.pending_v: dict[int, torch.Tensor] = {}
         self.pending_q: torch.Tensor | None = None  # (B, H, T, D) at the retriever layer
+        # A probe asked for the attention of its last `attend_last` tokens: summed over the global layers (B, T).
+        self.attend_last = 0
+        self.attention: torch.Tensor | None = None
+        self.attention_layers = 0
+        self.last_hidden: torch.Tensor | None = None  # (B, hidden) the probe's last final hidden state
         self.layout: Layout | None = None
         self.blk_ids: torch.Tensor | None = None  # (B, T)
         self.cols = 0  # columns (tokens incl. padding) processed so far in this call

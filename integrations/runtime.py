@@ -44,7 +44,7 @@ from memkit.config import MemoryConfig
 from memkit.errors import ConfigError, IncompatibleMemoryError, InvalidInputError, UnsupportedModelError
 from memkit.styles import STYLES
 
-from .attention import ATTN_NAME, RUNTIME_ATTR, RUNTIMES, attend_core, register
+from .attention import ATTN_NAME, RUNTIME_ATTR, RUNTIMES, attend_core, attention_of_last, register
 from .context import CallState, Evicted
 from .hf_compat import broken_assumption, cache_kwarg, check_versions, resolve_decoder
 from .positions import Rotary
@@ -74,13 +74,16 @@ class ProbeReader:
     a probe step of this model, nothing stored. The pipeline never sees the runtime itself."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self._read, self._queries = runtime.reread, runtime.probe_queries
+        self._read, self._queries, self._attention = runtime.reread, runtime.probe_queries, runtime.probe_attention
 
     def read(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         return self._read(ids)
 
     def queries(self, ids: torch.Tensor) -> torch.Tensor:
         return self._queries(ids)
+
+    def attention(self, ids: torch.Tensor, last: int) -> tuple[torch.Tensor, float]:
+        return self._attention(ids, last)
 
 
 class Runtime:
@@ -272,7 +275,7 @@ class Runtime:
         over these tokens alone at positions 0..N-1, nothing stored, while this thread's call waits. Returns per
         layer the position-free keys and the values (1, Hkv, N, D). Used by :meth:`Style.before_step` at the
         question step to read retrieved chunks in the context the question sees (the ``reread`` stage)."""
-        keys, values, _ = self._probe_read(ids)
+        keys, values, _, _ = self._probe_read(ids)
         return keys, values
 
     def probe_queries(self, ids: torch.Tensor) -> torch.Tensor:
@@ -280,24 +283,49 @@ class Runtime:
         when ``ids`` (1, N) are read afresh, as :meth:`reread` reads them. The ``keys`` retriever's question query
         (:meth:`Style.before_step` at generate's question step) is their mean: the question's own queries, not
         those of whatever the window held before it."""
-        _, _, q = self._probe_read(ids)
+        _, _, q, _ = self._probe_read(ids)
         if q is None:
             raise InvalidInputError("the probe read recorded no queries: this style has no query layer")
         return q
 
-    def _probe_read(self, ids: torch.Tensor
-                    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None]:
+    def probe_attention(self, ids: torch.Tensor, last: int) -> tuple[torch.Tensor, float]:
+        """When ``ids`` (1, N) are read afresh as :meth:`reread` reads them: how much attention their last ``last``
+        tokens give each token, (N,) float32 on the CPU, averaged over those tokens, the query heads and every layer
+        that attends the whole sequence (sliding-window layers are left out: they cannot see far back; sums to 1),
+        and the model's probability of its most likely next token after ``ids`` (how sure it is of an answer's
+        first token given this reading). The ``focus`` retrieval stage reads both."""
+        if not isinstance(last, int) or last < 1:
+            raise InvalidInputError(f"probe_attention needs last >= 1 tokens, got {last!r}")
+        probe = self._probe_read(ids, attend_last=last)[3]
+        if probe.attention is None or probe.attention_layers == 0:
+            raise InvalidInputError("the probe read recorded no attention: no layer of this model attends the whole "
+                                    "sequence through memkit's attention (turn the focus stage off)")
+        assert probe.last_hidden is not None
+        with torch.no_grad():
+            logits = self.lm.get_output_embeddings()(probe.last_hidden).float()  # (1, V)
+            cap = getattr(self.hf_config.get_text_config(decoder=True), "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            sure = float(torch.softmax(logits, -1).max())
+        return (probe.attention[0] / probe.attention_layers).cpu(), sure  # (N,), probability
+
+    def _probe_read(self, ids: torch.Tensor, attend_last: int = 0
+                    ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor], torch.Tensor | None, CallState]:
         """One probe step over ``ids`` (1, N) at positions 0..N-1, nothing stored: per layer K and V (1, Hkv, N, D),
-        and the style's query layer's position-free queries (1, Hkv, N, D) (None when it keeps none)."""
+        the style's query layer's position-free queries (1, Hkv, N, D) (None when it keeps none), and the probe's
+        call state (its ``attention`` when ``attend_last`` > 0)."""
         outer = self.call
         if outer is None or outer.thread != threading.get_ident():
             raise InvalidInputError("a probe read runs inside this thread's memkit call")
         probe = self._new_call(int(ids.shape[0]), ["__reread__"], "probe", 0, None, None)
+        probe.attend_last = attend_last
         self.call = probe
         try:
             with torch.no_grad():
-                self.base(input_ids=ids.to(self.device), use_cache=False)
-            return dict(probe.pending_k), dict(probe.pending_v), probe.pending_q
+                out = self.base(input_ids=ids.to(self.device), use_cache=False)
+            if attend_last:
+                probe.last_hidden = out[0][:, -1]  # (1, hidden) the last position's final hidden state
+            return dict(probe.pending_k), dict(probe.pending_v), probe.pending_q, probe
         finally:
             self.style.end_call(probe)
             self.call = outer
@@ -464,6 +492,11 @@ class Runtime:
             q_free = self.rotary.rotate(layer, query, lay.blk_pos, inverse=True, tag="blk", cache=rot)  # (B, Hq, T, D)
             B, Hq, T, D = q_free.shape
             call.pending_q = q_free.reshape(B, key.shape[1], Hq // key.shape[1], T, D).mean(2).detach()
+        if call.attend_last and kwargs.get("sliding_window") is None:  # a probe asked what its last tokens attend
+            mass = attention_of_last(query, key, call.attend_last, scaling=kwargs.get("scaling"),
+                                     softcap=kwargs.get("softcap"))  # (B, T)
+            call.attention = mass if call.attention is None else call.attention + mass
+            call.attention_layers += 1
         ks, vs = [], []
         if call.S:
             sk, sv = call.sink_k[layer], call.sink_v[layer]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -349,3 +350,90 @@ def test_the_runtime_calls_the_pipeline_once_per_step() -> None:
     assert seen[-1] == "question" and seen.count("question") == 1
     assert isinstance(Pipeline.build("block", RetrievalConfig().stages("block")), Pipeline)
 
+
+
+def test_focus_reads_the_chunk_the_question_attends_when_retrieval_has_no_head() -> None:
+    """Retrieval reads its whole budget (here: a fixed selection): the focus stage asks the reader what the question's last
+    tokens attend in [sinks | candidates | question] and reads the chunk whose attention stands apart (then the
+    neighbours of it); an even spread of attention leaves the candidates as they were."""
+    from memkit.retrieval.stages.focus import chunk_masses
+
+    asked: list[tuple[list[int], int]] = []
+
+    class Attends:  # stands in for the model: attention peaked on the tokens of one chunk (the stage is under test)
+        def __init__(self, token: int | None, sure: Any = None) -> None:
+            self.token, self.sure = token, sure
+
+        def read(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+            kv = torch.zeros(1, H, ids.shape[1], D)
+            return {0: kv}, {0: kv}
+
+        def queries(self, ids: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("the text retriever needs no probe queries")
+
+        def attention(self, ids: torch.Tensor, last: int) -> tuple[torch.Tensor, float]:
+            asked.append((ids[0].tolist(), last))
+            w = torch.ones(ids.shape[1])
+            if self.token is not None:
+                w[ids[0] == self.token] = 50.0
+            sure = 0.9 if int(ids.shape[1]) < 4 * C else 0.5  # surer of its answer with fewer chunks read
+            return w / w.sum(), sure if self.sure is None else self.sure(int(ids.shape[1]))
+
+    texts = ["golf hotel", "golf india", "golf kilo", "golf juliet", "golf delta", "golf bravo", "golf echo",
+             "golf lima"]
+    cfg = {"question": {"select": {"adaptive": False}, "reread": False, "focus": {}}}  # focus on (off by default);
+    # retrieval reads its whole budget
+    mm = manager(top_k=6, retrieval=cfg)
+    fill(mm, texts)
+    kilo = 100 + WORDS.index("kilo")
+
+    def ask(reader: Attends) -> Row:
+        return mm.retrieve_step([RowRequest("default", tokens=words("golf golf"), exclude=(0, 2))], "question",
+                                reader=reader,
+                                decode=lambda ids: " ".join(WORDS[i - 100] for i in ids if 100 <= i < 100 + E))[0]
+
+    row = ask(Attends(kilo))
+    (ids, last), (alone, _) = asked[-2:]
+    assert last == 2 and ids[-2:] == words("golf golf").tolist()  # the question is read last, its 2 tokens attend
+    assert len(ids) == 2 + 6 * C + 2  # the stream's 2 sink tokens | the six candidates | the question
+    assert len(alone) == 2 + C + 2 and kilo in alone  # then the head alone is read and scored
+    assert row.result is not None and 2 in row.result.ids.tolist() and len(row.result) <= 3  # kilo's chunk + neighbours
+    assert {t["id"]: t["why"] for t in mm.trace()}[2] == "focus"
+    sel = mm.selection()
+    assert sel["reason"].startswith("focus: 1 chunk") and sel["focus"]["gap"] >= 0.5
+    assert (sel["focus"]["sure_head"], sel["focus"]["sure_all"]) == (0.9, 0.5)
+    unsure = ask(Attends(kilo, sure=lambda n: 0.4 if n < 4 * C else 0.5))  # no surer with the head alone
+    assert unsure.result is not None and len(unsure.result) == 6 and "sure_head" in mm.selection()["focus"]
+    even = ask(Attends(None))  # attention spread evenly: no chunk stands apart, the budget is read
+    assert even.result is not None and len(even.result) == 6 and mm.selection()["focus"]["gap"] < 0.5
+    off = manager(top_k=6, retrieval={"question": {"select": {"adaptive": False}, "reread": False}})  # the default
+    fill(off, texts)
+    assert len(off.retrieve_step([RowRequest("default", tokens=words("golf golf"))], "question",
+                                 reader=Attends(kilo), decode=lambda ids: "golf golf")[0].result) == 6  # type: ignore
+    assert chunk_masses(np.asarray([1.0, 1, 2, 3, 4, 5]), 1, [2, 3]).tolist() == [3.0, 12.0]
+
+
+def test_probe_attention_is_the_models_own_attention_of_the_last_tokens() -> None:
+    """Runtime.probe_attention equals what the plain model's eager attention gives: the mean over the last tokens,
+    heads and layers of each token's weight (rows sum to 1, no token sees the future); and its confidence is the
+    plain model's probability of its most likely next token."""
+    import memkit
+    from memkit.testing.tiny_models import tiny_model
+
+    ids = torch.randint(3, 200, (1, 40), generator=torch.Generator().manual_seed(3))
+    plain = tiny_model("llama")
+    plain.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = plain(ids, output_attentions=True).attentions  # per layer (1, Hq, T, T)
+    want = torch.stack([a[0, :, -5:].float().mean(dim=(0, 1)) for a in att]).mean(0)  # (T,)
+    wrapped = memkit.wrap(tiny_model("llama"), window=32, chunk_size=8, block_size=16, top_k=3, sink_tokens=2,
+                          progress=False)
+    rt = wrapped.memkit_runtime
+    with rt.calling(1, ["probe-test"], mode="probe"):
+        got, sure = rt.reader.attention(ids, 5)
+    assert got.shape == (40,) and float(got.sum()) == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        assert sure == pytest.approx(float(torch.softmax(plain(ids).logits[0, -1].float(), -1).max()), rel=1e-4)
+    with rt.calling(1, ["probe-test"], mode="probe"), pytest.raises(memkit.MemkitError, match="last >= 1"):
+        rt.reader.attention(ids, 0)

@@ -20,7 +20,8 @@
 
 A step given in a config is merged with its defaults stage by stage: ``question: {fusion: {lexical_tokens: 24}}``
 changes one setting, ``question: {reread: false}`` turns a stage off, and a stage registered by a user
-(:func:`memkit.retrieval.register_stage`) is turned on by naming it. Unknown stages and settings raise a
+(:func:`memkit.retrieval.register_stage`) or a built-in stage that is off by default (``focus``) is turned on by
+naming it. Unknown stages and settings raise a
 :class:`~memkit.errors.ConfigError` that lists the valid ones; a step without a stage it cannot read without
 (``query``, ``candidates``, ``select``) is refused. The rationale of every default is in docs/configuration.md.
 

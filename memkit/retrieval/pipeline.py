@@ -43,6 +43,10 @@ class Reader(Protocol):
     def queries(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (1, N) -> position-free queries (1, Hkv, N, D) at the style's query layer."""
 
+    def attention(self, ids: torch.Tensor, last: int) -> tuple[torch.Tensor, float]:
+        """ids (1, N) -> ((N,) the attention the last ``last`` tokens give each token (mean over them, the heads
+        and the layers that see the whole sequence; sums to 1), the probability of the most likely next token)."""
+
 
 @dataclass
 class RowRequest:

@@ -79,6 +79,6 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 
 
 BUILT_IN = {"query": "QueryStage", "candidates": "CandidatesStage", "fusion": "FusionStage", "dedup": "DedupStage",
-            "select": "SelectStage", "neighbours": "NeighboursStage", "reread": "RereadStage"}
+            "select": "SelectStage", "focus": "FocusStage", "neighbours": "NeighboursStage", "reread": "RereadStage"}
 for _name, _cls in BUILT_IN.items():  # one file each, imported on first use
     STAGES.register(_name, f"memkit.retrieval.stages.{_name}:{_cls}")

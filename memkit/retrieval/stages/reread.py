@@ -25,7 +25,7 @@ from memkit.retrieval.pipeline import Reread
 from memkit.retrieval.stage import Stage, StageConfig
 
 if TYPE_CHECKING:  # pragma: no cover
-    from memkit.retrieval.pipeline import Row, StepContext
+    from memkit.retrieval.pipeline import Row, RowRequest, StepContext
 
 
 @dataclass
@@ -49,7 +49,7 @@ class RereadStage(Stage):
             res = r.result
             if res is None or len(res) == 0:
                 continue
-            ids = self._tokens(r, ctx)
+            ids = probe_tokens(r.request, res.spans.tolist(), res.token_ids, ctx, window=self.config.window)
             if ids is None:
                 continue
             sinks, pieces, window = ids
@@ -58,29 +58,32 @@ class RereadStage(Stage):
             r.reread = Reread(keys, values, int(sinks.shape[0]), [int(p.shape[0]) for p in pieces],
                               int(window.shape[0]))
 
-    def _tokens(self, r: Row, ctx: StepContext) -> tuple[np.ndarray, list[np.ndarray], np.ndarray] | None:
-        """(sinks, one token array per retrieved chunk in time order, window), or None when a chunk's tokens are
-        unknown."""
-        req, res = r.request, r.result
-        assert res is not None
-        call = req.call_tokens
-        base = req.call_base
-        spans = res.spans.tolist()  # (k', 2) stream positions, time order
-        pieces: list[np.ndarray] = []
-        for i, (a, b) in enumerate(spans):
-            known = res.token_ids[i] if i < len(res.token_ids) else None
-            if call is not None and a >= base and b - base <= call.shape[0]:
-                pieces.append(np.asarray(call[a - base:b - base], np.int64))
-            elif known is not None:
-                pieces.append(np.asarray(known, np.int64))
-            else:
-                return None
-        if call is not None and spans[0][0] >= base:
-            sinks = np.asarray(call[:req.sinks], np.int64)  # this call's sinks
+
+def probe_tokens(req: RowRequest, spans: list[list[int]] | list[tuple[int, int]], known: list[np.ndarray | None],
+                 ctx: StepContext, *, window: bool = True, tail: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray] | None:
+    """The token ids a probe reads for a row: (sinks, one array per chunk of ``spans`` (time order, (k', 2) stream
+    positions) with ``known`` its stored token ids or None, the tail: ``tail`` if given, else the call's window, or
+    nothing when ``window`` is False), or None when a chunk's tokens are unknown. Used by ``reread`` and
+    ``focus``."""
+    call, base = req.call_tokens, req.call_base
+    pieces: list[np.ndarray] = []
+    for i, (a, b) in enumerate(spans):
+        ids = known[i] if i < len(known) else None
+        if call is not None and a >= base and b - base <= call.shape[0]:
+            pieces.append(np.asarray(call[a - base:b - base], np.int64))
+        elif ids is not None:
+            pieces.append(np.asarray(ids, np.int64))
         else:
-            n = min(ctx.sink_tokens, spans[0][0])
-            got = ctx.manager.tokens_of(0, n, namespace=req.namespace) if n > 0 else None
-            sinks = got.numpy() if got is not None else np.zeros(0, np.int64)
-        window = np.asarray(req.window, np.int64) if self.config.window and req.window is not None \
-            else np.zeros(0, np.int64)
-        return sinks, pieces, window
+            return None
+    if not spans:
+        return None
+    if call is not None and spans[0][0] >= base:
+        sinks = np.asarray(call[:req.sinks], np.int64)  # this call's sinks
+    else:
+        n = min(ctx.sink_tokens, spans[0][0])
+        got = ctx.manager.tokens_of(0, n, namespace=req.namespace) if n > 0 else None
+        sinks = got.numpy() if got is not None else np.zeros(0, np.int64)
+    if tail is None:
+        tail = req.window if window and req.window is not None else np.zeros(0, np.int64)
+    return sinks, pieces, np.asarray(tail, np.int64)
