@@ -159,9 +159,12 @@ def test_a_save_written_before_the_retrieval_block_loads(tmp_path: Path) -> None
 
 # ---------------------------------------------------------------------------------------------- the registry
 def test_every_built_in_stage_is_registered_with_its_config() -> None:
-    for name in ("query", "candidates", "fusion", "dedup", "select", "neighbours", "reread"):
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    for name in ("query", "candidates", "fusion", "dedup", "select", "focus", "neighbours", "reread"):
         kind = STAGES.get(name)
         assert kind.name == name and kind.config_class().to_dict() is not None
+        for setting in kind.config_class().to_dict():  # each setting has its row (its rationale) in the docs
+            assert f"`{name}` |" in doc and f"`{setting}`" in doc, (name, setting)
     with pytest.raises(ConfigError, match="unknown retrieval stage"):
         STAGES.get("nope")
 

@@ -16,6 +16,11 @@ chunks), so the head is then re-read alone and scored: it is read only when the 
 forward of the model over the candidates and, when a head stands apart, one over the head (through the pipeline's
 :class:`~memkit.retrieval.Reader`, nothing stored) per question; none at the block step.
 ``memory.selection()["focus"]`` reports the masses' gap and both probabilities.
+
+Off by default: on the calibration split (``benchmarks/calibrate_focus.py``) the question of ``ruler_vt`` attends
+the task's instruction chunk (gap 0.76-0.84) and the model is as sure of its first token reading it alone, so the
+chain's chunks would be dropped; docs/configuration.md has the numbers. Turn it on by naming it:
+``retrieval: {question: {focus: {}}}``.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 @dataclass
 class FocusConfig(StageConfig):
     min_gap: float = 0.5  # the attention head is read when its gap is at least this share of the masses' spread
-    # (set on the calibration split, docs/configuration.md)
+    # (the stage is off by default: the calibration split refused it, docs/configuration.md)
     question_tokens: int = 32  # the last tokens of the question whose attention is read
     min_candidates: int = 4  # fewer candidates than this: nothing to choose among
 
