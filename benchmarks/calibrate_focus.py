@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate_select import TASKS, C, S, question_step_chunks
+from calibrate_select import TASKS, C, S, calibration_split, choose, question_step_chunks
 
 GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 1.01)  # 1.01 = focus off (the pipeline before the stage)
 
@@ -65,8 +65,6 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
     import memkit
-    from memkit.evaluation import ruler as R
-    from memkit.evaluation.haystack import build_haystack
     from memkit.models import converted_dir, load_smollm2
     from memkit.resources import smollm2_gguf
     from memkit.retrievers import make_retriever
@@ -76,36 +74,11 @@ def main() -> int:
     retriever = make_retriever("text", key_dim=384)
     folder = converted_dir(smollm2_gguf())
     records = []
-    for filler in [f for f in args.fillers.split(",") if f]:
-        for n in (16384, 32768):
-            for d in (0.1, 0.3, 0.5, 0.7, 0.9):
-                h = build_haystack(tok, n, d, filler=filler, prompt="auto")
-                records.append({"task": filler, "length": n, "depth": d,
-                                **coverage(rt, tok, h.input_ids, [(*h.needle_span, "needle")], retriever)})
-                print(json.dumps(records[-1]), flush=True)
-    for name in [t for t in args.tasks.split(",") if t]:
-        task = R.make_task(R.load_samples(name, 16384, tok, folder), folder)
-        for rq in R.requests_for(task, 110)[100:110]:
-            ctx, _ = rq.args
-            ids = list(tok(ctx, add_special_tokens=False)["input_ids"])
-            answers = [(a, b, str(o)) for o in rq.doc["outputs"] for a, b in R.answer_token_spans(tok, ctx, ids, str(o))]
-            records.append({"task": name, "length": 16384, "index": int(rq.doc.get("index", -1)),
-                            **coverage(rt, tok, ids, answers, retriever)})
-            print(json.dumps(records[-1]), flush=True)
-    summary: dict[str, Any] = {}
-    for task in dict.fromkeys(r["task"] for r in records):
-        rs = [r for r in records if r["task"] == task]
-        summary[task] = {}
-        for g in GRID:
-            got = [r[str(g)] for r in rs]
-            summary[task][str(g)] = {"coverage": round(float(np.mean([v / max(t, 1) for _, v, t, _ in got])), 3),
-                                     "chunks": round(float(np.mean([k for k, _, _, _ in got])), 2), "n": len(rs)}
-    ok = [g for g in GRID[:-1] if all(s[str(g)]["coverage"] >= 0.95 for s in summary.values())]
-    chosen = min(ok) if ok else None
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"grid": list(GRID), "rule": "lowest min_gap with coverage >= 0.95 on every "
-                                          "task", "chosen": chosen, "summary": summary, "records": records}, indent=1))
-    print(json.dumps(summary, indent=1), "\nchosen min_gap:", chosen)
+    fillers = tuple(f for f in args.fillers.split(",") if f)
+    for head, ids, answers in calibration_split(tok, folder, args.tasks.split(","), fillers):
+        records.append({**head, **coverage(rt, tok, ids, answers, retriever)})
+        print(json.dumps(records[-1]), flush=True)
+    choose(records, GRID, GRID[:-1], Path(args.out))
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +67,52 @@ def coverage(tok: Any, ids: list[int], answers: list[tuple[int, int, str]], retr
     return out
 
 
+def calibration_split(tok: Any, folder: Any, tasks: list[str], fillers: tuple[str, ...] = ("meadow", "ledger")
+                      ) -> Iterator[tuple[dict[str, Any], list[int], list[tuple[int, int, str]]]]:
+    """The calibration split, prompt by prompt: (what names the prompt, its token ids, its answers as (start, end,
+    answer string) token spans): the fillers' passkeys at 16k and 32k, 5 depths each, then RULER samples 100-109 of
+    each task at 16k."""
+    from memkit.evaluation import ruler as R
+    from memkit.evaluation.haystack import build_haystack
+
+    for filler in fillers:
+        for n in (16384, 32768):
+            for d in (0.1, 0.3, 0.5, 0.7, 0.9):
+                h = build_haystack(tok, n, d, filler=filler, prompt="auto")
+                yield {"task": filler, "length": n, "depth": d}, h.input_ids, [(*h.needle_span, "needle")]
+    for name in [t for t in tasks if t]:
+        task = R.make_task(R.load_samples(name, 16384, tok, folder), folder)
+        for rq in R.requests_for(task, 110)[100:110]:
+            ctx, _ = rq.args
+            ids = list(tok(ctx, add_special_tokens=False)["input_ids"])
+            answers = [(a, b, str(o)) for o in rq.doc["outputs"] for a, b in R.answer_token_spans(tok, ctx, ids, str(o))]
+            yield {"task": name, "length": 16384, "index": int(rq.doc.get("index", -1))}, ids, answers
+
+
+def choose(records: list[dict[str, Any]], grid: tuple[float, ...], candidates: tuple[float, ...], out: Path) -> None:
+    """Per task and grid value (each record's ``str(value)`` entry starts [chunks read, answers visible, answers]):
+    the mean coverage and chunks read; the lowest of ``candidates`` with coverage >= 0.95 on every task is chosen.
+    Writes everything to ``out`` and prints the summary."""
+    summary: dict[str, Any] = {}
+    for task in dict.fromkeys(r["task"] for r in records):
+        rs = [r[str(g)] for r in records if r["task"] == task for g in grid]
+        summary[task] = {str(g): {"coverage": round(float(np.mean([v[1] / max(v[2], 1) for v in rs[i::len(grid)]])), 3),
+                                  "chunks": round(float(np.mean([v[0] for v in rs[i::len(grid)]])), 2),
+                                  "n": len(rs) // len(grid)} for i, g in enumerate(grid)}
+    ok = [g for g in candidates if all(s[str(g)]["coverage"] >= 0.95 for s in summary.values())]
+    chosen = min(ok) if ok else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"grid": list(grid), "rule": "lowest value with coverage >= 0.95 on every task",
+                               "chosen": chosen, "summary": summary, "records": records}, indent=1))
+    print(json.dumps(summary, indent=1), "\nchosen:", chosen)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="calibration_select.json")
     p.add_argument("--tasks", default=",".join(TASKS))
     args = p.parse_args()
     torch.set_num_threads(1)
-    from memkit.evaluation import ruler as R
-    from memkit.evaluation.haystack import build_haystack
     from memkit.models import converted_dir, load_smollm2
     from memkit.resources import smollm2_gguf
     from memkit.retrievers import make_retriever
@@ -82,33 +121,10 @@ def main() -> int:
     retriever = make_retriever("text", key_dim=384)
     folder = converted_dir(smollm2_gguf())
     records = []
-    for filler in ("meadow", "ledger"):
-        for n in (16384, 32768):
-            for d in (0.1, 0.3, 0.5, 0.7, 0.9):
-                h = build_haystack(tok, n, d, filler=filler, prompt="auto")
-                records.append({"task": filler, "length": n, "depth": d,
-                                **coverage(tok, h.input_ids, [(*h.needle_span, "needle")], retriever)})
-                print(json.dumps(records[-1]), flush=True)
-    for name in args.tasks.split(","):
-        task = R.make_task(R.load_samples(name, 16384, tok, folder), folder)
-        for rq in R.requests_for(task, 110)[100:110]:
-            ctx, _ = rq.args
-            ids = list(tok(ctx, add_special_tokens=False)["input_ids"])
-            answers = [(a, b, str(o)) for o in rq.doc["outputs"] for a, b in R.answer_token_spans(tok, ctx, ids, str(o))]
-            records.append({"task": name, "length": 16384, "index": int(rq.doc.get("index", -1)),
-                            **coverage(tok, ids, answers, retriever)})
-            print(json.dumps(records[-1]), flush=True)
-    summary = {}
-    for task in dict.fromkeys(r["task"] for r in records):
-        rs = [r for r in records if r["task"] == task]
-        summary[task] = {str(g): {"coverage": round(float(np.mean([r[str(g)][1] / r[str(g)][2] for r in rs])), 3),
-                                  "chunks": round(float(np.mean([r[str(g)][0] for r in rs])), 2), "n": len(rs)}
-                         for g in GRID}
-    ok = [g for g in GRID if all(s[str(g)]["coverage"] >= 0.95 for s in summary.values())]
-    chosen = min(ok) if ok else None
-    Path(args.out).write_text(json.dumps({"grid": list(GRID), "rule": "lowest min_gap with coverage >= 0.95 on every "
-                                          "task", "chosen": chosen, "summary": summary, "records": records}, indent=1))
-    print(json.dumps(summary, indent=1), "\nchosen min_gap:", chosen)
+    for head, ids, answers in calibration_split(tok, folder, args.tasks.split(",")):
+        records.append({**head, **coverage(tok, ids, answers, retriever)})
+        print(json.dumps(records[-1]), flush=True)
+    choose(records, GRID, GRID, Path(args.out))
     return 0
 
 

@@ -24,6 +24,16 @@ def test_the_full_and_the_quick_plan() -> None:
     assert len(quick.ruler_tasks) == 3 and quick.header()["quick"]
 
 
+def test_the_table_heading_says_when_a_config_replaced_the_defaults() -> None:
+    from memkit.evaluation.battery import heading
+
+    quick = Plan(args(quick=True, tasks="qa"))
+    plain = heading(quick, None, "2026-12-07", ["abc1234"], "2 cores")
+    assert "`memkit eval battery --quick --tasks qa` with the defaults (no config file)" in plain
+    mine = heading(quick, "focus.yaml", "2026-12-07", ["abc1234"], "2 cores")
+    assert "--config focus.yaml` with that config, not the defaults" in mine and "no config file" not in mine
+
+
 @pytest.mark.parametrize("bad", [{"tasks": "chat,poetry"}, {"tasks": ""}, {"n": 0}])
 def test_bad_input_is_refused(bad: dict[str, object]) -> None:
     with pytest.raises(InvalidInputError):

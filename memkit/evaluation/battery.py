@@ -356,15 +356,22 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     commits = sorted({str(r.get("commit")) for r in records})
     date = time.strftime("%Y-%m-%d")
-    md = (f"# memkit task battery ({'quick' if plan.quick else 'full'})\n\n`memkit eval battery "
-          f"{'--quick ' if plan.quick else ''}--tasks {','.join(plan.tasks)}` with the defaults (no config file) — "
-          f"{date}, memkit at {', '.join(commits)}, {_cpu()}\n\n{table}\n")
+    md = f"{heading(plan, args.config, date, commits, _cpu())}\n\n{table}\n"
     (out / "battery.md").write_text(md)
     write_json({"date": date, "machine": machine(), "commits": commits, "header": header, "rows": rows,
                 "notes": env.notes, "seconds_this_run": round(time.perf_counter() - t_start, 1),
                 "records": records}, str(out / "battery.json"))
     print(f"\n{out / 'battery.md'}, {out / 'battery.json'}")
     return 0
+
+
+def heading(plan: Plan, config: str | None, date: str, commits: list[str], cpu: str) -> str:
+    """The first lines of battery.md: the command (with its config file, if one was given), the date, the commits."""
+    command = f"memkit eval battery {'--quick ' if plan.quick else ''}--tasks {','.join(plan.tasks)}"
+    given = f"{command} --config {config}` with that config, not the defaults" if config else \
+        f"{command}` with the defaults (no config file)"
+    return f"# memkit task battery ({'quick' if plan.quick else 'full'})\n\n`{given} — {date}, memkit at " \
+           f"{', '.join(commits)}, {cpu}"
 
 
 def _cpu() -> str:
