@@ -58,11 +58,9 @@ every write (it would have to be copied again to be opened), and it ties a save 
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
-import shutil
 import tempfile
 import threading
 import weakref
@@ -73,12 +71,11 @@ from urllib.parse import urlparse
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
-from memkit.backends import milvus_owner
+from memkit.backends import milvus_embedded, milvus_owner
 from memkit.backends.milvus_errors import is_rpc_error, translate
 from memkit.bank import BaseBank, read_manifest, require
 from memkit.errors import ConfigError, CorruptFileError, InvalidInputError, MemkitError, ReadOnlyError
 from memkit.files import save_path
-from memkit.paths import check_dir_target, user_path
 
 __all__ = ["MilvusBank"]
 
@@ -102,11 +99,6 @@ INDEXES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 LITE_INDEXES = frozenset(INDEXES) - {"IVF_PQ"}  # what milvus-lite 3.x builds
 BOUNDS = {"M": (2, 2048), "nbits": (1, 16)}  # anything else: 1..65536 (Milvus documents these ranges)
 
-_OPEN_LOCK = threading.Lock()
-# embedded db path -> [open collections, whether memkit started its milvus-lite server, private temp dir or None]
-_OPEN: dict[str, list[Any]] = {}
-
-
 def _milvus_name(name: Any) -> str:
     if not isinstance(name, str) or not name:
         raise ConfigError(f"milvus collection must be a non-empty string, got {name!r}")
@@ -128,78 +120,6 @@ def _check_params(kind: str, params: Any, allowed: tuple[str, ...], index_type: 
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
             raise ConfigError(f"milvus {kind} {key!r} must be an integer in [{lo}, {hi}], got {value!r}")
     return {k: int(v) for k, v in params.items()}
-
-
-def _db_path(path: str | os.PathLike[str]) -> str:
-    """An absolute milvus-lite database path: ``*.db`` as given, any other path is a directory holding milvus.db.
-    ``~`` and ``$VARIABLES`` are expanded (:mod:`memkit.paths`); milvus-lite keeps a database in a directory, so a
-    file or a foreign non-empty directory at that path is refused before milvus-lite writes there."""
-    p = user_path(path, "milvus path", error=ConfigError)
-    if p.suffix != ".db":
-        p = p / "milvus.db"
-    check_dir_target(p, "the milvus-lite database (a directory)",
-                     is_ours=lambda d: (d / "collections").is_dir() or (d / "databases").is_dir())
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the directory of milvus database {str(p)!r}: {exc}") from exc
-    return os.path.abspath(p)
-
-
-def _release(client: Any, db: str | None, coll: str, tmp: str | None, owner: list[Any] | None = None) -> None:
-    """Close a bank's client (dropping its owner record on a server); stop the milvus-lite server memkit started
-    once its last bank closes."""
-    if owner:  # [record, timeout]: the owner record this bank holds on a server
-        milvus_owner.release(client, coll, owner[0], owner[1])
-        owner.clear()
-    if tmp is not None:  # a private database: dropping first spares milvus-lite a final flush of dead data
-        try:
-            client.drop_collection(coll)
-        except Exception:
-            pass
-    try:
-        client.close()
-    except Exception:
-        pass
-    if db is None:
-        return
-    with _OPEN_LOCK:
-        entry = _OPEN.get(db)
-        if entry is None:  # already released at interpreter exit
-            return
-        entry[0].discard(coll)
-        if entry[0]:
-            return
-        del _OPEN[db]
-    _stop(db, owned=entry[1], tmp=entry[2])
-
-
-def _stop(db: str, *, owned: bool, tmp: str | None) -> None:
-    if owned:
-        try:
-            from milvus_lite.server_manager import server_manager_instance
-
-            server_manager_instance.release_server(db)  # stops its gRPC threads, flushes, unlocks the database
-        except Exception:
-            pass
-    if tmp is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@atexit.register
-def _at_exit() -> None:
-    """Stop the servers of banks still open at exit and remove their temporary databases, without RPCs.
-
-    Bank finalizers do not run at exit (``atexit = False``): by then ``concurrent.futures`` has shut its
-    executors down, so milvus-lite's gRPC server can no longer answer, and a client call would hang in
-    pymilvus's retries for minutes. This handler, registered when this module is imported (normally before
-    milvus-lite's own), runs after milvus-lite's ``release_all`` and only removes what is left.
-    """
-    with _OPEN_LOCK:
-        entries = list(_OPEN.items())
-        _OPEN.clear()
-    for db, (_, owned, tmp) in entries:
-        _stop(db, owned=owned, tmp=tmp)
 
 
 class MilvusBank(BaseBank):
@@ -266,9 +186,9 @@ class MilvusBank(BaseBank):
                 tmp = tempfile.mkdtemp(prefix="memkit-milvus-")
             where = tmp if path is None else path
             assert where is not None  # a temporary directory when no path is given
-            self._db = _db_path(where)
+            self._db = milvus_embedded.db_path(where)
             self._where = self._db if path is not None else "a temporary milvus-lite database"
-            self.client = self._connect_embedded(tmp)
+            self.client = milvus_embedded.connect(self._db, self._coll, self.collection, tmp)
         else:
             if path is not None:
                 raise ConfigError("give milvus either path= (embedded milvus-lite) or uri= (a server), not both")
@@ -284,8 +204,9 @@ class MilvusBank(BaseBank):
                 if not is_rpc_error(exc):
                     raise
                 raise self._translate(exc, "connect") from None  # the chain may hold the token: not kept
-        self._finalizer = weakref.finalize(self, _release, self.client, self._db, self._coll, tmp, self._owner)
-        self._finalizer.atexit = False  # see _at_exit
+        self._finalizer = weakref.finalize(self, milvus_embedded.release, self.client, self._db, self._coll, tmp,
+                                           self._owner)
+        self._finalizer.atexit = False  # see milvus_embedded's exit handler
         try:
             if not self.local and not read_only:
                 record = milvus_owner.acquire(self, coll=self._coll, where=self._where, take_over=take_over)
@@ -300,24 +221,6 @@ class MilvusBank(BaseBank):
         # server's next time tick, ~200 ms by default).
         self.consistency = "Strong" if read_only else "Session"
         self.count_before_search = self.local  # a server pads short results itself: no count(*) per search
-
-    def _connect_embedded(self, tmp: str | None) -> MilvusClient:
-        from milvus_lite.server_manager import server_manager_instance
-
-        db = self._db
-        assert db is not None
-        with _OPEN_LOCK:
-            entry = _OPEN.setdefault(db, [set(), db not in getattr(server_manager_instance, "_servers", {}), tmp])
-            if self._coll in entry[0]:
-                raise ConfigError(f"milvus collection {self.collection!r} in {db} is already open in this process; "
-                                  "use that bank, or close() it first")
-            entry[0].add(self._coll)
-        try:
-            return MilvusClient(uri=db)
-        except Exception as exc:  # MilvusException, or OSError from milvus-lite's files
-            _release(_NoClient(), db, self._coll, tmp)
-            raise ConfigError(f"could not open milvus-lite database {db}: {getattr(exc, 'message', exc)}; milvus-lite "
-                              "locks a database per process, so close the process or client holding it") from exc
 
     def params(self) -> dict[str, Any]:
         # Not path/uri/token/db_name: a loaded snapshot restores into a new embedded bank; secrets never go to disk.
@@ -710,13 +613,3 @@ class MilvusBank(BaseBank):
             bank._fill(ids, vecs)
         bank._next_id = max(bank._next_id, int(manifest.get("next_id", 0)))
         return bank
-
-
-class _NoClient:
-    """Stands in for a client that was never created, so a failed open releases its registration."""
-
-    def close(self) -> None:
-        pass
-
-    def drop_collection(self, _: str) -> None:
-        pass

@@ -75,7 +75,7 @@ def main() -> int:
     folder = converted_dir(smollm2_gguf())
     records = []
     fillers = tuple(f for f in args.fillers.split(",") if f)
-    for head, ids, answers in calibration_split(tok, folder, args.tasks.split(","), fillers):
+    for head, ids, answers, _ in calibration_split(tok, folder, args.tasks.split(","), fillers):
         records.append({**head, **coverage(rt, tok, ids, answers, retriever)})
         print(json.dumps(records[-1]), flush=True)
     choose(records, GRID, GRID[:-1], Path(args.out))

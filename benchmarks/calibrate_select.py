@@ -68,10 +68,10 @@ def coverage(tok: Any, ids: list[int], answers: list[tuple[int, int, str]], retr
 
 
 def calibration_split(tok: Any, folder: Any, tasks: list[str], fillers: tuple[str, ...] = ("meadow", "ledger")
-                      ) -> Iterator[tuple[dict[str, Any], list[int], list[tuple[int, int, str]]]]:
+                      ) -> Iterator[tuple[dict[str, Any], list[int], list[tuple[int, int, str]], dict[str, Any]]]:
     """The calibration split, prompt by prompt: (what names the prompt, its token ids, its answers as (start, end,
-    answer string) token spans): the fillers' passkeys at 16k and 32k, 5 depths each, then RULER samples 100-109 of
-    each task at 16k."""
+    answer string) token spans, how to score an answer: {"key": passkey} or {"task", "doc", "gen_kwargs"} of RULER):
+    the fillers' passkeys at 16k and 32k, 5 depths each, then RULER samples 100-109 of each task at 16k."""
     from memkit.evaluation import ruler as R
     from memkit.evaluation.haystack import build_haystack
 
@@ -79,14 +79,16 @@ def calibration_split(tok: Any, folder: Any, tasks: list[str], fillers: tuple[st
         for n in (16384, 32768):
             for d in (0.1, 0.3, 0.5, 0.7, 0.9):
                 h = build_haystack(tok, n, d, filler=filler, prompt="auto")
-                yield {"task": filler, "length": n, "depth": d}, h.input_ids, [(*h.needle_span, "needle")]
+                yield {"task": filler, "length": n, "depth": d}, h.input_ids, [(*h.needle_span, "needle")], \
+                    {"key": h.key}
     for name in [t for t in tasks if t]:
         task = R.make_task(R.load_samples(name, 16384, tok, folder), folder)
         for rq in R.requests_for(task, 110)[100:110]:
-            ctx, _ = rq.args
+            ctx, gen_kwargs = rq.args
             ids = list(tok(ctx, add_special_tokens=False)["input_ids"])
             answers = [(a, b, str(o)) for o in rq.doc["outputs"] for a, b in R.answer_token_spans(tok, ctx, ids, str(o))]
-            yield {"task": name, "length": 16384, "index": int(rq.doc.get("index", -1))}, ids, answers
+            yield {"task": name, "length": 16384, "index": int(rq.doc.get("index", -1))}, ids, answers, \
+                {"task": task, "doc": rq.doc, "gen_kwargs": gen_kwargs}
 
 
 def choose(records: list[dict[str, Any]], grid: tuple[float, ...], candidates: tuple[float, ...], out: Path) -> None:
@@ -121,7 +123,7 @@ def main() -> int:
     retriever = make_retriever("text", key_dim=384)
     folder = converted_dir(smollm2_gguf())
     records = []
-    for head, ids, answers in calibration_split(tok, folder, args.tasks.split(",")):
+    for head, ids, answers, _ in calibration_split(tok, folder, args.tasks.split(",")):
         records.append({**head, **coverage(tok, ids, answers, retriever)})
         print(json.dumps(records[-1]), flush=True)
     choose(records, GRID, GRID, Path(args.out))

@@ -151,7 +151,8 @@ def test_hnsw_index_built_by_the_server_and_its_recall(server: Any, params: Any,
         b.flush()  # seals the growing segment: the server builds HNSW on it
         t0 = time.monotonic()
         while (progress := b.index_progress())[0] < len(base):
-            assert time.monotonic() - t0 < 240, f"index still building: {progress}"
+            # ~30-60 s alone; 240 s was exceeded with five jobs on the 2 cores (0 of 20000 indexed): a guard, not a timing
+            assert time.monotonic() - t0 < 900, f"index still building: {progress}"
             time.sleep(1)
         for ef in (64, 128, 256):
             r = memkit.create_bank("milvus", dim=384, metric="ip", index_type="HNSW", search_params={"ef": ef},

@@ -325,6 +325,37 @@ def test_reread_stage_reads_sinks_chunks_and_window_through_the_reader() -> None
     assert calls[0].tolist() == [[100, 101, *range(108, 116), 7, 8, 9]]  # sinks | chunk 1's tokens | window
 
 
+def test_reread_reads_the_best_chunk_last_when_asked() -> None:
+    """``reread: {order: best_last}`` reads (and hands the style) the chunks by merit with the best last, next to the
+    question; the default reads them in time order."""
+    calls: list[torch.Tensor] = []
+
+    class Recorder:
+        def read(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+            calls.append(ids)
+            kv = torch.zeros(1, H, ids.shape[1], D)
+            return {0: kv}, {0: kv}
+
+        def queries(self, ids: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("the text retriever needs no probe queries")
+
+    rows = {}
+    for order in ("time", "best_last"):
+        mm = manager(top_k=3, retrieval={"question": {"select": {"adaptive": False}, "neighbours": {"of_best": 0},
+                                                      "fusion": False, "reread": {"order": order}}})
+        fill(mm, ["kilo lima", "golf hotel", "kilo india", "echo delta"])  # kilo lima: best; kilo india: second
+        rows[order] = mm.retrieve_step([RowRequest("default", tokens=words("kilo lima"), exclude=(0, 0))], "question",
+                                       reader=Recorder(), decode=lambda ids: " ".join(WORDS[i - 100] for i in ids
+                                                                                      if 100 <= i < 100 + E))[0]
+    assert rows["time"].result.ids.tolist() == sorted(rows["time"].result.ids.tolist())  # type: ignore[union-attr]
+    best = rows["best_last"]
+    assert best.result is not None and best.result.ids.tolist()[-1] == 0 and best.result.ids.tolist()[-2] == 2
+    assert best.result.spans[-1].tolist() == [0, C]  # every field moved with its chunk
+    assert calls[-1][0, -C:].tolist()[:2] == words("kilo lima").tolist()  # the best chunk's tokens are read last
+    with pytest.raises(ConfigError, match="reread.order"):
+        manager(retrieval={"question": {"reread": {"order": "random"}}})
+
+
 def test_the_runtime_calls_the_pipeline_once_per_step() -> None:
     """One retrieve_step per memory step of the model (each block of a forward, the question of a generate)."""
     import memkit

@@ -321,6 +321,24 @@ def test_question_step_reads_sinks_chunks_and_window_as_the_plain_model_reads_th
     assert not torch.allclose(off, ref, atol=1e-3)  # ... read from the stored K/V differ
 
 
+def test_question_step_reads_its_best_chunk_last_when_asked_as_the_plain_model_reads_that_order() -> None:
+    """``reread: {order: best_last}``: the chunks are read (and attended) in another order than time's, and the step's
+    logits are still the plain model's on [sinks | chunks in that order | window | the step's tokens]."""
+    import itertools
+
+    ids = _ids(121, 9)
+    got, short = _question_step_view(memkit.wrap(tiny_model("llama"), **qcfg(reread={"order": "best_last"})), ids)
+    S, M = CFG["sink_tokens"], 3 * CFG["chunk_size"]  # three whole chunks (top_k = 3)
+    pieces = [short[0, S + i * 8:S + (i + 1) * 8] for i in range(3)]  # in time order (the trace's)
+    matches = []
+    for perm in itertools.permutations(range(3)):
+        prompt = torch.cat([short[0, :S], *[pieces[i] for i in perm], short[0, S + M:]])[None]
+        with torch.no_grad():
+            if torch.allclose(got, tiny_model("llama")(prompt).logits[0, -1], rtol=1e-4, atol=1e-4):
+                matches.append(perm)
+    assert len(matches) == 1  # exactly one reading order explains the logits
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_question_reread_reads_chunks_of_an_earlier_call_from_their_token_ids(arch: str) -> None:
     """Ingest a document, then ask in a new call: the question's chunks were stored by the earlier call, and memory

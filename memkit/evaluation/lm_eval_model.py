@@ -353,8 +353,9 @@ class MemkitLM(TemplateLM):
     # ------------------------------------------------------------------ generation
     @_inference
     def generate_one(self, context: str, gen_kwargs: dict[str, Any] | None = None, *,
-                     logits_processor: Any = None) -> Generation:
-        """Answer one lm-eval ``generate_until`` request: ``until`` stops and cuts, ``max_gen_toks`` caps."""
+                     logits_processor: Any = None, prompt_ids: list[int] | None = None) -> Generation:
+        """Answer one lm-eval ``generate_until`` request: ``until`` stops and cuts, ``max_gen_toks`` caps.
+        ``prompt_ids`` replaces the encoded ``context`` (a prompt built from token ids, e.g. chunks read afresh)."""
         import torch
         from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
         from lm_eval.models.utils_hf import stop_sequences_criteria
@@ -370,7 +371,7 @@ class MemkitLM(TemplateLM):
         if not kwargs.get("do_sample") and temperature == 0.0:
             kwargs.pop("temperature", None)
             kwargs["do_sample"] = False
-        ids = self.tok_encode(context)
+        ids = list(prompt_ids) if prompt_ids is not None else self.tok_encode(context)
         if not ids:
             ids = [self.prefix_token_id]
         self._check_fits(len(ids) + max_new, "a generate_until request (prompt + max_gen_toks)")

@@ -87,7 +87,7 @@ class Reread:
     keys: dict[int, Any]
     values: dict[int, Any]
     sinks: int  # tokens before the first chunk
-    lengths: list[int]  # tokens of each chunk, in the order of the row's retrieved chunks (time order)
+    lengths: list[int]  # tokens of each chunk, in the order of the row's retrieved chunks (as the style reads them)
     window: int  # window tokens at the end
 
 
@@ -107,7 +107,7 @@ class Row:
     chosen: list[int] = field(default_factory=list)  # ids, in order of merit
     why: dict[int, str] = field(default_factory=dict)  # id -> "rank" | "head" | "neighbour" | "fill"
     selection: dict[str, Any] = field(default_factory=dict)  # how many were chosen and why (memory.selection())
-    result: Retrieved | None = None  # the chosen chunks in time order, with their pages
+    result: Retrieved | None = None  # the chosen chunks with their pages, in time order (reread may reorder them)
     reread: Reread | None = None
 
     @property

@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from memkit.configbase import check_bool
+from memkit.errors import ConfigError
+from memkit.namespace import Retrieved
 from memkit.retrieval.pipeline import Reread
 from memkit.retrieval.stage import Stage, StageConfig
 
@@ -28,12 +31,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from memkit.retrieval.pipeline import Row, RowRequest, StepContext
 
 
+ORDERS = ("time", "best_last")
+
+
 @dataclass
 class RereadConfig(StageConfig):
     window: bool = True  # read the window afresh too (not only the chunks)
+    order: str = "time"  # the chunks in time order, or "best_last": by merit, the best next to the question
 
     def __post_init__(self) -> None:
         check_bool("reread.window", self.window)
+        if self.order not in ORDERS:
+            raise ConfigError(f"reread.order must be one of {list(ORDERS)}, got {self.order!r}")
 
 
 class RereadStage(Stage):
@@ -43,12 +52,12 @@ class RereadStage(Stage):
     def run(self, rows: list[Row], ctx: StepContext) -> None:
         if ctx.reader is None:
             return
-        import torch
-
         for r in rows:
             res = r.result
             if res is None or len(res) == 0:
                 continue
+            if self.config.order == "best_last":
+                r.result = res = best_last(res, r.chosen)
             ids = probe_tokens(r.request, res.spans.tolist(), res.token_ids, ctx, window=self.config.window)
             if ids is None:
                 continue
@@ -59,11 +68,25 @@ class RereadStage(Stage):
                               int(window.shape[0]))
 
 
+def best_last(res: Retrieved, merit: list[int]) -> Retrieved:
+    """``res`` with its chunks reordered by merit (``merit``: ids, best first), the best last: the question then reads
+    the best chunk right before the window, where a small reader uses what it reads most (Liu et al. 2023, "Lost in
+    the Middle", arXiv 2307.03172; attention sorting, arXiv 2310.01427, puts the most attended document last)."""
+    rank = {c: i for i, c in enumerate(merit)}
+    ids = res.ids.tolist()
+    order = sorted(range(len(ids)), key=lambda i: (-rank.get(ids[i], len(rank)), i))
+    at = torch.as_tensor(order, dtype=torch.long)
+    return Retrieved(res.ids[at], res.scores[at], res.spans[at], res.keys[at.to(res.keys.device)],
+                     res.values[at.to(res.values.device)], res.namespace,
+                     [res.texts[i] for i in order] if res.texts else [],
+                     [res.token_ids[i] for i in order] if res.token_ids else [])
+
+
 def probe_tokens(req: RowRequest, spans: list[list[int]] | list[tuple[int, int]], known: list[np.ndarray | None],
                  ctx: StepContext, *, window: bool = True, tail: np.ndarray | None = None
                  ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray] | None:
-    """The token ids a probe reads for a row: (sinks, one array per chunk of ``spans`` (time order, (k', 2) stream
-    positions) with ``known`` its stored token ids or None, the tail: ``tail`` if given, else the call's window, or
+    """The token ids a probe reads for a row: (sinks, one array per chunk of ``spans`` (in reading order, (k', 2)
+    stream positions) with ``known`` its stored token ids or None, the tail: ``tail`` if given, else the call's window, or
     nothing when ``window`` is False), or None when a chunk's tokens are unknown. Used by ``reread`` and
     ``focus``."""
     call, base = req.call_tokens, req.call_base
@@ -78,10 +101,11 @@ def probe_tokens(req: RowRequest, spans: list[list[int]] | list[tuple[int, int]]
             return None
     if not spans:
         return None
-    if call is not None and spans[0][0] >= base:
+    first = min(int(a) for a, _ in spans)  # the earliest chunk (chunks may be read in another order)
+    if call is not None and first >= base:
         sinks = np.asarray(call[:req.sinks], np.int64)  # this call's sinks
     else:
-        n = min(ctx.sink_tokens, spans[0][0])
+        n = min(ctx.sink_tokens, first)
         got = ctx.manager.tokens_of(0, n, namespace=req.namespace) if n > 0 else None
         sinks = got.numpy() if got is not None else np.zeros(0, np.int64)
     if tail is None:

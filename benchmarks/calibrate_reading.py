@@ -1,0 +1,116 @@
+"""What the model answers from what the question step reads: retrieval settings scored through the model, fast.
+
+At generate's question step memkit reads [sinks | chosen chunks | window and question] afresh (the ``reread``
+stage) and answers from those K/V, which is what the plain model answers given that short prompt
+(tests/test_wrap_generate.py checks the equality). So each setting is scored here without a 16k read per prompt:
+the real question-step pipeline picks the chunks of a prompt's memory (built as ``calibrate_select.py`` builds it),
+and the bundled SmolLM2 answers the prompt [the stream's first ``sink_tokens`` tokens | the chunks | the window and
+the last block] with greedy decoding, scored by the task's own metric (RULER) or the key (passkeys). The split is
+the calibration split (``calibrate_select.calibration_split``), never the battery's samples.
+
+Settings (``--settings``): ``default`` (memkit's), ``gap0.6``/``gap0.5`` (``select.min_gap``), ``k3`` (a fixed 3),
+``best_last`` (the default chunks, the best by the selection's merit read last instead of in time order),
+``focus`` (the ``focus`` stage on, through the model's probe reader).
+
+    python benchmarks/calibrate_reading.py --out benchmarks/results/battery/calibration/reading.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibrate_select import TASKS, C, S, calibration_split, question_step_chunks
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "default": {}, "gap0.6": {"select": {"min_gap": 0.6}}, "gap0.5": {"select": {"min_gap": 0.5}},
+    "k3": {"select": {"adaptive": False, "k": 3}}, "best_last": {}, "focus": {"focus": {}},
+}
+
+
+def chunks_read(rt: Any, tok: Any, ids: list[int], retriever: Any, settings: list[str]) -> dict[str, Any]:
+    """Per setting: (the chosen chunks' token arrays in reading order, their spans, where the stored part ends)."""
+    from memkit.config import MemoryConfig
+    from memkit.memory import MemoryManager
+    from memkit.retrieval import RowRequest
+
+    chunks, stored = question_step_chunks(tok, ids, lambda texts: retriever(texts))
+    tids = [r[r >= 0] for r in chunks["token_ids"]]
+    out: dict[str, Any] = {}
+    for name in settings:
+        config = MemoryConfig(retrieval={"question": {**SETTINGS[name], "reread": False}})
+        mm = MemoryManager(config, num_layers=1, kv_heads=1, head_dim=1, embed_dim=384, retriever=retriever)
+        kv = torch.zeros(len(chunks["texts"]), 1, 1, C, 1)  # retrieval never reads the pages
+        mm.add_chunks(kv, kv, chunks["emb"], chunks["spans"], texts=chunks["texts"], token_ids=chunks["token_ids"])
+        with rt.calling(1, ["__calibrate__"], mode="probe"):
+            row = mm.retrieve_step([RowRequest("default", tokens=np.asarray(ids[stored:]), exclude=(0, S))],
+                                   "question", decode=tok.decode, reader=rt.reader)[0]
+        order = row.result.ids.tolist() if row.result is not None else []  # time order
+        if name == "best_last":
+            merit = {c: i for i, c in enumerate(row.chosen)}
+            order = sorted(order, key=lambda c: -merit.get(c, len(merit)))
+        out[name] = ([tids[c] for c in order], [tuple(map(int, chunks["spans"][c])) for c in order],
+                     row.selection.get("reason"))
+    out["stored"] = stored
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="calibration_reading.json")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--fillers", default="meadow,ledger")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    import memkit
+    from memkit.evaluation import ruler as R
+    from memkit.evaluation.haystack import extract_key
+    from memkit.evaluation.lm_eval_model import MemkitLM
+    from memkit.models import converted_dir, load_smollm2
+    from memkit.resources import smollm2_gguf
+    from memkit.retrievers import make_retriever
+
+    settings = [s for s in args.settings.split(",") if s]
+    model, tok = load_smollm2()
+    lm = MemkitLM(model, tokenizer=tok, mode="full")  # the plain model: what the question step's re-read reads
+    rt = memkit.wrap(load_smollm2()[0], tokenizer=tok, progress=False).memkit_runtime  # its probe reader (focus)
+    retriever = make_retriever("text", key_dim=384)
+    folder = converted_dir(smollm2_gguf())
+    records: list[dict[str, Any]] = []
+    fillers = tuple(f for f in args.fillers.split(",") if f)
+    for head, ids, answers, how in calibration_split(tok, folder, args.tasks.split(","), fillers):
+        got = chunks_read(rt, tok, ids, retriever, settings)
+        rec: dict[str, Any] = dict(head)
+        for name in settings:
+            pieces, spans, reason = got[name]
+            prompt = ids[:S] + [int(t) for p in pieces for t in p] + ids[got["stored"]:]
+            gen_kwargs = how.get("gen_kwargs", {"until": ["\n"], "max_gen_toks": 12})
+            text = lm.generate_one("", gen_kwargs, prompt_ids=prompt).text
+            score = R.score_of(how["task"], how["doc"], text) if "task" in how else float(extract_key(text) == how["key"])
+            visible = sum(any(a < e and b > s for s, e in spans) or b > got["stored"] for a, b, _ in answers)
+            rec[name] = {"score": score, "chunks": len(spans), "visible": visible, "answers": len(answers),
+                         "reason": reason, "text": text[:120]}
+        records.append(rec)
+        print(json.dumps({k: (v if not isinstance(v, dict) else [v["score"], v["chunks"]]) for k, v in rec.items()}),
+              flush=True)
+    summary = {task: {name: {"score": round(float(np.mean([r[name]["score"] for r in records if r["task"] == task])), 3),
+                             "chunks": round(float(np.mean([r[name]["chunks"] for r in records if r["task"] == task])),
+                                             2)} for name in settings}
+               for task in dict.fromkeys(r["task"] for r in records)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"settings": {k: SETTINGS[k] for k in settings}, "summary": summary,
+                                          "records": records}, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
