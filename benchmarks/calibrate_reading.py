@@ -62,6 +62,16 @@ def chunks_read(rt: Any, tok: Any, ids: list[int], retriever: Any, settings: lis
     return out
 
 
+def adopt(summary: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The rule, fixed before the run: a setting replaces ``default`` when its mean score is at least the default's
+    on every calibration task and higher in total; among several, the highest total (ties: the first listed)."""
+    names = list(next(iter(summary.values())))
+    total = {n: sum(t[n]["score"] for t in summary.values()) for n in names}
+    ok = [n for n in names if n != "default" and all(t[n]["score"] >= t["default"]["score"] for t in summary.values())
+          and total[n] > total["default"]]
+    return max(ok, key=lambda n: total[n]) if ok else "default"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="calibration_reading.json")
@@ -106,9 +116,10 @@ def main() -> int:
                                              2)} for name in settings}
                for task in dict.fromkeys(r["task"] for r in records)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    chosen = adopt(summary)
     Path(args.out).write_text(json.dumps({"settings": {k: SETTINGS[k] for k in settings}, "summary": summary,
-                                          "records": records}, indent=1))
-    print(json.dumps(summary, indent=1))
+                                          "rule": adopt.__doc__, "adopted": chosen, "records": records}, indent=1))
+    print(json.dumps(summary, indent=1), "\nadopted:", chosen)
     return 0
 
 
