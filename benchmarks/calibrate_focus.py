@@ -32,7 +32,8 @@ GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 1.01)  # 1.01 = focus off (the pipeline before 
 
 def coverage(rt: Any, tok: Any, ids: list[int], answers: list[tuple[int, int, str]], retriever: Any
              ) -> dict[str, Any]:
-    """Per focus.min_gap of the grid: [chunks read, answer strings visible, answer strings, focus gap or None]."""
+    """Per focus.min_gap of the grid: [chunks read, answer strings visible, answer strings, focus gap or None]; and
+    what the focus stage saw (``selection()["focus"]``) at the lowest."""
     from memkit.config import MemoryConfig
     from memkit.memory import MemoryManager
     from memkit.retrieval import RowRequest
@@ -54,6 +55,8 @@ def coverage(rt: Any, tok: Any, ids: list[int], answers: list[tuple[int, int, st
             inside = bool(((sp[:, 0] < b) & (sp[:, 1] > a)).any()) if len(sp) else False
             seen[s] = seen.get(s, False) or inside or b > stored
         out[str(gap)] = [len(sp), sum(seen.values()), len(seen), row.selection.get("focus", {}).get("gap")]
+        if gap == GRID[0]:
+            out["focus"] = row.selection.get("focus")  # the attention gap and both first-token probabilities
     return out
 
 
