@@ -265,7 +265,7 @@ def test_largest_gap_finds_the_head() -> None:
 def test_select_reads_the_head_when_one_chunk_stands_apart() -> None:
     """A question whose evidence has a clear head reads it (and the neighbours of its best); the trace says why and
     memory.selection() gives the count and the reason. Without a clear head the whole budget is read."""
-    mm = manager(top_k=6)
+    mm = manager(top_k=6, retrieval={"question": {"select": {"min_gap": 0.7}}})  # the threshold of these examples
     texts = ["golf hotel", "golf india", "kilo lima juliet", "golf juliet", "golf delta", "golf bravo", "golf echo",
              "golf hotel india"]
     fill(mm, texts)

@@ -34,8 +34,8 @@ SIGNALS = ("question", "query", "bm25")  # the question query's cosine, the chun
 class SelectConfig(StageConfig):
     k: int | None = None  # chunks read; None = the step's budget (top_k). With adaptive, the most read
     adaptive: bool = False  # read the head of the clearest signal when it stands apart (the question step: true)
-    min_gap: float = 0.7  # a head is taken when its gap is at least this share of the top scores' spread (set on
-    # the calibration split: RULER samples 100-109 at 16k and meadow/ledger passkeys; docs/configuration.md)
+    min_gap: float = 0.5  # a head is taken when its gap is at least this share of the top scores' spread (set on
+    # the calibration split through the model: benchmarks/calibrate_reading.py; docs/configuration.md)
     signals: tuple[str, ...] | list[str] = SIGNALS  # which signals may decide
     min_candidates: int = 4  # a gap is read over at least this many candidates (with 2 or 3 any gap is most of the
     # spread: the head would always stand apart)
