@@ -352,7 +352,7 @@ def test_reread_reads_the_best_chunk_last_when_asked() -> None:
     assert best.result is not None and best.result.ids.tolist()[-1] == 0 and best.result.ids.tolist()[-2] == 2
     assert best.result.spans[-1].tolist() == [0, C]  # every field moved with its chunk
     assert calls[-1][0, -C:].tolist()[:2] == words("kilo lima").tolist()  # the best chunk's tokens are read last
-    with pytest.raises(ConfigError, match="reread.order"):
+    with pytest.raises(ConfigError, match=r"reread\.order"):
         manager(retrieval={"question": {"reread": {"order": "random"}}})
 
 
