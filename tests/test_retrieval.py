@@ -299,26 +299,33 @@ def test_neighbours_of_the_best_and_free_slots_never_cross_a_call_boundary() -> 
     assert got2 is not None and {0, 1, 2} <= set(got2.ids.tolist())
 
 
+class Recorder:
+    """A reader that records what a stage asks (zeros for K/V); reading through a model is tested in
+    tests/test_wrap_generate.py."""
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+
+    def read(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        self.calls.append(ids)
+        kv = torch.zeros(1, H, ids.shape[1], D)
+        return {0: kv}, {0: kv}
+
+    def queries(self, ids: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the text retriever needs no probe queries")
+
+
 def test_reread_stage_reads_sinks_chunks_and_window_through_the_reader() -> None:
     """The pipeline asks the reader for one probe read of [sinks | chunks | window] and hands the K/V back."""
     from memkit.retrieval.pipeline import Reread
 
-    calls: list[torch.Tensor] = []
-
-    class Recorder:  # records what the stage asks; the reading itself is tested through a model in test_wrap_generate
-        def read(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-            calls.append(ids)
-            kv = torch.zeros(1, H, ids.shape[1], D)
-            return {0: kv}, {0: kv}
-
-        def queries(self, ids: torch.Tensor) -> torch.Tensor:
-            raise AssertionError("the text retriever needs no probe queries")
-
+    recorder = Recorder()
+    calls = recorder.calls
     mm = manager(top_k=2, retrieval={"question": {"select": {"adaptive": False, "k": 1}, "neighbours": {"of_best": 0}}})
     fill(mm, ["golf hotel", "kilo lima", "india juliet"])
     call = np.arange(24) + 100  # this call read the whole stream: chunks 0-2 then 0 window tokens
     row = mm.retrieve_step([RowRequest("default", tokens=words("kilo lima"), call_tokens=call, call_base=0, sinks=2,
-                                       window=np.asarray([7, 8, 9]))], "question", reader=Recorder(),
+                                       window=np.asarray([7, 8, 9]))], "question", reader=recorder,
                            decode=lambda ids: " ".join(WORDS[i - 100] for i in ids if 100 <= i < 100 + E))[0]
     assert row.result is not None and row.result.ids.tolist() == [1]
     assert isinstance(row.reread, Reread) and (row.reread.sinks, row.reread.lengths, row.reread.window) == (2, [C], 3)
@@ -328,24 +335,15 @@ def test_reread_stage_reads_sinks_chunks_and_window_through_the_reader() -> None
 def test_reread_reads_the_best_chunk_last_when_asked() -> None:
     """``reread: {order: best_last}`` reads (and hands the style) the chunks by merit with the best last, next to the
     question; the default reads them in time order."""
-    calls: list[torch.Tensor] = []
-
-    class Recorder:
-        def read(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-            calls.append(ids)
-            kv = torch.zeros(1, H, ids.shape[1], D)
-            return {0: kv}, {0: kv}
-
-        def queries(self, ids: torch.Tensor) -> torch.Tensor:
-            raise AssertionError("the text retriever needs no probe queries")
-
+    recorder = Recorder()
+    calls = recorder.calls
     rows = {}
     for order in ("time", "best_last"):
         mm = manager(top_k=3, retrieval={"question": {"select": {"adaptive": False}, "neighbours": {"of_best": 0},
                                                       "fusion": False, "reread": {"order": order}}})
         fill(mm, ["kilo lima", "golf hotel", "kilo india", "echo delta"])  # kilo lima: best; kilo india: second
         rows[order] = mm.retrieve_step([RowRequest("default", tokens=words("kilo lima"), exclude=(0, 0))], "question",
-                                       reader=Recorder(), decode=lambda ids: " ".join(WORDS[i - 100] for i in ids
+                                       reader=recorder, decode=lambda ids: " ".join(WORDS[i - 100] for i in ids
                                                                                       if 100 <= i < 100 + E))[0]
     assert rows["time"].result.ids.tolist() == sorted(rows["time"].result.ids.tolist())  # type: ignore[union-attr]
     best = rows["best_last"]
