@@ -32,7 +32,7 @@ import numpy as np
 
 from memkit.configbase import check_number, check_positive
 from memkit.retrieval.stage import Stage, StageConfig
-from memkit.retrieval.stages.reread import probe_tokens
+from memkit.retrieval.stages.reread import probe_ids, probe_tokens
 from memkit.retrieval.stages.select import largest_gap
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,8 +67,6 @@ class FocusStage(Stage):
         reader = ctx.reader
         if reader is None or not hasattr(reader, "attention"):
             return
-        import torch
-
         cfg = self.config
         for r in rows:
             ns = r.ns
@@ -81,7 +79,7 @@ class FocusStage(Stage):
             if got is None or got[2].shape[0] == 0:
                 continue  # a chunk's tokens are unknown, or there is no question to read
             sinks, pieces, question = got
-            full = torch.from_numpy(np.concatenate([sinks, *pieces, question]).astype(np.int64))[None]  # (1, N)
+            full = probe_ids(sinks, pieces, question)  # (1, N)
             mass, sure_all = reader.attention(full, min(cfg.question_tokens, int(question.shape[0])))
             per = chunk_masses(mass.numpy(), int(sinks.shape[0]), [int(p.shape[0]) for p in pieces])  # (k,)
             share, size = largest_gap(per, len(per))
@@ -91,8 +89,7 @@ class FocusStage(Stage):
             if share < cfg.min_gap or size == 0 or size >= len(per):
                 continue
             keep = sorted(int(i) for i in best[:size])  # time order
-            alone = torch.from_numpy(np.concatenate([sinks, *[pieces[i] for i in keep], question]).astype(np.int64))
-            _, sure_head = reader.attention(alone[None], 1)
+            _, sure_head = reader.attention(probe_ids(sinks, [pieces[i] for i in keep], question), 1)
             info.update(sure_all=round(sure_all, 4), sure_head=round(sure_head, 4))
             if sure_head <= sure_all:
                 continue  # the model is no surer of its answer reading the head alone: keep every candidate

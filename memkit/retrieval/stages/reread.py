@@ -62,7 +62,7 @@ class RereadStage(Stage):
             if ids is None:
                 continue
             sinks, pieces, window = ids
-            full = torch.from_numpy(np.concatenate([sinks, *pieces, window]).astype(np.int64))[None]  # (1, N)
+            full = probe_ids(sinks, pieces, window)
             keys, values = ctx.reader.read(full)
             r.reread = Reread(keys, values, int(sinks.shape[0]), [int(p.shape[0]) for p in pieces],
                               int(window.shape[0]))
@@ -80,6 +80,11 @@ def best_last(res: Retrieved, merit: list[int]) -> Retrieved:
                      res.values[at.to(res.values.device)], res.namespace,
                      [res.texts[i] for i in order] if res.texts else [],
                      [res.token_ids[i] for i in order] if res.token_ids else [])
+
+
+def probe_ids(sinks: np.ndarray, pieces: list[np.ndarray], tail: np.ndarray) -> torch.Tensor:
+    """The (1, N) int64 ids a probe reads: [sinks | pieces... | tail]."""
+    return torch.from_numpy(np.concatenate([sinks, *pieces, tail]).astype(np.int64))[None]
 
 
 def probe_tokens(req: RowRequest, spans: list[list[int]] | list[tuple[int, int]], known: list[np.ndarray | None],
