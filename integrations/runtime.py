@@ -301,8 +301,12 @@ class Runtime:
             raise InvalidInputError("the probe read recorded no attention: no layer of this model attends the whole "
                                     "sequence through memkit's attention (turn the focus stage off)")
         assert probe.last_hidden is not None
+        head = self.lm.get_output_embeddings()
+        if head is None:
+            raise broken_assumption(f"{type(self.lm).__name__}.get_output_embeddings() returned None: memkit reads the "
+                                    "next-token probability of a probe through the LM head")
         with torch.no_grad():
-            logits = self.lm.get_output_embeddings()(probe.last_hidden).float()  # (1, V)
+            logits = head(probe.last_hidden).float()  # (1, V)
             cap = getattr(self.hf_config.get_text_config(decoder=True), "final_logit_softcapping", None)
             if cap:
                 logits = torch.tanh(logits / cap) * cap
@@ -324,7 +328,11 @@ class Runtime:
             with torch.no_grad():
                 out = self.base(input_ids=ids.to(self.device), use_cache=False)
             if attend_last:
-                probe.last_hidden = out[0][:, -1]  # (1, hidden) the last position's final hidden state
+                hidden = getattr(out, "last_hidden_state", None)  # (1, N, hidden)
+                if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[1] != ids.shape[1]:
+                    raise broken_assumption(f"{type(self.base).__name__} returned no last_hidden_state of shape (1, "
+                                            f"{ids.shape[1]}, hidden) for a probe read")
+                probe.last_hidden = hidden[:, -1]  # (1, hidden) the last position's final hidden state
             return dict(probe.pending_k), dict(probe.pending_v), probe.pending_q, probe
         finally:
             self.style.end_call(probe)
