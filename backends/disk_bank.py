@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -63,6 +64,7 @@ from memkit.bank import BaseBank
 from memkit.errors import ConfigError, CorruptFileError, InvalidInputError
 from memkit.files import MANIFEST
 from memkit.paths import check_dir_target, user_path
+from memkit.spill import OWNER_FILE, Kind, make_spill_dir
 
 try:  # POSIX advisory lock: a second opener gets a clear error instead of corrupting the bank
     import fcntl
@@ -73,6 +75,10 @@ __all__ = ["DiskBank"]
 
 DB_FILE, VEC_FILE, IDS_FILE, LOCK_FILE = "bank.sqlite", "vectors.f32", "rowids.i64", "bank.lock"
 DISK_FORMAT, DISK_VERSION = "memkit-disk", 1
+# A bank without a path, and load_bank's private copy, live in a private temporary directory with an owner
+# record (memkit.spill): removed on close and at exit, and by the next temporary bank if a signal killed its process.
+TEMP_DIR = Kind("memkit-disk-", "memkit-disk-temp",
+                re.compile(r"bank\.sqlite(-wal|-shm|-journal)?|bank\.lock|vectors\.f32|rowids\.i64"))
 TILE = 1 << 21  # score elements per (queries x rows) tile: 8 MiB of float32
 COPY_CHUNK = 8 << 20
 
@@ -107,6 +113,11 @@ def _close_maps(*maps: mmap.mmap) -> None:
             mm.close()
         except BufferError:  # a view is still referenced (e.g. by a traceback): the GC unmaps it
             pass
+
+
+def temp_dir() -> str:
+    """A new private temporary directory for a disk bank (leftovers of killed processes swept first)."""
+    return make_spill_dir(Path(tempfile.gettempdir()), TEMP_DIR)
 
 
 class _Handles:
@@ -149,14 +160,19 @@ class DiskBank(BaseBank):
         super().__init__(dim=dim, metric=metric)
         self._setup(path, int(block_rows), read_only=False)
 
-    def _setup(self, path: str | os.PathLike[str] | None, block_rows: int, *, read_only: bool) -> None:
+    def _setup(self, path: str | os.PathLike[str] | None, block_rows: int, *, read_only: bool,
+               private: bool = False) -> None:
+        """Open the bank at ``path`` (None: a new private temporary directory); ``private``: ``path`` is such a
+        directory already (load_bank's copy), removed with the bank."""
         self.block_rows = block_rows
         self._h = _Handles()
         self._finalizer = weakref.finalize(self, self._h.close)
         self._db_lock = threading.Lock()  # one SQLite connection, used by one thread at a time
         self._tls = threading.local()  # carries a replace (remove + add) into one transaction
         if path is None:
-            path = self._h.tmpdir = tempfile.mkdtemp(prefix="memkit-disk-")
+            path, private = temp_dir(), True
+        if private:
+            self._h.tmpdir = str(path)
         self.path = user_path(path, "disk bank path", error=ConfigError)
         self._open(read_only=read_only)
         self.read_only = read_only
@@ -226,6 +242,8 @@ class DiskBank(BaseBank):
             raise ConfigError(f"{str(d)!r} is a saved bank (it has a {MANIFEST}); open it with "
                               "memkit.load_bank(path), which works on a copy and keeps the save intact")
         ours = {DB_FILE, VEC_FILE, IDS_FILE, LOCK_FILE, DB_FILE + "-wal", DB_FILE + "-shm"}
+        if self._h.tmpdir is not None:
+            ours.add(OWNER_FILE)  # the owner record of memkit's private temporary directory
         stray = sorted(p.name for p in d.iterdir() if p.name not in ours)
         if not (d / DB_FILE).exists() and stray:
             raise ConfigError(f"{str(d)!r} is not empty and holds no disk bank (found {stray[:3]}); "
@@ -515,15 +533,16 @@ class DiskBank(BaseBank):
             bank._setup(directory, int(block_rows), read_only=True)
             bank._verify_saved(directory)
             return bank
-        tmp = tempfile.mkdtemp(prefix="memkit-disk-")
+        tmp = temp_dir()
         try:
             for name in (DB_FILE, VEC_FILE, IDS_FILE):
                 shutil.copyfile(directory / name, Path(tmp) / name)
-            bank = cls(dim=dim, metric=metric, path=tmp, **params)
+            bank = cls.__new__(cls)
+            BaseBank.__init__(bank, dim=dim, metric=metric)
+            bank._setup(tmp, int(block_rows), read_only=False, private=True)  # a private copy: removed on close()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        bank._h.tmpdir = tmp  # a private copy: removed on close()
         bank._verify_saved(directory)
         return bank
 

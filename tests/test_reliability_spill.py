@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -178,3 +179,64 @@ def test_owner_record_names_this_process() -> None:
     me = owner_record()
     assert me["pid"] == os.getpid() and me["start"] == process_start(os.getpid()) and me["start"]
     assert process_start(2**22 + 12345) == ""  # beyond pid_max: no such process
+
+
+# A process that makes a temporary disk bank and opens a save (load_bank's private copy), then waits to be killed.
+DISK_CHILD = r"""
+import sys, time
+import numpy as np
+import memkit
+
+made = memkit.create_bank("disk", dim=4)
+made.add(np.eye(4, dtype=np.float32), np.arange(4))
+copy = memkit.load_bank(sys.argv[1])
+print(made.path, copy.path, flush=True)
+time.sleep(120)  # a bound, should the test runner die before it kills this process
+"""
+
+
+def test_temporary_disk_banks_of_a_killed_process_are_removed_by_the_next_one(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk bank without a path, and ``load_bank``'s private copy of a saved disk bank, live in private temporary
+    directories with an owner record: SIGKILL leaves them, the next temporary disk bank removes them; its own is
+    removed on close, the save is untouched, and a directory with a file of yours inside stays."""
+    import numpy as np
+
+    import memkit
+    from backends.disk_bank import TEMP_DIR
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # this process's temporary directory, and the child's below
+    saved = memkit.create_bank("disk", dim=4)
+    saved.add(np.eye(4, dtype=np.float32), np.arange(4))
+    saved.save(tmp_path / "saved")
+    saved.close()
+    files = sorted(os.listdir(tmp_path / "saved"))
+    child = subprocess.Popen([sys.executable, "-c", DISK_CHILD, str(tmp_path / "saved")], cwd=ROOT,
+                             env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()  # type: ignore[union-attr]
+    finally:
+        child.kill()
+        child.wait()
+    made, copy = (Path(p) for p in line.split())
+    assert made.parent == tmp and copy.parent == tmp and made.name.startswith(TEMP_DIR.prefix)
+    assert (made / OWNER_FILE).is_file() and (copy / "bank.sqlite").is_file()  # left behind by the kill
+    user_file = tmp / f"{TEMP_DIR.prefix}yours"  # a gone process's, but with a file of yours inside: kept
+    user_file.mkdir()
+    write_json(user_file / OWNER_FILE, {"format": TEMP_DIR.format, "version": 1,
+                                        **dict(owner_record(), pid=child.pid, start="1")})
+    (user_file / "notes.txt").write_text("yours")
+    kept_user = sorted(os.listdir(user_file))
+
+    bank = memkit.create_bank("disk", dim=4)  # the next temporary disk bank
+    assert not made.exists() and not copy.exists()
+    assert sorted(os.listdir(user_file)) == kept_user and sorted(os.listdir(tmp_path / "saved")) == files
+    own = bank.path
+    assert (own / OWNER_FILE).is_file()
+    bank.add(np.eye(4, dtype=np.float32), np.arange(4))
+    assert bank.search(np.eye(4, dtype=np.float32)[:1], 1).ids.tolist() == [[0]]
+    bank.close()
+    assert not own.exists()
+    assert sorted(p.name for p in tmp.iterdir()) == [user_file.name]
