@@ -518,6 +518,15 @@ class DiskBank(BaseBank):
         _copy_prefix(self.path / IDS_FILE, directory / IDS_FILE, self._n_rows * 8)
 
     @classmethod
+    def _opened(cls, path: str | os.PathLike[str], dim: int, metric: str, block_rows: int, *,
+                read_only: bool = False, private: bool = False) -> DiskBank:
+        """A bank opened on ``path`` whose parameters a manifest already validated (see :meth:`_setup`)."""
+        bank = cls.__new__(cls)
+        BaseBank.__init__(bank, dim=dim, metric=metric)
+        bank._setup(path, block_rows, read_only=read_only, private=private)
+        return bank
+
+    @classmethod
     def _load_files(cls, directory: Path, manifest: dict[str, Any], *, mmap: bool = False) -> BaseBank:
         dim, metric, params = manifest["dim"], manifest["metric"], dict(manifest["params"])
         unknown = sorted(set(params) - {"block_rows"})
@@ -528,18 +537,14 @@ class DiskBank(BaseBank):
             if not (directory / name).is_file():
                 raise CorruptFileError(f"{directory / name} is missing; the saved disk bank is incomplete")
         if mmap:  # read-only view of the saved directory itself, nothing copied or written
-            bank = cls.__new__(cls)
-            BaseBank.__init__(bank, dim=dim, metric=metric)
-            bank._setup(directory, int(block_rows), read_only=True)
+            bank = cls._opened(directory, dim, metric, int(block_rows), read_only=True)
             bank._verify_saved(directory)
             return bank
         tmp = temp_dir()
         try:
             for name in (DB_FILE, VEC_FILE, IDS_FILE):
                 shutil.copyfile(directory / name, Path(tmp) / name)
-            bank = cls.__new__(cls)
-            BaseBank.__init__(bank, dim=dim, metric=metric)
-            bank._setup(tmp, int(block_rows), read_only=False, private=True)  # a private copy: removed on close()
+            bank = cls._opened(tmp, dim, metric, int(block_rows), private=True)  # a private copy: removed on close()
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

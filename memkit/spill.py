@@ -15,8 +15,8 @@ does (:func:`sweep`), once the owner record proves the process that made it is g
 :func:`sweep` removes a directory only when all of these hold: its name has the kind's prefix (``memkit-kv-*``), it
 is a real directory (not a link), its ``owner.json`` is a sealed memkit record of that kind naming a process of
 this host that is gone (not running, or its pid now belongs to a process started later), and it holds nothing but
-that record and the kind's regular files (``seg-NNNNN.bin``). It unlinks those files one by one and then removes the empty directory, so
-anything else (a file of yours, a directory, a link, a directory of a live process or another host's process)
+that record and the kind's regular files (``seg-NNNNN.bin``). It unlinks those files one by one and then removes
+the empty directory, so anything else (a file of yours, a directory, a link, a directory of a live process or another host's process)
 is left alone.
 """
 
