@@ -10,7 +10,9 @@ the calibration split (``calibrate_select.calibration_split``), never the batter
 
 Settings (``--settings``): ``default`` (memkit's), ``gap0.6``/``gap0.5`` (``select.min_gap``), ``k3`` (a fixed 3),
 ``best_last`` (the default chunks, the best by the selection's merit read last instead of in time order),
-``focus`` (the ``focus`` stage on, through the model's probe reader).
+``focus`` (the ``focus`` stage on, through the model's probe reader), ``tail512``/``tail384``/``tail256`` (the
+default chunks; the question reads only the last 512/384/256 tokens of its window and its own step, instead of the
+whole 512-token window and the step).
 
     python benchmarks/calibrate_reading.py --out benchmarks/results/battery/calibration/reading.json
 """
@@ -32,7 +34,9 @@ from calibrate_select import TASKS, C, S, calibration_split, question_step_chunk
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {}, "gap0.6": {"select": {"min_gap": 0.6}}, "gap0.5": {"select": {"min_gap": 0.5}},
     "k3": {"select": {"adaptive": False, "k": 3}}, "best_last": {}, "focus": {"focus": {}},
+    "tail512": {}, "tail384": {}, "tail256": {},
 }
+TAILS = {"tail512": 512, "tail384": 384, "tail256": 256}  # the recent tokens a question reads (window and its step)
 
 
 def chunks_read(rt: Any, tok: Any, ids: list[int], retriever: Any, settings: list[str]) -> dict[str, Any]:
@@ -52,12 +56,15 @@ def chunks_read(rt: Any, tok: Any, ids: list[int], retriever: Any, settings: lis
         with rt.calling(1, ["__calibrate__"], mode="probe"):
             row = mm.retrieve_step([RowRequest("default", tokens=np.asarray(ids[stored:]), exclude=(0, S))],
                                    "question", decode=tok.decode, reader=rt.reader)[0]
-        order = row.result.ids.tolist() if row.result is not None else []  # time order
+        res = row.result
+        order = list(range(len(res))) if res is not None else []  # time order
         if name == "best_last":
             merit = {c: i for i, c in enumerate(row.chosen)}
-            order = sorted(order, key=lambda c: -merit.get(c, len(merit)))
-        out[name] = ([tids[c] for c in order], [tuple(map(int, chunks["spans"][c])) for c in order],
-                     row.selection.get("reason"))
+            order = sorted(order, key=lambda i: -merit.get(int(res.ids[i]), len(merit)))
+        # a bank id is not an index of ``chunks`` (near-duplicate chunks of a repeating filler are not stored):
+        # the tokens and spans come from the result
+        spans = [tuple(map(int, res.spans[i])) for i in order]
+        out[name] = ([tids[a // C] for a, _ in spans], spans, row.selection.get("reason"))
     out["stored"] = stored
     return out
 
@@ -77,6 +84,8 @@ def main() -> int:
     p.add_argument("--out", default="calibration_reading.json")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--fillers", default="meadow,ledger")
+    p.add_argument("--depths", default="0.2,0.4,0.6,0.8", help="passkey depths (the battery's are 0.1-0.9 by 0.2)")
+    p.add_argument("--seed", type=int, default=1, help="passkeys' key seed (the battery's is 0)")
     p.add_argument("--settings", default=",".join(SETTINGS))
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -96,16 +105,20 @@ def main() -> int:
     folder = converted_dir(smollm2_gguf())
     records: list[dict[str, Any]] = []
     fillers = tuple(f for f in args.fillers.split(",") if f)
-    for head, ids, answers, how in calibration_split(tok, folder, args.tasks.split(","), fillers):
+    for head, ids, answers, how in calibration_split(tok, folder, args.tasks.split(","), fillers,
+                                                     tuple(float(d) for d in args.depths.split(",")), args.seed):
         got = chunks_read(rt, tok, ids, retriever, settings)
         rec: dict[str, Any] = dict(head)
         for name in settings:
             pieces, spans, reason = got[name]
-            prompt = ids[:S] + [int(t) for p in pieces for t in p] + ids[got["stored"]:]
+            recent = ids[got["stored"]:]
+            recent = recent[-TAILS[name]:] if name in TAILS else recent
+            prompt = ids[:S] + [int(t) for p in pieces for t in p] + recent
             gen_kwargs = how.get("gen_kwargs", {"until": ["\n"], "max_gen_toks": 12})
             text = lm.generate_one("", gen_kwargs, prompt_ids=prompt).text
             score = R.score_of(how["task"], how["doc"], text) if "task" in how else float(extract_key(text) == how["key"])
-            visible = sum(any(a < e and b > s for s, e in spans) or b > got["stored"] for a, b, _ in answers)
+            first = len(ids) - len(recent)  # the first recent token the question reads
+            visible = sum(any(a < e and b > s for s, e in spans) or b > first for a, b, _ in answers)
             rec[name] = {"score": score, "chunks": len(spans), "visible": visible, "answers": len(answers),
                          "reason": reason, "text": text[:120]}
         records.append(rec)

@@ -67,18 +67,21 @@ def coverage(tok: Any, ids: list[int], answers: list[tuple[int, int, str]], retr
     return out
 
 
-def calibration_split(tok: Any, folder: Any, tasks: list[str], fillers: tuple[str, ...] = ("meadow", "ledger")
+def calibration_split(tok: Any, folder: Any, tasks: list[str], fillers: tuple[str, ...] = ("meadow", "ledger"),
+                      depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0
                       ) -> Iterator[tuple[dict[str, Any], list[int], list[tuple[int, int, str]], dict[str, Any]]]:
     """The calibration split, prompt by prompt: (what names the prompt, its token ids, its answers as (start, end,
     answer string) token spans, how to score an answer: {"key": passkey} or {"task", "doc", "gen_kwargs"} of RULER):
-    the fillers' passkeys at 16k and 32k, 5 depths each, then RULER samples 100-109 of each task at 16k."""
+    the fillers' passkeys at 16k and 32k at ``depths`` (keys drawn from ``seed``), then RULER samples 100-109 of each
+    task at 16k. The default depths and seed are the battery's own passkeys (scored here through retrieval only);
+    ``calibrate_reading.py`` scores through the model and so uses other depths and another seed."""
     from memkit.evaluation import ruler as R
     from memkit.evaluation.haystack import build_haystack
 
     for filler in fillers:
         for n in (16384, 32768):
-            for d in (0.1, 0.3, 0.5, 0.7, 0.9):
-                h = build_haystack(tok, n, d, filler=filler, prompt="auto")
+            for d in depths:
+                h = build_haystack(tok, n, d, filler=filler, prompt="auto", seed=seed)
                 yield {"task": filler, "length": n, "depth": d}, h.input_ids, [(*h.needle_span, "needle")], \
                     {"key": h.key}
     for name in [t for t in tasks if t]:

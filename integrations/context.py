@@ -118,6 +118,9 @@ class CallState:
         self.win_ids = torch.zeros(batch, 0, dtype=torch.long, device=device)  # (B, Wb)
         self.win_k: list[torch.Tensor | None] = [None] * num_layers  # (B, H, Wb, D) position-free
         self.win_v: list[torch.Tensor | None] = [None] * num_layers
+        # per row, the window's oldest real tokens this block does not attend (a question reading only its recent
+        # tokens: ``reread.recent``); replaced, never edited (snapshots share it), and cleared at each new block
+        self.win_hidden: list[int] = [0] * batch
         self.sink_valid = torch.zeros(batch, sink_tokens, dtype=torch.bool, device=device)  # (B, S)
         self.sink_k: list[torch.Tensor | None] = [None] * num_layers  # (B, H, S, D)
         self.sink_v: list[torch.Tensor | None] = [None] * num_layers
@@ -163,6 +166,12 @@ class CallState:
         ar_s = torch.arange(S, device=dev).expand(B, S)
         ar_m = torch.arange(M, device=dev).expand(B, M)
         win_off = torch.arange(Wb, device=dev)[None, :] - (Wb - w)[:, None]  # (B, Wb) index inside the window
+        win_seen = self.win_valid
+        if any(self.win_hidden):  # the oldest window tokens hidden: the rest sit right after memory
+            hide = torch.as_tensor(self.win_hidden, device=dev)  # (B,)
+            win_seen = self.win_valid & (win_off >= hide[:, None])
+            if scheme != "original":
+                win_off, w = win_off - hide[:, None], w - hide
         blk_off = blk_valid.long().cumsum(1) - 1  # (B, T)
         if scheme == "original":
             n = self.n_real.to(dev)
@@ -182,8 +191,8 @@ class CallState:
             blk_pos = (start + w)[:, None] + blk_off
         win_pos = win_pos.clamp_min(0)
         blk_pos = blk_pos.clamp_min(0)
-        ctx_local = torch.cat([self.sink_valid, self.win_valid], 1)  # (B, S + Wb)
-        ctx_mem = torch.cat([self.sink_valid, self.mem_valid, self.win_valid], 1)  # (B, S + M + Wb)
+        ctx_local = torch.cat([self.sink_valid, win_seen], 1)  # (B, S + Wb)
+        ctx_mem = torch.cat([self.sink_valid, self.mem_valid, win_seen], 1)  # (B, S + M + Wb)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         eye = torch.eye(T, dtype=torch.bool, device=dev)
         blk = (causal[None] & blk_valid[:, None, :]) | eye[None]  # (B, T, T): pad queries see themselves
@@ -238,9 +247,16 @@ class CallState:
         if not self.new_block:
             return []
         self.block_start_col = self.cols
+        self.win_hidden = [0] * self.B
         return self._evict(self.W) if answering else []
 
     # ----------------------------------------------------------------- commit after a step
+    def hide_window(self, r: int, n: int) -> None:
+        """Row ``r``'s steps attend its window without its ``n`` oldest real tokens until the next block starts."""
+        hidden = list(self.win_hidden)
+        hidden[r] = int(n)
+        self.win_hidden = hidden
+
     def commit(self, blk_ids: torch.Tensor) -> list[Evicted]:
         """Append the step's pending K/V to the window, evict whole chunks beyond ``window``; return them.
 

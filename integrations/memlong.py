@@ -186,7 +186,7 @@ class MemLongStyle(Style):
     def _put_reread(self, call: CallState, r: int, fresh: Reread) -> None:
         """Row ``r``'s retrieved chunks and window attend the K/V the ``reread`` stage read afresh for
         [sinks | chunks | window] (so the question reads what the plain model reads given that short prompt) instead
-        of the stored ones. The window's new K/V stay the window's: the answer attends them, and they are what memory
+        of the stored ones; the window's oldest ``fresh.skip`` tokens are not attended until the next block. The window's new K/V stay the window's: the answer attends them, and they are what memory
         stores when the window is evicted or flushed."""
         C = self.config.chunk_size
         off = fresh.sinks
@@ -196,8 +196,10 @@ class MemLongStyle(Style):
                 call.mem_k[j][r, :, i * C:i * C + n] = fresh.keys[layer][0, :, off:off + n].to(call.mem_k[j].dtype)
                 call.mem_v[j][r, :, i * C:i * C + n] = fresh.values[layer][0, :, off:off + n].to(call.mem_v[j].dtype)
             off += n
+        if fresh.skip:
+            call.hide_window(r, fresh.skip)  # the question reads only its recent tokens (reread.recent)
         if fresh.window:
-            cols = torch.nonzero(call.win_valid[r]).flatten()  # (w,) the window's real columns, in order
+            cols = torch.nonzero(call.win_valid[r]).flatten()[fresh.skip:]  # (w',) the real columns read, in order
             self._replace_window(call, r, cols, fresh.keys, fresh.values, off)
 
     @staticmethod

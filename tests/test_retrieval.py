@@ -332,6 +332,26 @@ def test_reread_stage_reads_sinks_chunks_and_window_through_the_reader() -> None
     assert calls[0].tolist() == [[100, 101, *range(108, 116), 7, 8, 9]]  # sinks | chunk 1's tokens | window
 
 
+def test_reread_reads_only_the_recent_tokens_it_is_given() -> None:
+    """``reread: {recent: R}``: the question reads its own step and the window's latest tokens up to R in all; the
+    window's older tokens are skipped (``Reread.skip``, which the style hides). 0 reads the whole window."""
+    window = np.asarray([1, 2, 3, 4, 5])
+    for recent, skip in ((0, 0), (4, 3), (7, 0), (9, 0), (2, 5), (1, 5)):
+        recorder = Recorder()
+        mm = manager(top_k=2, retrieval={"question": {"select": {"adaptive": False, "k": 1},
+                                                      "neighbours": {"of_best": 0}, "reread": {"recent": recent}}})
+        fill(mm, ["golf hotel", "kilo lima", "india juliet"])
+        call = np.arange(24) + 100
+        tokens = np.concatenate([window, words("kilo lima")])  # the window, then the question's step (2 tokens)
+        row = mm.retrieve_step([RowRequest("default", tokens=tokens, call_tokens=call, call_base=0, sinks=2,
+                                           window=window)], "question", reader=recorder,
+                               decode=lambda ids: " ".join(WORDS[i - 100] for i in ids if 100 <= i < 100 + E))[0]
+        assert row.reread is not None and (row.reread.skip, row.reread.window) == (skip, 5 - skip), recent
+        assert recorder.calls[0][0, 2 + C:].tolist() == window[skip:].tolist()  # sinks | chunk | the recent window
+    with pytest.raises(ConfigError, match=r"reread\.recent"):
+        manager(retrieval={"question": {"reread": {"recent": -1}}})
+
+
 def test_reread_reads_the_best_chunk_last_when_asked() -> None:
     """``reread: {order: best_last}`` reads (and hands the style) the chunks by merit with the best last, next to the
     question; the default reads them in time order."""

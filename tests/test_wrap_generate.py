@@ -321,6 +321,31 @@ def test_question_step_reads_sinks_chunks_and_window_as_the_plain_model_reads_th
     assert not torch.allclose(off, ref, atol=1e-3)  # ... read from the stored K/V differ
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_question_reading_only_its_recent_tokens_is_the_plain_model_on_that_shorter_prompt(arch: str) -> None:
+    """``reread: {recent: R}``: the question step and the answer steps of its block attend the chunks and only the
+    last R tokens of [window | the step's own tokens]; the window's older tokens are hidden, not dropped (the next
+    block and memory still have them). Logits and greedy answers are the plain model's on [sinks | chunks | last R].
+    R = 34 keeps what the step reads within a sliding-window layer's reach (24 tokens in the tiny Gemma-3; those
+    layers attend no memory) inside the recent tokens, as the whole window does by default."""
+    R, new = 34, 4
+    ids = _ids(121, 9)
+    wrapped = memkit.wrap(tiny_model(arch), **qcfg(reread={"recent": R}))
+    got, short = _question_step_view(wrapped, ids)
+    S, M = CFG["sink_tokens"], 3 * CFG["chunk_size"]  # three whole chunks (top_k = 3)
+    assert short.shape[1] - S - M > R  # the window and step hold more than R tokens: some are hidden
+    recent = torch.cat([short[0, :S + M], short[0, -R:]])[None]  # (1, S + M + R)
+    plain = tiny_model(arch)
+    with torch.no_grad():
+        torch.testing.assert_close(got, plain(recent).logits[0, -1], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got, plain(short).logits[0, -1], atol=1e-3)  # the whole window reads otherwise
+        fresh = memkit.wrap(tiny_model(arch), **qcfg(reread={"recent": R}))  # memory as the first call found it
+        answer = fresh.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        ref = plain.generate(recent, max_new_tokens=new, do_sample=False, pad_token_id=0)[0, recent.shape[1]:]
+    assert torch.equal(answer, ref)
+    assert fresh.memory.stats()["tokens"] == ids.shape[1] + new - 1  # every token read, hidden ones too, is stored
+
+
 def test_question_step_reads_its_best_chunk_last_when_asked_as_the_plain_model_reads_that_order() -> None:
     """``reread: {order: best_last}``: the chunks are read (and attended) in another order than time's, and the step's
     logits are still the plain model's on [sinks | chunks in that order | window | the step's tokens]."""

@@ -89,6 +89,7 @@ class Reread:
     sinks: int  # tokens before the first chunk
     lengths: list[int]  # tokens of each chunk, in the order of the row's retrieved chunks (as the style reads them)
     window: int  # window tokens at the end
+    skip: int = 0  # the window's oldest tokens the question does not read (``reread.recent``); the style hides them
 
 
 @dataclass

@@ -11,6 +11,12 @@ A chunk's tokens come from this call or, for a chunk an earlier call stored (ing
 token ids memory keeps with it. The sinks in front are this call's when every chunk is this call's, else the
 stream's own first ``sink_tokens`` tokens as memory holds them (none if that chunk is gone), cut before the first
 chunk. A row with a chunk whose tokens are unknown (stored without ids) keeps the stored K/V.
+
+``recent`` bounds the tokens after the chunks: the question reads its own step and the window's latest tokens, at most
+``recent`` in all, and the style hides the window's older tokens from the question and the answer steps of its block
+(they stay the window's, and reach memory as before). A small reader loses a fact it reads a few hundred tokens
+before the question (Liu et al. 2023, "Lost in the Middle", arXiv 2307.03172): the plain 135M model misses a meadow
+passkey more than ~600 tokens before the question; see docs/configuration.md for how the default was set.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from memkit.configbase import check_bool
+from memkit.configbase import check_bool, check_positive
 from memkit.errors import ConfigError
 from memkit.namespace import Retrieved
 from memkit.retrieval.pipeline import Reread
@@ -38,9 +44,11 @@ ORDERS = ("time", "best_last")
 class RereadConfig(StageConfig):
     window: bool = True  # read the window afresh too (not only the chunks)
     order: str = "time"  # the chunks in time order, or "best_last": by merit, the best next to the question
+    recent: int = 512  # the most recent tokens (the window's latest and the question's step) the question reads; 0: all
 
     def __post_init__(self) -> None:
         check_bool("reread.window", self.window)
+        check_positive("reread.recent", self.recent, allow_zero=True, maximum=1 << 20)
         if self.order not in ORDERS:
             raise ConfigError(f"reread.order must be one of {list(ORDERS)}, got {self.order!r}")
 
@@ -58,14 +66,28 @@ class RereadStage(Stage):
                 continue
             if self.config.order == "best_last":
                 r.result = res = best_last(res, r.chosen)
-            ids = probe_tokens(r.request, res.spans.tolist(), res.token_ids, ctx, window=self.config.window)
+            skip = skipped(r.request, self.config.recent)
+            tail = None
+            if self.config.window and r.request.window is not None:
+                tail = np.asarray(r.request.window[skip:], np.int64)  # (w - skip,) the window's tokens read
+            ids = probe_tokens(r.request, res.spans.tolist(), res.token_ids, ctx, window=self.config.window, tail=tail)
             if ids is None:
                 continue
             sinks, pieces, window = ids
             full = probe_ids(sinks, pieces, window)
             keys, values = ctx.reader.read(full)
             r.reread = Reread(keys, values, int(sinks.shape[0]), [int(p.shape[0]) for p in pieces],
-                              int(window.shape[0]))
+                              int(window.shape[0]), skip)
+
+
+def skipped(req: RowRequest, recent: int) -> int:
+    """How many of the window's oldest tokens a question reading at most ``recent`` recent tokens (0: all) skips: the
+    question's own step (``req.tokens`` = window then step) is always read, the window's latest fill the rest."""
+    if recent <= 0 or req.window is None:
+        return 0
+    w = int(len(req.window))
+    step = max(0, int(len(req.tokens)) - w)
+    return max(0, w - max(0, recent - step))
 
 
 def best_last(res: Retrieved, merit: list[int]) -> Retrieved:
