@@ -8,11 +8,11 @@ and the bundled SmolLM2 answers the prompt [the stream's first ``sink_tokens`` t
 the last block] with greedy decoding, scored by the task's own metric (RULER) or the key (passkeys). The split is
 the calibration split (``calibrate_select.calibration_split``), never the battery's samples.
 
-Settings (``--settings``): ``default`` (memkit's), ``gap0.6``/``gap0.5`` (``select.min_gap``), ``k3`` (a fixed 3),
+Settings (``--settings``): ``default`` (memkit's, with its ``reread.recent``), ``gap0.6``/``gap0.5`` (``select.min_gap``), ``k3`` (a fixed 3),
 ``best_last`` (the default chunks, the best by the selection's merit read last instead of in time order),
-``focus`` (the ``focus`` stage on, through the model's probe reader), ``tail512``/``tail384``/``tail256`` (the
-default chunks; the question reads only the last 512/384/256 tokens of its window and its own step, instead of the
-whole 512-token window and the step).
+``focus`` (the ``focus`` stage on, through the model's probe reader), ``window`` (the default chunks; the question
+reads its whole window: ``reread.recent`` 0, memkit's default before 2026-12-08), ``tail512``/``tail384``/``tail256``
+(the default chunks; the question reads only the last 512/384/256 tokens of its window and its own step).
 
     python benchmarks/calibrate_reading.py --out benchmarks/results/battery/calibration/reading.json
 """
@@ -29,14 +29,24 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate_select import TASKS, C, S, calibration_split, question_step_chunks
+from calibrate_select import BS, TASKS, C, S, calibration_split, question_step_chunks
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {}, "gap0.6": {"select": {"min_gap": 0.6}}, "gap0.5": {"select": {"min_gap": 0.5}},
     "k3": {"select": {"adaptive": False, "k": 3}}, "best_last": {}, "focus": {"focus": {}},
-    "tail512": {}, "tail384": {}, "tail256": {},
+    "window": {}, "tail512": {}, "tail384": {}, "tail256": {},
 }
-TAILS = {"tail512": 512, "tail384": 384, "tail256": 256}  # the recent tokens a question reads (window and its step)
+TAILS = {"window": 0, "tail512": 512, "tail384": 384, "tail256": 256}  # reread.recent of these settings (0: all)
+
+
+def recent_tokens(ids: list[int], stored: int, recent: int) -> list[int]:
+    """The tokens after the chunks a question with ``reread.recent`` = ``recent`` reads (as the stage's ``skipped``):
+    its own step (the last block) always, then the window's latest, ``recent`` in all; 0: the whole window."""
+    tail = ids[stored:]
+    if recent <= 0:
+        return tail
+    step = len(ids) - BS * ((len(ids) - 1) // BS)  # the last block's tokens
+    return tail[len(tail) - step - min(len(tail) - step, max(0, recent - step)):]
 
 
 def chunks_read(rt: Any, tok: Any, ids: list[int], retriever: Any, settings: list[str]) -> dict[str, Any]:
@@ -98,6 +108,9 @@ def main() -> int:
     from memkit.retrievers import make_retriever
 
     settings = [s for s in args.settings.split(",") if s]
+    from memkit.retrieval.stages.reread import RereadConfig
+
+    default_recent = RereadConfig().recent
     model, tok = load_smollm2()
     lm = MemkitLM(model, tokenizer=tok, mode="full")  # the plain model: what the question step's re-read reads
     rt = memkit.wrap(load_smollm2()[0], tokenizer=tok, progress=False).memkit_runtime  # its probe reader (focus)
@@ -111,8 +124,7 @@ def main() -> int:
         rec: dict[str, Any] = dict(head)
         for name in settings:
             pieces, spans, reason = got[name]
-            recent = ids[got["stored"]:]
-            recent = recent[-TAILS[name]:] if name in TAILS else recent
+            recent = recent_tokens(ids, got["stored"], TAILS.get(name, default_recent))
             prompt = ids[:S] + [int(t) for p in pieces for t in p] + recent
             gen_kwargs = how.get("gen_kwargs", {"until": ["\n"], "max_gen_toks": 12})
             text = lm.generate_one("", gen_kwargs, prompt_ids=prompt).text

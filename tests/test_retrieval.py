@@ -332,22 +332,29 @@ def test_reread_stage_reads_sinks_chunks_and_window_through_the_reader() -> None
     assert calls[0].tolist() == [[100, 101, *range(108, 116), 7, 8, 9]]  # sinks | chunk 1's tokens | window
 
 
-def test_reread_reads_only_the_recent_tokens_it_is_given() -> None:
-    """``reread: {recent: R}``: the question reads its own step and the window's latest tokens up to R in all; the
-    window's older tokens are skipped (``Reread.skip``, which the style hides). 0 reads the whole window."""
+def test_reread_reads_only_the_recent_tokens_of_a_lookup() -> None:
+    """``reread: {recent: R}``: a lookup (the selection read a head) reads its own step and the window's latest tokens,
+    R in all; the window's older tokens are skipped (``Reread.skip``, which the style hides). 0 reads the whole
+    window, and so does a question whose selection read no head (an aggregate over the text)."""
     window = np.asarray([1, 2, 3, 4, 5])
-    for recent, skip in ((0, 0), (4, 3), (7, 0), (9, 0), (2, 5), (1, 5)):
-        recorder = Recorder()
-        mm = manager(top_k=2, retrieval={"question": {"select": {"adaptive": False, "k": 1},
-                                                      "neighbours": {"of_best": 0}, "reread": {"recent": recent}}})
-        fill(mm, ["golf hotel", "kilo lima", "india juliet"])
-        call = np.arange(24) + 100
-        tokens = np.concatenate([window, words("kilo lima")])  # the window, then the question's step (2 tokens)
-        row = mm.retrieve_step([RowRequest("default", tokens=tokens, call_tokens=call, call_base=0, sinks=2,
-                                           window=window)], "question", reader=recorder,
-                               decode=lambda ids: " ".join(WORDS[i - 100] for i in ids if 100 <= i < 100 + E))[0]
-        assert row.reread is not None and (row.reread.skip, row.reread.window) == (skip, 5 - skip), recent
-        assert recorder.calls[0][0, 2 + C:].tolist() == window[skip:].tolist()  # sinks | chunk | the recent window
+    texts = ["golf hotel", "kilo lima", "india juliet", "echo delta", "alpha bravo"]
+    for adaptive in (True, False):
+        for recent, skip in ((0, 0), (4, 3), (7, 0), (9, 0), (2, 5), (1, 5)):
+            recorder = Recorder()
+            select = {"adaptive": True, "min_candidates": 2} if adaptive else {"adaptive": False, "k": 1}
+            mm = manager(top_k=3, retrieval={"question": {"select": select, "neighbours": {"of_best": 0},
+                                                          "reread": {"recent": recent}}})
+            fill(mm, texts)
+            call = np.arange(8 * len(texts)) + 100
+            tokens = np.concatenate([window, words("kilo lima")])  # the window, then the question's step (2 tokens)
+            row = mm.retrieve_step([RowRequest("default", tokens=tokens, call_tokens=call, call_base=0, sinks=2,
+                                               window=window)], "question", reader=recorder,
+                                   decode=lambda ids: " ".join(WORDS[i - 100] for i in ids if 100 <= i < 100 + E))[0]
+            assert row.result is not None and row.result.ids.tolist() == [1]
+            assert ("head" in row.why.values()) == adaptive, row.selection
+            skip = skip if adaptive else 0
+            assert row.reread is not None and (row.reread.skip, row.reread.window) == (skip, 5 - skip), recent
+            assert recorder.calls[0][0, 2 + C:].tolist() == window[skip:].tolist()  # sinks | chunk | recent window
     with pytest.raises(ConfigError, match=r"reread\.recent"):
         manager(retrieval={"question": {"reread": {"recent": -1}}})
 

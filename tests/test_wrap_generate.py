@@ -276,7 +276,7 @@ def test_question_reread_reads_chunks_as_the_plain_model_reads_them(arch: str) -
     assert not torch.allclose(off["v"][deep][:, :, :M], on["v"][deep][:, :, :M], atol=1e-3)  # stored K/V differ
 
 
-def _question_step_view(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Tensor
+def _question_step_view(wrapped: memkit.integrations.wrap.MemkitModel, ids: torch.Tensor, k: int | None = CFG["top_k"]
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(memkit's logits (V,) for the first answer token, the short prompt (1, n) of what its question step attended:
     [sinks | chunks | window | the step's own tokens])."""
@@ -299,7 +299,7 @@ def _question_step_view(wrapped: memkit.integrations.wrap.MemkitModel, ids: torc
         handle.remove()
     spans = [t["span"] for t in wrapped.memory.trace()]
     S, T, window = seen["S"], seen["T"], seen["window"]
-    assert len(spans) == CFG["top_k"] and S == CFG["sink_tokens"] and len(window) > 0  # type: ignore[arg-type]
+    assert (k is None or len(spans) == k) and S == CFG["sink_tokens"] and len(window) > 0  # type: ignore[arg-type]
     assert torch.equal(window, ids[0, ids.shape[1] - T - len(window):ids.shape[1] - T])  # type: ignore[arg-type, operator]
     short = torch.cat([ids[0, :S]] + [ids[0, a:b] for a, b in spans] + [window, ids[0, -T:]])[None]  # type: ignore[misc]
     return out.logits[0][0], short
@@ -323,23 +323,26 @@ def test_question_step_reads_sinks_chunks_and_window_as_the_plain_model_reads_th
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_question_reading_only_its_recent_tokens_is_the_plain_model_on_that_shorter_prompt(arch: str) -> None:
-    """``reread: {recent: R}``: the question step and the answer steps of its block attend the chunks and only the
-    last R tokens of [window | the step's own tokens]; the window's older tokens are hidden, not dropped (the next
+    """``reread: {recent: R}``: a lookup's question step (its selection read a head) and the answer steps of its block
+    attend the chunks and only the last R tokens of [window | the step's own tokens]; the window's older tokens are hidden, not dropped (the next
     block and memory still have them). Logits and greedy answers are the plain model's on [sinks | chunks | last R].
     R = 34 keeps what the step reads within a sliding-window layer's reach (24 tokens in the tiny Gemma-3; those
-    layers attend no memory) inside the recent tokens, as the whole window does by default."""
+    layers attend no memory) inside the recent tokens, as the whole window does. A question without a head reads its
+    whole window (the other tests here: ``select.adaptive`` off)."""
     R, new = 34, 4
     ids = _ids(121, 9)
-    wrapped = memkit.wrap(tiny_model(arch), **qcfg(reread={"recent": R}))
-    got, short = _question_step_view(wrapped, ids)
-    S, M = CFG["sink_tokens"], 3 * CFG["chunk_size"]  # three whole chunks (top_k = 3)
+    cfg = qcfg(select={"min_gap": 0.0}, reread={"recent": R})  # a lookup: the selection reads a head
+    wrapped = memkit.wrap(tiny_model(arch), **cfg)
+    got, short = _question_step_view(wrapped, ids, k=None)
+    assert "head" in [t["why"] for t in wrapped.memory.trace()]
+    S, M = CFG["sink_tokens"], sum(b - a for a, b in (t["span"] for t in wrapped.memory.trace()))
     assert short.shape[1] - S - M > R  # the window and step hold more than R tokens: some are hidden
     recent = torch.cat([short[0, :S + M], short[0, -R:]])[None]  # (1, S + M + R)
     plain = tiny_model(arch)
     with torch.no_grad():
         torch.testing.assert_close(got, plain(recent).logits[0, -1], rtol=1e-4, atol=1e-4)
         assert not torch.allclose(got, plain(short).logits[0, -1], atol=1e-3)  # the whole window reads otherwise
-        fresh = memkit.wrap(tiny_model(arch), **qcfg(reread={"recent": R}))  # memory as the first call found it
+        fresh = memkit.wrap(tiny_model(arch), **cfg)  # memory as the first call found it
         answer = fresh.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
         ref = plain.generate(recent, max_new_tokens=new, do_sample=False, pad_token_id=0)[0, recent.shape[1]:]
     assert torch.equal(answer, ref)

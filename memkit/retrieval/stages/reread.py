@@ -12,9 +12,10 @@ token ids memory keeps with it. The sinks in front are this call's when every ch
 stream's own first ``sink_tokens`` tokens as memory holds them (none if that chunk is gone), cut before the first
 chunk. A row with a chunk whose tokens are unknown (stored without ids) keeps the stored K/V.
 
-``recent`` bounds the tokens after the chunks: the question reads its own step and the window's latest tokens, at most
-``recent`` in all, and the style hides the window's older tokens from the question and the answer steps of its block
-(they stay the window's, and reach memory as before). A small reader loses a fact it reads a few hundred tokens
+``recent`` bounds the tokens after the chunks of a lookup (a question whose selection read a head, ``select``): it reads
+its own step and the window's latest tokens, at most ``recent`` in all, and the style hides the window's older tokens
+from the question and the answer steps of its block (they stay the window's, and reach memory as before). A question
+with no head (an aggregate over the text: RULER's fwe) reads its whole window. A small reader loses a fact it reads a few hundred tokens
 before the question (Liu et al. 2023, "Lost in the Middle", arXiv 2307.03172): the plain 135M model misses a meadow
 passkey more than ~600 tokens before the question; see docs/configuration.md for how the default was set.
 """
@@ -44,7 +45,7 @@ ORDERS = ("time", "best_last")
 class RereadConfig(StageConfig):
     window: bool = True  # read the window afresh too (not only the chunks)
     order: str = "time"  # the chunks in time order, or "best_last": by merit, the best next to the question
-    recent: int = 512  # the most recent tokens (the window's latest and the question's step) the question reads; 0: all
+    recent: int = 512  # a lookup (select read a head) reads at most this many recent tokens (window + step); 0: all
 
     def __post_init__(self) -> None:
         check_bool("reread.window", self.window)
@@ -66,7 +67,8 @@ class RereadStage(Stage):
                 continue
             if self.config.order == "best_last":
                 r.result = res = best_last(res, r.chosen)
-            skip = skipped(r.request, self.config.recent)
+            lookup = "head" in r.why.values()  # the selection read a head: a lookup question (select's why)
+            skip = skipped(r.request, self.config.recent) if lookup else 0
             tail = None
             if self.config.window and r.request.window is not None:
                 tail = np.asarray(r.request.window[skip:], np.int64)  # (w - skip,) the window's tokens read
