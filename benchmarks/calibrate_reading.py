@@ -8,7 +8,8 @@ and the bundled SmolLM2 answers the prompt [the stream's first ``sink_tokens`` t
 the last block] with greedy decoding, scored by the task's own metric (RULER) or the key (passkeys). The split is
 the calibration split (``calibrate_select.calibration_split``), never the battery's samples.
 
-Settings (``--settings``): ``default`` (memkit's, with its ``reread.recent``), ``gap0.6``/``gap0.5`` (``select.min_gap``), ``k3`` (a fixed 3),
+Settings (``--settings``): ``default`` (memkit's, with its ``reread.recent`` for lookups), ``gap0.6``/``gap0.5``
+(``select.min_gap``), ``k3`` (a fixed 3),
 ``best_last`` (the default chunks, the best by the selection's merit read last instead of in time order),
 ``focus`` (the ``focus`` stage on, through the model's probe reader), ``window`` (the default chunks; the question
 reads its whole window: ``reread.recent`` 0, memkit's default before 2026-12-08), ``tail512``/``tail384``/``tail256``
@@ -54,6 +55,7 @@ def chunks_read(rt: Any, tok: Any, ids: list[int], retriever: Any, settings: lis
     from memkit.config import MemoryConfig
     from memkit.memory import MemoryManager
     from memkit.retrieval import RowRequest
+    from memkit.retrieval.stages.reread import lookup
 
     chunks, stored = question_step_chunks(tok, ids, lambda texts: retriever(texts))
     tids = [r[r >= 0] for r in chunks["token_ids"]]
@@ -74,7 +76,7 @@ def chunks_read(rt: Any, tok: Any, ids: list[int], retriever: Any, settings: lis
         # a bank id is not an index of ``chunks`` (near-duplicate chunks of a repeating filler are not stored):
         # the tokens and spans come from the result
         spans = [tuple(map(int, res.spans[i])) for i in order]
-        out[name] = ([tids[a // C] for a, _ in spans], spans, row.selection.get("reason"))
+        out[name] = ([tids[a // C] for a, _ in spans], spans, row.selection.get("reason"), lookup(row))
     out["stored"] = stored
     return out
 
@@ -123,8 +125,8 @@ def main() -> int:
         got = chunks_read(rt, tok, ids, retriever, settings)
         rec: dict[str, Any] = dict(head)
         for name in settings:
-            pieces, spans, reason = got[name]
-            recent = recent_tokens(ids, got["stored"], TAILS.get(name, default_recent))
+            pieces, spans, reason, is_lookup = got[name]
+            recent = recent_tokens(ids, got["stored"], TAILS.get(name, default_recent if is_lookup else 0))
             prompt = ids[:S] + [int(t) for p in pieces for t in p] + recent
             gen_kwargs = how.get("gen_kwargs", {"until": ["\n"], "max_gen_toks": 12})
             text = lm.generate_one("", gen_kwargs, prompt_ids=prompt).text

@@ -186,8 +186,9 @@ class MemLongStyle(Style):
     def _put_reread(self, call: CallState, r: int, fresh: Reread) -> None:
         """Row ``r``'s retrieved chunks and window attend the K/V the ``reread`` stage read afresh for
         [sinks | chunks | window] (so the question reads what the plain model reads given that short prompt) instead
-        of the stored ones; the window's oldest ``fresh.skip`` tokens are not attended until the next block. The window's new K/V stay the window's: the answer attends them, and they are what memory
-        stores when the window is evicted or flushed."""
+        of the stored ones; the window's oldest ``fresh.skip`` tokens are not attended until the next block. The
+        window's new K/V stay the window's: the answer attends them, and they are what memory stores when the window
+        is evicted or flushed."""
         C = self.config.chunk_size
         off = fresh.sinks
         for i, n in enumerate(fresh.lengths):

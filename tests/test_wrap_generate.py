@@ -324,11 +324,11 @@ def test_question_step_reads_sinks_chunks_and_window_as_the_plain_model_reads_th
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_question_reading_only_its_recent_tokens_is_the_plain_model_on_that_shorter_prompt(arch: str) -> None:
     """``reread: {recent: R}``: a lookup's question step (its selection read a head) and the answer steps of its block
-    attend the chunks and only the last R tokens of [window | the step's own tokens]; the window's older tokens are hidden, not dropped (the next
-    block and memory still have them). Logits and greedy answers are the plain model's on [sinks | chunks | last R].
-    R = 34 keeps what the step reads within a sliding-window layer's reach (24 tokens in the tiny Gemma-3; those
-    layers attend no memory) inside the recent tokens, as the whole window does. A question without a head reads its
-    whole window (the other tests here: ``select.adaptive`` off)."""
+    attend the chunks and only the last R tokens of [window | the step's own tokens]; the window's older tokens are
+    hidden, not dropped (the next block and memory still have them). Logits and greedy answers are the plain model's
+    on [sinks | chunks | last R]. R = 34 keeps what the step reads within a sliding-window layer's reach (24 tokens in
+    the tiny Gemma-3; those layers attend no memory) inside the recent tokens, as the whole window does. A question
+    that reads its whole budget reads its whole window (the other tests here: ``select.adaptive`` off, k = top_k)."""
     R, new = 34, 4
     ids = _ids(121, 9)
     cfg = qcfg(select={"min_gap": 0.0}, reread={"recent": R})  # a lookup: the selection reads a head

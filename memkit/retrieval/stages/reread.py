@@ -12,12 +12,13 @@ token ids memory keeps with it. The sinks in front are this call's when every ch
 stream's own first ``sink_tokens`` tokens as memory holds them (none if that chunk is gone), cut before the first
 chunk. A row with a chunk whose tokens are unknown (stored without ids) keeps the stored K/V.
 
-``recent`` bounds the tokens after the chunks of a lookup (a question whose selection read a head, ``select``): it reads
-its own step and the window's latest tokens, at most ``recent`` in all, and the style hides the window's older tokens
-from the question and the answer steps of its block (they stay the window's, and reach memory as before). A question
-with no head (an aggregate over the text: RULER's fwe) reads its whole window. A small reader loses a fact it reads a few hundred tokens
-before the question (Liu et al. 2023, "Lost in the Middle", arXiv 2307.03172): the plain 135M model misses a meadow
-passkey more than ~600 tokens before the question; see docs/configuration.md for how the default was set.
+``recent`` bounds the tokens after the chunks of a lookup (a question for which ``select`` chose fewer chunks than its
+budget: a head stood apart, or few distinct candidates were found): it reads its own step and the window's latest
+tokens, at most ``recent`` in all, and the style hides the window's older tokens from the question and the answer steps
+of its block (they stay the window's, and reach memory as before). A question that reads its whole budget (no head:
+an aggregate over the text, RULER's fwe) reads its whole window. A small reader loses a fact it reads a few hundred
+tokens before the question (Liu et al. 2023, "Lost in the Middle", arXiv 2307.03172): the plain 135M model misses a
+meadow passkey more than ~600 tokens before the question; docs/configuration.md says how the default was set.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ ORDERS = ("time", "best_last")
 class RereadConfig(StageConfig):
     window: bool = True  # read the window afresh too (not only the chunks)
     order: str = "time"  # the chunks in time order, or "best_last": by merit, the best next to the question
-    recent: int = 512  # a lookup (select read a head) reads at most this many recent tokens (window + step); 0: all
+    recent: int = 512  # a lookup (select chose < its budget) reads at most this many recent tokens (window + step); 0: all
 
     def __post_init__(self) -> None:
         check_bool("reread.window", self.window)
@@ -67,8 +68,7 @@ class RereadStage(Stage):
                 continue
             if self.config.order == "best_last":
                 r.result = res = best_last(res, r.chosen)
-            lookup = "head" in r.why.values()  # the selection read a head: a lookup question (select's why)
-            skip = skipped(r.request, self.config.recent) if lookup else 0
+            skip = skipped(r.request, self.config.recent) if lookup(r) else 0
             tail = None
             if self.config.window and r.request.window is not None:
                 tail = np.asarray(r.request.window[skip:], np.int64)  # (w - skip,) the window's tokens read
@@ -82,13 +82,19 @@ class RereadStage(Stage):
                               int(window.shape[0]), skip)
 
 
+def lookup(row: Row) -> bool:
+    """The question is a lookup: ``select`` chose fewer chunks than its budget (a head stood apart, or fewer distinct
+    candidates than the budget were found), before neighbours and free slots were added."""
+    return sum(w in ("head", "rank") for w in row.why.values()) < row.budget
+
+
 def skipped(req: RowRequest, recent: int) -> int:
     """How many of the window's oldest tokens a question reading at most ``recent`` recent tokens (0: all) skips: the
     question's own step (``req.tokens`` = window then step) is always read, the window's latest fill the rest."""
     if recent <= 0 or req.window is None:
         return 0
-    w = int(len(req.window))
-    step = max(0, int(len(req.tokens)) - w)
+    w = len(req.window)
+    step = max(0, len(req.tokens) - w)
     return max(0, w - max(0, recent - step))
 
 
