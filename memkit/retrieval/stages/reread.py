@@ -91,7 +91,7 @@ def lookup(row: Row) -> bool:
 def skipped(req: RowRequest, recent: int) -> int:
     """How many of the window's oldest tokens a question reading at most ``recent`` recent tokens (0: all) skips: the
     question's own step (``req.tokens`` = window then step) is always read, the window's latest fill the rest."""
-    if recent <= 0 or req.window is None:
+    if recent <= 0 or req.window is None or req.tokens is None:
         return 0
     w = len(req.window)
     step = max(0, len(req.tokens) - w)
