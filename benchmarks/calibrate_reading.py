@@ -41,13 +41,15 @@ TAILS = {"window": 0, "tail512": 512, "tail384": 384, "tail256": 256}  # reread.
 
 
 def recent_tokens(ids: list[int], stored: int, recent: int) -> list[int]:
-    """The tokens after the chunks a question with ``reread.recent`` = ``recent`` reads (as the stage's ``skipped``):
-    its own step (the last block) always, then the window's latest, ``recent`` in all; 0: the whole window."""
+    """The tokens after the chunks a question with ``reread.recent`` = ``recent`` reads: its own step (the last block)
+    always, then the window's latest, ``recent`` in all (the stage's own ``skipped``); 0: the whole window."""
+    from memkit.retrieval import RowRequest
+    from memkit.retrieval.stages.reread import skipped
+
     tail = ids[stored:]
-    if recent <= 0:
-        return tail
     step = len(ids) - BS * ((len(ids) - 1) // BS)  # the last block's tokens
-    return tail[len(tail) - step - min(len(tail) - step, max(0, recent - step)):]
+    req = RowRequest("default", tokens=np.asarray(tail), window=np.asarray(tail[:len(tail) - step]))
+    return tail[skipped(req, recent):]
 
 
 def chunks_read(rt: Any, tok: Any, ids: list[int], retriever: Any, settings: list[str]) -> dict[str, Any]:
